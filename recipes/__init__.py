@@ -1,0 +1,1 @@
+"""Shipped recipes: one script per recipe, runnable in-process or through torchrun."""
