@@ -1,0 +1,131 @@
+"""A data loader whose position (epoch, batches consumed, shuffle seed) is saved and restored exactly."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Iterator, Optional
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from qattune.errors import QattuneError
+
+from .collate import padded_collate
+
+
+def epoch_indices(num_samples: int, epoch: int, shuffle: bool, seed: int, rank: int, world_size: int) -> list[int]:
+    """Sample order of one epoch for one rank: a permutation seeded by `seed + epoch` (or 0..n-1),
+    cut to a multiple of `world_size`, then every `world_size`-th index starting at `rank`."""
+    if shuffle:
+        generator = torch.Generator().manual_seed(seed + epoch)
+        order = torch.randperm(num_samples, generator=generator).tolist()
+    else:
+        order = list(range(num_samples))
+    usable = num_samples - num_samples % world_size
+    return order[:usable][rank::world_size]
+
+
+class StatefulDataLoader:
+    """Iterates batches of one epoch at a time and remembers how far it got.
+
+    Each rank reads its own share of every global batch. `state_dict()` after any batch and
+    `load_state_dict()` in a fresh process continue with exactly the next batch, with the same order.
+    """
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        batch_size: int,
+        collate_fn: Callable[[list[Any]], Any],
+        shuffle: bool = True,
+        seed: int = 0,
+        drop_last: bool = True,
+        rank: int = 0,
+        world_size: int = 1,
+        num_workers: int = 0,
+    ) -> None:
+        if batch_size < 1:
+            raise QattuneError(f"batch_size must be at least 1, got {batch_size}")
+        self.dataset = dataset
+        self.batch_size = batch_size
+        self.collate_fn = collate_fn
+        self.shuffle = shuffle
+        self.seed = seed
+        self.drop_last = drop_last
+        self.rank = rank
+        self.world_size = world_size
+        self.num_workers = num_workers
+        self.epoch = 0
+        self.batches_done = 0
+        if len(self) == 0:
+            raise QattuneError(
+                f"the dataset has {len(dataset)} samples, too few for one batch of {batch_size} per rank "
+                f"on {world_size} rank(s); lower batch_size or use more data"
+            )
+
+    def __len__(self) -> int:
+        """Batches per epoch on this rank."""
+        per_rank = len(self.dataset) // self.world_size
+        return per_rank // self.batch_size if self.drop_last else -(-per_rank // self.batch_size)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Move to `epoch` (from its first batch) unless already there."""
+        if epoch != self.epoch:
+            self.epoch = epoch
+            self.batches_done = 0
+
+    def _batches(self) -> list[list[int]]:
+        order = epoch_indices(len(self.dataset), self.epoch, self.shuffle, self.seed, self.rank, self.world_size)
+        batches = [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        return batches[: len(self)]
+
+    def __iter__(self) -> Iterator[Any]:
+        remaining = self._batches()[self.batches_done :]
+        if not remaining:
+            return
+        loader = DataLoader(self.dataset, batch_sampler=remaining, collate_fn=self.collate_fn, num_workers=self.num_workers)
+        for batch in loader:
+            self.batches_done += 1
+            yield batch
+
+    def state_dict(self) -> dict[str, int]:
+        return {
+            "epoch": self.epoch,
+            "batches_done": self.batches_done,
+            "seed": self.seed,
+            "shuffle": int(self.shuffle),
+            "batch_size": self.batch_size,
+            "num_samples": len(self.dataset),
+            "world_size": self.world_size,
+        }
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Continue from a saved position; the dataset, batch size and world size must be the same."""
+        for key, now in (("num_samples", len(self.dataset)), ("batch_size", self.batch_size), ("world_size", self.world_size)):
+            if state[key] != now:
+                raise QattuneError(
+                    f"cannot resume the data position: the checkpoint was taken with {key}={state[key]}, "
+                    f"this run has {key}={now}; resume with the same dataset, batch_size and number of processes"
+                )
+        self.seed = int(state["seed"])
+        self.shuffle = bool(state["shuffle"])
+        self.epoch = int(state["epoch"])
+        self.batches_done = int(state["batches_done"])
+
+
+def build_dataloader(
+    dataset: Dataset,
+    batch_size: int,
+    shuffle: bool = True,
+    seed: int = 0,
+    drop_last: bool = True,
+    num_workers: int = 0,
+    max_seq_len: Optional[int] = None,
+) -> StatefulDataLoader:
+    """A `StatefulDataLoader` with `padded_collate` (the dataset's `pad_id`), sharded over the
+    torch.distributed ranks when a process group is initialized."""
+    rank, world_size = 0, 1
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        rank, world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    collate = functools.partial(padded_collate, pad_id=getattr(dataset, "pad_id", 0), max_seq_len=max_seq_len)
+    return StatefulDataLoader(dataset, batch_size, collate, shuffle, seed, drop_last, rank, world_size, num_workers)

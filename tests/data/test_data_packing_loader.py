@@ -1,0 +1,110 @@
+"""Packing boundaries (positions, block-diagonal mask), padded collate, and the resumable loader."""
+
+import pytest
+import torch
+
+from qattune.data import (
+    IGNORE_INDEX,
+    Sample,
+    StatefulDataLoader,
+    TokenizedDataset,
+    block_causal_mask,
+    epoch_indices,
+    pack_samples,
+    padded_collate,
+)
+from qattune.errors import QattuneError
+
+
+def doc(start, n):
+    tokens = list(range(start, start + n))
+    return Sample.from_mask(tokens, [True] * n)
+
+
+def test_pack_positions_restart_and_padding():
+    packs = pack_samples([doc(10, 3), doc(20, 4), doc(30, 2)], max_seq_len=8, pad_id=0, split_across_pack=False)
+    assert len(packs) == 2  # 3 + 4 fill 7 of 8; the 2-token doc does not fit the 1 left -> new pack
+    first, second = packs
+    assert first["tokens"].tolist() == [10, 11, 12, 20, 21, 22, 23, 0]
+    assert first["input_pos"].tolist() == [0, 1, 2, 0, 1, 2, 3, 0]
+    assert first["document_ids"].tolist() == [0, 0, 0, 1, 1, 1, 1, 2]
+    assert first["labels"].tolist() == [11, 12, IGNORE_INDEX, 21, 22, 23, IGNORE_INDEX, IGNORE_INDEX]
+    assert second["tokens"].tolist() == [30, 31] + [0] * 6
+    assert second["labels"].tolist() == [31] + [IGNORE_INDEX] * 7
+
+
+def test_pack_split_across_pack_leaves_no_padding():
+    packs = pack_samples([doc(10, 5), doc(20, 6)], max_seq_len=4, pad_id=0, split_across_pack=True)
+    flat = torch.cat([p["tokens"] for p in packs]).tolist()
+    assert flat == list(range(10, 15)) + list(range(20, 26)) + [0]
+    assert [p["input_pos"].tolist() for p in packs] == [[0, 1, 2, 3], [0, 0, 1, 2], [0, 1, 2, 0]]
+    # the label at a cut still names the true next token of the document
+    assert packs[0]["labels"][-1].item() == 14
+    with pytest.raises(QattuneError, match="sample 0 has 5 tokens, more than max_seq_len=4"):
+        pack_samples([doc(10, 5)], max_seq_len=4, pad_id=0, split_across_pack=False)
+
+
+def test_block_causal_mask_matches_definition():
+    document_ids = torch.tensor([[0, 0, 1, 1, 1, 2]])
+    mask = block_causal_mask(document_ids)[0]
+    for i in range(6):
+        for j in range(6):
+            expected = j <= i and document_ids[0, i] == document_ids[0, j]
+            assert mask[i, j].item() == expected
+
+
+def test_collate_pads_plain_items_and_masks_packs():
+    ds = TokenizedDataset([doc(5, 3), doc(7, 1)], pad_id=9)
+    batch = padded_collate([ds[0], ds[1]], pad_id=9)
+    assert batch["tokens"].tolist() == [[5, 6, 7], [7, 9, 9]]
+    assert batch["labels"].tolist() == [[6, 7, IGNORE_INDEX], [IGNORE_INDEX] * 3]
+    assert set(batch) == {"tokens", "labels"}
+    packs = pack_samples([doc(1, 2), doc(3, 2)], 4, 0, False)
+    packed = padded_collate(packs)
+    assert packed["mask"].shape == (1, 4, 4) and packed["input_pos"].tolist() == [[0, 1, 0, 1]]
+    assert not packed["mask"][0, 2, 1] and packed["mask"][0, 3, 2]
+    with pytest.raises(QattuneError, match="a batch item has 3 tokens, more than max_seq_len=2"):
+        padded_collate([ds[0]], max_seq_len=2)
+
+
+def test_epoch_indices_shard_the_global_order():
+    full = epoch_indices(11, epoch=2, shuffle=True, seed=7, rank=0, world_size=1)
+    assert sorted(full) == list(range(11))
+    assert full == torch.randperm(11, generator=torch.Generator().manual_seed(9)).tolist()
+    shards = [epoch_indices(11, 2, True, 7, r, 2) for r in range(2)]
+    assert shards[0] == full[:10][0::2] and shards[1] == full[:10][1::2]
+    assert epoch_indices(11, 3, True, 7, 0, 1) != full
+
+
+def _ids_loader(n=10, batch_size=2):
+    ds = TokenizedDataset([doc(100 + i, 1) for i in range(n)], pad_id=0)
+    return StatefulDataLoader(ds, batch_size, padded_collate, shuffle=True, seed=3)
+
+
+def test_loader_resumes_exactly_mid_epoch_and_across_epochs():
+    straight = _ids_loader()
+    order = []
+    for epoch in range(2):
+        straight.set_epoch(epoch)
+        order += [b["tokens"].flatten().tolist() for b in straight]
+    assert len(order) == 10 and order[:5] != order[5:]
+    first = _ids_loader()
+    seen = []
+    for batch in first:
+        seen.append(batch["tokens"].flatten().tolist())
+        if len(seen) == 3:
+            break
+    state = first.state_dict()
+    assert state["epoch"] == 0 and state["batches_done"] == 3
+    resumed = _ids_loader()
+    resumed.load_state_dict(state)
+    seen += [b["tokens"].flatten().tolist() for b in resumed]
+    resumed.set_epoch(1)
+    seen += [b["tokens"].flatten().tolist() for b in resumed]
+    assert seen == order
+
+
+def test_loader_refuses_a_different_dataset():
+    state = _ids_loader(n=10).state_dict()
+    with pytest.raises(QattuneError, match="num_samples=10, this run has num_samples=12"):
+        _ids_loader(n=12).load_state_dict(state)
