@@ -1,1 +1,15 @@
-"""qattune.config"""
+"""Configs: load YAML, apply overrides, validate, and build `_component_` objects.
+
+Generic: this package knows no model, recipe or quantizer, and imports nothing heavy.
+"""
+
+from qattune.config.instantiate import instantiate, partial
+from qattune.config.loader import load_config
+from qattune.config.schema import Component, RecipeConfig
+from qattune.config.validate import Problem, validate_config
+from qattune.config.recipe_main import recipe_main, recipe_not_available
+
+__all__ = [
+    "Component", "Problem", "RecipeConfig", "instantiate", "load_config", "partial", "recipe_main",
+    "recipe_not_available", "validate_config",
+]

@@ -1,0 +1,108 @@
+"""`qattune` command line: argument parsing and dispatch only.
+
+Nothing heavy is imported here; each verb imports what it needs when it runs, so `qattune --help`,
+`qattune ls` and `qattune validate` start in a fraction of a second.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Sequence
+
+from qattune import __version__
+from qattune.errors import QattuneError, report_and_exit
+
+DESCRIPTION = """\
+qattune: fine-tune LLMs with quantization-aware training (QAT), convert them to real quantized
+models, evaluate them against post-training quantization, and generate with them."""
+
+EPILOG = """\
+examples:
+  qattune ls
+  qattune cp llama3_2/3B_qat_lora my.yaml
+  qattune cat tiny/qat_full optimizer.lr=1e-3
+  qattune validate my.yaml
+  qattune run qat_distributed --config llama3_2/1B_qat_full
+  qattune run --nproc_per_node 8 qat_distributed --config llama3/8B_qat_full
+
+overrides (hydra grammar): a.b=v  a.b=[1,2]  +new.key=v  ++a.b=v  ~a.b  model=pkg.builder
+run `qattune <verb> --help` for each verb."""
+
+RUN_USAGE = """\
+usage: qattune run [torchrun options] RECIPE --config CONFIG [overrides ...]
+
+Run a recipe (a shipped name from `qattune ls`, or a path to a .py recipe script) with a config
+(a shipped name or a YAML path) and hydra-style overrides.
+
+With no torchrun options the recipe runs in this process (one device). With torchrun options
+(--nproc_per_node, --nnodes, --node_rank, --rdzv_endpoint, --rdzv_backend, --rdzv_id, --master_addr,
+--master_port, --standalone, ...) it is launched through torch.distributed.run with the same recipe
+and config on every process.
+
+overrides: a.b=v (change)  +a.b=v (add)  ++a.b=v (add or change)  ~a.b (delete)
+           model=qattune.models.llama3_2_1b (same as model._component_=...)
+
+examples:
+  qattune run qat_distributed --config tiny/qat_full max_steps_per_epoch=10
+  qattune run --nproc_per_node 2 qat_distributed --config tiny/qat_full
+  qattune run ./my_recipe.py --config my.yaml"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="qattune", description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--version", action="version", version=f"qattune {__version__}")
+    verbs = parser.add_subparsers(dest="verb", metavar="VERB")
+
+    ls = verbs.add_parser("ls", help="list recipes and the configs shipped for each")
+    ls.add_argument("-v", "--verbose", action="store_true", help="also describe each recipe")
+
+    cp = verbs.add_parser("cp", help="copy a shipped config or recipe script to a file to edit")
+    cp.add_argument("name", help="a shipped config name (e.g. llama3_2/3B_qat_lora) or recipe name")
+    cp.add_argument("destination", help="file or existing folder; .yaml / .py is added when missing")
+    cp.add_argument("-f", "--force", action="store_true", help="overwrite an existing file")
+    cp.add_argument("--make-parents", action="store_true", help="create missing parent folders")
+
+    cat = verbs.add_parser("cat", help="print a config with overrides applied")
+    cat.add_argument("config", help="a shipped config name or a YAML path")
+    cat.add_argument("overrides", nargs="*", help="key=value overrides")
+    cat.add_argument("--resolve", action="store_true", help="resolve ${...} interpolations")
+
+    validate = verbs.add_parser("validate", help="check a config and overrides without running anything")
+    validate.add_argument("config", help="a shipped config name or a YAML path")
+    validate.add_argument("overrides", nargs="*", help="key=value overrides")
+    validate.add_argument("--recipe", help="recipe to check against (default: the config's `# recipe:` header)")
+
+    verbs.add_parser("run", help="run a recipe, in-process or through torchrun", add_help=False)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if argv and argv[0] == "run":
+            from qattune.cli.run import run_command
+
+            rest = argv[1:]
+            if not rest or rest[0] in ("-h", "--help"):
+                print(RUN_USAGE)
+                return
+            run_command(rest)
+            return
+        args = _parser().parse_args(argv)
+        if args.verb is None:
+            _parser().print_help()
+            return
+        from qattune.cli import commands
+
+        getattr(commands, f"{args.verb}_command")(args)
+    except QattuneError as err:
+        report_and_exit(err)
+    except BrokenPipeError:  # `qattune ls | head`
+        sys.stderr.close()
+
+
+if __name__ == "__main__":
+    main()

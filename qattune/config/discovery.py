@@ -1,0 +1,123 @@
+"""Find the shipped recipes and configs from the files themselves (no hand-kept registry).
+
+A recipe is a `recipes/<name>.py` script whose module docstring's first line describes it. A config is a
+`configs/<name>.yaml` file whose header names the recipe it belongs to with a `# recipe: <name>` comment.
+Both folders ship inside the installed package as `qattune.recipes` and `qattune.configs`. Nothing here
+imports torch or parses YAML, so `qattune ls` stays fast.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+from qattune.errors import QattuneError
+from qattune.config.suggest import did_you_mean
+
+_RECIPE_HEADER = re.compile(r"^#\s*recipe:\s*([\w\-./]+)\s*$")
+_HEADER_LINES = 30
+
+
+@dataclass(frozen=True)
+class RecipeInfo:
+    name: str
+    path: Path
+    description: str
+    available: bool
+
+
+@dataclass(frozen=True)
+class ConfigInfo:
+    name: str
+    path: Path
+    recipe: str | None
+
+
+def _package_dir(package: str) -> Path:
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise QattuneError(f"the qattune installation is incomplete: package {package} is missing; reinstall qattune")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def recipes_dir() -> Path:
+    return _package_dir("qattune.recipes")
+
+
+def configs_dir() -> Path:
+    return _package_dir("qattune.configs")
+
+
+def _describe(path: Path) -> tuple[str, bool]:
+    """(first docstring line, whether the recipe runs) read from the recipe's source."""
+    try:
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+    except (OSError, SyntaxError, UnicodeDecodeError):
+        return "", False
+    doc = ast.get_docstring(tree)
+    placeholder = any(isinstance(n, ast.Name) and n.id == "recipe_not_available" for n in ast.walk(tree))
+    return (doc.strip().splitlines()[0] if doc else ""), not placeholder
+
+
+@lru_cache(maxsize=None)
+def list_recipes() -> tuple[RecipeInfo, ...]:
+    """Every shipped recipe, sorted by name."""
+    found = []
+    for path in sorted(recipes_dir().glob("*.py")):
+        if not path.stem.startswith("_"):
+            found.append(RecipeInfo(path.stem, path, *_describe(path)))
+    return tuple(found)
+
+
+def config_recipe(path: Path) -> str | None:
+    """The recipe named by a config file's `# recipe: NAME` header comment, if any."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            for _, line in zip(range(_HEADER_LINES), f):
+                match = _RECIPE_HEADER.match(line.strip())
+                if match:
+                    return match.group(1)
+    except OSError:
+        return None
+    return None
+
+
+@lru_cache(maxsize=None)
+def list_configs() -> tuple[ConfigInfo, ...]:
+    """Every shipped config, sorted by name (`llama3/8B_qat_full` for `configs/llama3/8B_qat_full.yaml`)."""
+    root = configs_dir()
+    found = []
+    for path in sorted(root.rglob("*.yaml")):
+        name = path.relative_to(root).with_suffix("").as_posix()
+        found.append(ConfigInfo(name, path, config_recipe(path)))
+    return tuple(found)
+
+
+def find_recipe(name: str) -> RecipeInfo:
+    """A shipped recipe by name; an unknown name lists the valid ones."""
+    for recipe in list_recipes():
+        if recipe.name == name:
+            return recipe
+    names = [r.name for r in list_recipes()]
+    hint = did_you_mean(name, names)
+    raise QattuneError(f"unknown recipe '{name}'.{hint} Valid recipes: {', '.join(names)} (or a path to a .py file)")
+
+
+def find_config(name: str) -> Path:
+    """A config by shipped name or by file path, with a friendly error for either kind of miss."""
+    shipped = {c.name: c.path for c in list_configs()}
+    if name in shipped:
+        return shipped[name]
+    path = Path(name).expanduser()
+    if path.is_file():
+        return path
+    if path.suffix in (".yaml", ".yml"):
+        raise QattuneError(f"config file not found: {name} (check the path, or run `qattune ls` for shipped configs)")
+    hint = did_you_mean(name, list(shipped))
+    raise QattuneError(
+        f"unknown config '{name}': neither a shipped config nor a file.{hint} Run `qattune ls` to list shipped configs"
+    )
