@@ -1,0 +1,83 @@
+"""Element encodings shared by the float formats: FP8 E4M3/E5M2, FP4 E2M1 and E8M0 scales.
+
+All helpers are pure tensor code (no Python loops, no data-dependent control flow) so they run
+unchanged on any device and under `torch.compile`. Inputs are float32.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+E4M3_MAX = 448.0  # torch.finfo(torch.float8_e4m3fn).max
+E5M2_MAX = 57344.0  # torch.finfo(torch.float8_e5m2).max
+E2M1_MAX = 6.0
+E4M3_MIN_NORMAL = 2.0**-6  # torch.finfo(torch.float8_e4m3fn).tiny
+
+# Midpoint above the largest finite value: a value strictly below it rounds to a finite value
+# without saturation, so the straight-through estimator treats it as in range.
+E4M3_CLIP_THRESHOLD = 464.0  # 448 + 32 / 2
+E2M1_CLIP_THRESHOLD = 7.0  # 6 + 2 / 2
+
+E8M0_BIAS = 127
+E8M0_MIN_EXP = -127  # biased code 0; code 255 is NaN
+
+
+def to_e4m3_saturated(v: Tensor) -> Tensor:
+    """Round float32 `v` to FP8 E4M3 (round to nearest even), clamping to +-448 first."""
+    return v.clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
+
+
+def to_e5m2_saturated(v: Tensor) -> Tensor:
+    """Round float32 `v` to FP8 E5M2 (round to nearest even), clamping to +-57344 first."""
+    return v.clamp(-E5M2_MAX, E5M2_MAX).to(torch.float8_e5m2)
+
+
+def floor_log2(v: Tensor) -> Tensor:
+    """floor(log2(|v|)) of float32 `v` as int32, read from the exponent bits (-127 for zero/subnormal)."""
+    bits = v.float().view(torch.int32)
+    return ((bits >> 23) & 0xFF) - 127
+
+
+def exp2_int(e: Tensor) -> Tensor:
+    """Exactly 2**e as float32 for integer `e` in [-127, 127] (built from bits; no exp2 approximation)."""
+    e = e.to(torch.int32)
+    normal = ((e + 127).clamp(min=1) << 23).view(torch.float32)
+    return torch.where(e <= -127, torch.full_like(normal, 2.0**-127), normal)
+
+
+def e2m1_round(v: Tensor) -> Tensor:
+    """Round float32 `v` to the FP4 E2M1 grid (+-{0, .5, 1, 1.5, 2, 3, 4, 6}), nearest even, saturating."""
+    a = v.abs().clamp(max=E2M1_MAX)
+    # Grid spacing is 0.5 below 2, 1 in [2, 4), 2 in [4, 6]; round-half-even on the scaled value
+    # lands ties on the even code, as the OCP spec requires.
+    step = torch.where(a < 2.0, 0.5, torch.where(a < 4.0, 1.0, 2.0))
+    return torch.copysign(torch.round(a / step) * step, v)
+
+
+def e2m1_encode(v: Tensor) -> Tensor:
+    """FP4 E2M1 codes (uint8 0..15: sign bit 3, magnitude index bits 0-2) of float32 `v`."""
+    r = e2m1_round(v)
+    a = r.abs()
+    index = torch.where(a < 2.0, a * 2.0, torch.where(a < 4.0, a + 2.0, a * 0.5 + 4.0))
+    sign = torch.signbit(r).to(torch.uint8) << 3
+    return index.to(torch.uint8) | sign
+
+
+_E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+
+
+def e2m1_decode(codes: Tensor) -> Tensor:
+    """Float32 values of FP4 E2M1 codes (uint8 0..15)."""
+    table = torch.tensor(_E2M1_VALUES, dtype=torch.float32, device=codes.device)
+    return table[codes.long()]
+
+
+def e8m0_encode(exponent: Tensor) -> Tensor:
+    """E8M0 biased exponent (uint8) of an integer exponent, clamped to the finite range [-127, 127]."""
+    return (exponent.clamp(E8M0_MIN_EXP, 127) + E8M0_BIAS).to(torch.uint8)
+
+
+def e8m0_decode(code: Tensor) -> Tensor:
+    """Float32 power of two of a uint8 E8M0 code."""
+    return exp2_int(code.to(torch.int32) - E8M0_BIAS)

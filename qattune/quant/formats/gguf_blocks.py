@@ -1,0 +1,90 @@
+"""GGUF Q8_0 and Q4_0 (blocks of 32), bit-exact with `gguf/quants.py` and llama.cpp's `ggml-quants.c`.
+
+Both quantize with the float32 block scale `d` and dequantize with `float16(d)`, as llama.cpp does;
+`QuantizedTensor.scale` holds that float16 `d`. Codes are unpacked: int8 for Q8_0, uint8 0..15 for
+Q4_0 (GGUF's own byte layout, q[j] | q[j+16] << 4, is the exporter's business).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from qattune.quant.formats.base import NumericFormat, QuantizedTensor, to_blocks
+
+GGUF_BLOCK_SIZE = 32
+
+
+def _reciprocal_or_zero(d: Tensor) -> Tensor:
+    """1 / d, and 0 where d == 0 (llama.cpp's `id = d ? 1.0f/d : 0.0f`)."""
+    return torch.where(d == 0, torch.zeros_like(d), 1.0 / d)
+
+
+def round_half_away(v: Tensor) -> Tensor:
+    """C `roundf`: round half away from zero, computed as gguf's `np_roundf` (no `|v| + 0.5` rounding)."""
+    a = v.abs()
+    floored = torch.floor(a)
+    return torch.copysign(floored + torch.floor(2.0 * (a - floored)), v)
+
+
+class _GGUFBlockFormat(NumericFormat):
+    block_size = GGUF_BLOCK_SIZE
+
+    def _encode(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Float codes, float32 d and the not-clipped mask, in blocked layout."""
+        raise NotImplementedError
+
+    def _decode(self, qb: Tensor, d16: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def quantize(self, x: Tensor) -> QuantizedTensor:
+        qb, d, _ = self._encode(x)
+        codes = qb.to(self.codes_dtype).reshape(x.shape)
+        return QuantizedTensor(codes=codes, scale=d[..., 0].to(torch.float16))
+
+    def dequantize(self, q: QuantizedTensor, dtype: torch.dtype = torch.float32) -> Tensor:
+        qb = to_blocks(q.codes, self.block_size).float()
+        return self._decode(qb, q.scale.unsqueeze(-1)).reshape(q.codes.shape).to(dtype)
+
+    def fake_quantize_with_mask(self, x: Tensor) -> tuple[Tensor, Optional[Tensor]]:
+        qb, d, in_range = self._encode(x)
+        xq = self._decode(qb, d.to(torch.float16)).reshape(x.shape).to(x.dtype)
+        return xq, None if in_range is None else in_range.reshape(x.shape)
+
+
+class GGUFQ8_0(_GGUFBlockFormat):
+    """Q8_0: `d = amax / 127`, `q = roundf(x * (1/d))` as int8, `x_hat = q * float16(d)`."""
+
+    name = "q8_0"
+    bits = 8
+    codes_dtype = torch.int8
+
+    def _encode(self, x: Tensor) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+        xb = to_blocks(x, self.block_size).float()
+        d = xb.abs().amax(dim=-1, keepdim=True) / 127.0
+        # |x * (1/d)| <= 127 up to one rounding: nothing is ever clipped.
+        return round_half_away(xb * _reciprocal_or_zero(d)), d, None
+
+    def _decode(self, qb: Tensor, d16: Tensor) -> Tensor:
+        return qb * d16.float()
+
+
+class GGUFQ4_0(_GGUFBlockFormat):
+    """Q4_0: `m` = signed value of largest magnitude (first on ties), `d = m / -8`,
+    `q = min(15, trunc(x * (1/d) + 8.5))`, `x_hat = (q - 8) * float16(d)`."""
+
+    name = "q4_0"
+    bits = 4
+    codes_dtype = torch.uint8
+
+    def _encode(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        xb = to_blocks(x, self.block_size).float()
+        index = xb.abs().argmax(dim=-1, keepdim=True)
+        d = torch.gather(xb, -1, index) / -8.0
+        raw = torch.trunc(xb * _reciprocal_or_zero(d) + 8.5)
+        return raw.clamp(max=15.0), d, raw <= 15.0
+
+    def _decode(self, qb: Tensor, d16: Tensor) -> Tensor:
+        return (qb - 8.0) * d16.float()

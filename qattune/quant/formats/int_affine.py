@@ -1,0 +1,144 @@
+"""Integer affine quantization with torchao's conventions (`8da4w`, `8w`, `8da8w`).
+
+Follows torchao `quant_primitives._choose_qparams_affine` and `_fake_quantize_affine` bit for bit:
+the min/max, scale and zero point are computed in the INPUT dtype (a bf16 input gives a bf16-rounded
+scale, stored as float32), `eps` defaults to `torch.finfo(input dtype).eps`, quantization multiplies
+by the float32 reciprocal of the scale and rounds half to even, and the zero point is clamped to
+[qmin, qmax]. The float32 arithmetic here reproduces those roundings by rounding to the input dtype
+after each step torchao does in that dtype.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from qattune.errors import QattuneError
+from qattune.quant.formats.base import NumericFormat, QuantizedTensor, to_blocks
+
+
+def _round_to(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """Round float32 `t` to `dtype` and back (a no-op for float32): emulates arithmetic in `dtype`."""
+    return t if dtype == torch.float32 else t.to(dtype).float()
+
+
+class IntAffine(NumericFormat):
+    """Signed or unsigned int-`bits`, symmetric or asymmetric, per group / per row (token) / per tensor.
+
+    `group_size=None` quantizes each row (each token, for activations) with one scale;
+    `per_tensor=True` uses one scale for the whole tensor. Codes are int8 (signed) or uint8
+    (unsigned); the zero point, where there is one, is stored in the codes' dtype; scales are float32.
+    """
+
+    def __init__(
+        self,
+        bits: int,
+        symmetric: bool,
+        group_size: Optional[int],
+        eps: Optional[float] = None,
+        signed: bool = True,
+        per_tensor: bool = False,
+    ) -> None:
+        if not 1 <= bits <= 8:
+            raise QattuneError(f"integer formats support 1 to 8 bits, got bits={bits}")
+        if group_size is not None and group_size <= 0:
+            raise QattuneError(f"group_size must be a positive integer or None (per row), got {group_size}")
+        if per_tensor and group_size is not None:
+            raise QattuneError("per_tensor=True and a group_size are exclusive; set group_size=None")
+        self.bits = bits
+        self.symmetric = symmetric
+        self.signed = signed
+        self.per_tensor = per_tensor
+        self.block_size = group_size
+        self.eps = eps
+        self.qmin = -(2 ** (bits - 1)) if signed else 0
+        self.qmax = 2 ** (bits - 1) - 1 if signed else 2**bits - 1
+        self.codes_dtype = torch.int8 if signed else torch.uint8
+        kind = "sym" if symmetric else "asym"
+        self.name = f"{'int' if signed else 'uint'}{bits}_{kind}"
+
+    # -- layout ---------------------------------------------------------------------------------
+    def _blocks(self, x: Tensor) -> Tensor:
+        if self.per_tensor:
+            return x.reshape(1, 1, -1)
+        return to_blocks(x, self.block_size)
+
+    def scale_shape(self, shape: torch.Size | tuple[int, ...]) -> tuple[int, ...]:
+        """Shape of the scale (and zero point) for a tensor of `shape`."""
+        if self.per_tensor:
+            return (1,)
+        width = shape[-1]
+        self.check_width(width)
+        n_blocks = 1 if self.block_size is None else width // self.block_size
+        return (*shape[:-1], n_blocks)
+
+    # -- qparams --------------------------------------------------------------------------------
+    def choose_qparams(self, x: Tensor) -> tuple[Tensor, Optional[Tensor]]:
+        """torchao `_choose_qparams_affine`: float32 scale and (asymmetric / unsigned) float zero point.
+
+        Returns scale and zero (integral float32 values, or None when it is 0) of `scale_shape(x.shape)`.
+        """
+        dtype = x.dtype
+        eps = torch.finfo(dtype).eps if self.eps is None else self.eps
+        xb = self._blocks(x.detach())
+        lo = xb.amin(dim=-1).float().clamp(max=0.0)
+        hi = xb.amax(dim=-1).float().clamp(min=0.0)
+        levels = float(self.qmax - self.qmin)
+        if self.symmetric:
+            scale = _round_to(torch.maximum(-lo, hi) / (levels / 2), dtype)
+            scale = _round_to(scale.clamp(min=eps), dtype)
+            mid = int((self.qmax + self.qmin + 1) / 2)
+            zero = None if mid == 0 else torch.full_like(scale, float(mid))
+        else:
+            span = _round_to(hi - lo, dtype)
+            scale = _round_to(_round_to(span / levels, dtype).clamp(min=eps), dtype)
+            zero = (self.qmin - torch.round(_round_to(lo / scale, dtype))).clamp(self.qmin, self.qmax)
+        shape = self.scale_shape(x.shape)
+        return scale.reshape(shape), None if zero is None else zero.reshape(shape)
+
+    # -- element maps -----------------------------------------------------------------------------
+    def _encode(self, x: Tensor, scale: Tensor, zero: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+        """Float codes (clamped) and the not-clipped mask, in blocked layout."""
+        xb = self._blocks(x).float()
+        s = scale.reshape(*xb.shape[:-1], 1)
+        q = torch.round(xb * (1.0 / s))
+        if zero is not None:
+            q = q + zero.reshape(s.shape)
+        in_range = (q >= self.qmin) & (q <= self.qmax)
+        return q.clamp(self.qmin, self.qmax), in_range
+
+    def _decode(self, qb: Tensor, scale: Tensor, zero: Optional[Tensor]) -> Tensor:
+        s = scale.reshape(*qb.shape[:-1], 1).float()
+        if zero is not None:
+            qb = qb - zero.reshape(s.shape).float()
+        return qb * s
+
+    # -- public API -----------------------------------------------------------------------------
+    def quantize_with_qparams(self, x: Tensor, scale: Tensor, zero: Optional[Tensor]) -> QuantizedTensor:
+        """Quantize with given qparams (e.g. learned ones); `zero` must hold integral values."""
+        qb, _ = self._encode(x, scale, zero)
+        codes = qb.to(self.codes_dtype).reshape(x.shape)
+        stored_zero = None if zero is None else zero.to(self.codes_dtype)
+        return QuantizedTensor(codes=codes, scale=scale.float(), zero=stored_zero)
+
+    def quantize(self, x: Tensor) -> QuantizedTensor:
+        scale, zero = self.choose_qparams(x)
+        return self.quantize_with_qparams(x, scale, zero)
+
+    def dequantize(self, q: QuantizedTensor, dtype: torch.dtype = torch.float32) -> Tensor:
+        qb = self._blocks(q.codes).float()
+        return self._decode(qb, q.scale, q.zero).reshape(q.codes.shape).to(dtype)
+
+    def fake_quantize_with_qparams(
+        self, x: Tensor, scale: Tensor, zero: Optional[Tensor]
+    ) -> tuple[Tensor, Tensor]:
+        """Forward of fake quantization with given qparams, and the not-clipped mask."""
+        qb, in_range = self._encode(x, scale, zero)
+        xq = self._decode(qb, scale, zero)
+        return xq.reshape(x.shape).to(x.dtype), in_range.reshape(x.shape)
+
+    def fake_quantize_with_mask(self, x: Tensor) -> tuple[Tensor, Optional[Tensor]]:
+        scale, zero = self.choose_qparams(x)
+        return self.fake_quantize_with_qparams(x, scale, zero)
