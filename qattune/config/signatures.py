@@ -118,11 +118,15 @@ def _absolute(module: str, path: Path, node: ast.ImportFrom) -> str:
     return f"{package}.{node.module}" if node.module else package
 
 
-def _module_symbols(module: str) -> tuple[list[str], bool] | None:
-    """Names a module defines or re-exports, and whether it may create more at run time (`*`, `__getattr__`)."""
+def _module_symbols(module: str, depth: int = 0) -> tuple[list[str], bool] | None:
+    """Names a module defines or re-exports, and whether it may create more at run time.
+
+    `from x import *` is followed statically; a module `__getattr__` or an unreadable star source makes
+    the module dynamic (only importing it can tell what it holds).
+    """
     path = module_file(module)
     tree = _parse(path) if path else None
-    if tree is None:
+    if tree is None or depth > _MAX_DEPTH:
         return None
     names, dynamic = [], False
     for node in _top_level_statements(tree):
@@ -131,7 +135,13 @@ def _module_symbols(module: str) -> tuple[list[str], bool] | None:
             dynamic |= node.name == "__getattr__"
         elif isinstance(node, (ast.ImportFrom, ast.Import)):
             names.extend((a.asname or a.name).split(".")[0] for a in node.names if a.name != "*")
-            dynamic |= any(a.name == "*" for a in node.names)
+            if isinstance(node, ast.ImportFrom) and any(a.name == "*" for a in node.names):
+                star = _module_symbols(_absolute(module, path, node), depth + 1)
+                if star is None:
+                    dynamic = True
+                else:
+                    names.extend(star[0])
+                    dynamic |= star[1]
         elif isinstance(node, (ast.Assign, ast.AnnAssign)):
             targets = node.targets if isinstance(node, ast.Assign) else [node.target]
             names.extend(t.id for t in targets if isinstance(t, ast.Name))
@@ -295,9 +305,21 @@ def import_object(path: str):
             for attr in parts[cut:]:
                 obj = getattr(obj, attr)
         except AttributeError:
-            raise UnknownComponent(path, [f"{module_name}.{n}" for n in dir(obj) if not n.startswith("_")]) from None
+            raise UnknownComponent(path, _own_callables(module_name)) from None
         return obj
     raise UnknownComponent(path, [])
+
+
+def _own_callables(module_name: str) -> list[str]:
+    """Classes and functions a module offers from its own package (not `typing.Literal` and the like)."""
+    module = importlib.import_module(module_name)
+    package = module_name.split(".")[0]
+    return [
+        f"{module_name}.{name}"
+        for name, value in vars(module).items()
+        if not name.startswith("_") and (inspect.isclass(value) or inspect.isfunction(value))
+        and getattr(value, "__module__", "").split(".")[0] == package
+    ]
 
 
 def _runtime_signature(path: str) -> Signature:

@@ -9,6 +9,10 @@ from collections.abc import Iterable
 def closest(name: str, candidates: Iterable[str], n: int = 3) -> list[str]:
     """Up to `n` candidates close to `name`, best first."""
     pool = sorted(set(candidates))
+    prefix, dot, leaf = name.rpartition(".")
+    siblings = [c[len(prefix) + 1 :] for c in pool if dot and c.startswith(prefix + ".")]
+    if siblings:  # dotted names: compare the last part among names under the same prefix
+        return [f"{prefix}.{m}" for m in difflib.get_close_matches(leaf, siblings, n=n, cutoff=0.6)]
     matches = difflib.get_close_matches(name, pool, n=n, cutoff=0.6)
     if not matches:
         lowered = {c.lower(): c for c in pool}

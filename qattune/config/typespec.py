@@ -28,7 +28,7 @@ class TypeSpec:
             return " or ".join(a.describe() for a in self.args)
         if self.kind == "literal":
             return "one of " + ", ".join(repr(a) for a in self.args)
-        if self.kind == "list" and self.args:
+        if self.kind == "list" and self.args and self.args[0].kind not in ("any", "opaque"):
             return f"a list of {self.args[0].describe()}"
         if self.kind == "component":
             return "a component (a mapping with _component_)"
