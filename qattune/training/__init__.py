@@ -1,1 +1,47 @@
-"""qattune.training"""
+"""qattune.training: the one training loop and its parts (loss, optimizer, LR, hooks, logging, FSDP2)."""
+
+from .blocks import apply_activation_checkpointing, compile_blocks, shard_model, transformer_blocks
+from .distributed import (
+    DistInfo,
+    all_reduce_sum,
+    destroy_distributed,
+    gather_full_state_dict,
+    init_distributed,
+    load_full_state_dict,
+)
+from .hooks import FakeQuantAfterNSteps, StepHook, fake_quant_enabled_at
+from .loss import CrossEntropyLoss, DistillationLoss
+from .lr_schedule import get_cosine_schedule_with_warmup, get_linear_schedule_with_warmup
+from .memory import peak_memory_stats
+from .metric_logging import JSONLLogger, StdoutLogger, TensorBoardLogger
+from .optim import AdamW
+from .profiler import setup_profiler
+from .trainer import Trainer, num_training_steps
+
+__all__ = [
+    "AdamW",
+    "CrossEntropyLoss",
+    "DistInfo",
+    "DistillationLoss",
+    "FakeQuantAfterNSteps",
+    "JSONLLogger",
+    "StdoutLogger",
+    "StepHook",
+    "TensorBoardLogger",
+    "Trainer",
+    "all_reduce_sum",
+    "apply_activation_checkpointing",
+    "compile_blocks",
+    "destroy_distributed",
+    "fake_quant_enabled_at",
+    "gather_full_state_dict",
+    "get_cosine_schedule_with_warmup",
+    "get_linear_schedule_with_warmup",
+    "init_distributed",
+    "load_full_state_dict",
+    "num_training_steps",
+    "peak_memory_stats",
+    "setup_profiler",
+    "shard_model",
+    "transformer_blocks",
+]

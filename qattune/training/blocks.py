@@ -1,0 +1,77 @@
+"""Per-block model transforms: activation checkpointing, torch.compile, FSDP2 sharding.
+
+All work on any model whose transformer blocks sit in an `nn.ModuleList` (by default `model.layers`)
+and leave parameter names unchanged, so checkpoints load the same with or without them.
+Apply in this order: activation checkpointing, compile, then sharding.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from qattune.errors import QattuneError
+
+
+def transformer_blocks(model: nn.Module, layers_attr: str = "layers") -> nn.ModuleList:
+    """The model's list of blocks, or a clear error naming the attribute."""
+    blocks = getattr(model, layers_attr, None)
+    if not isinstance(blocks, nn.ModuleList):
+        raise QattuneError(
+            f"model {type(model).__name__} has no nn.ModuleList '{layers_attr}' of transformer blocks; "
+            "per-block activation checkpointing, compile and FSDP need one"
+        )
+    return blocks
+
+
+def _checkpointed(forward: Callable) -> Callable:
+    @functools.wraps(forward)
+    def run(*args, **kwargs):
+        if not torch.is_grad_enabled():
+            return forward(*args, **kwargs)
+        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+    return run
+
+
+def apply_activation_checkpointing(model: nn.Module, layers_attr: str = "layers") -> nn.Module:
+    """Recompute each block's activations in backward instead of storing them (RNG state preserved,
+    so dropout masks are the same in the recompute)."""
+    for block in transformer_blocks(model, layers_attr):
+        block.forward = _checkpointed(block.forward)
+    return model
+
+
+def compile_blocks(model: nn.Module, layers_attr: str = "layers", **compile_kwargs) -> nn.Module:
+    """`torch.compile` each block in place (one graph reused by every block of the same shape)."""
+    for block in transformer_blocks(model, layers_attr):
+        block.compile(**compile_kwargs)
+    return model
+
+
+def shard_model(
+    model: nn.Module,
+    layers_attr: str = "layers",
+    reshard_after_forward: bool = True,
+    param_dtype: Optional[torch.dtype] = None,
+    reduce_dtype: Optional[torch.dtype] = None,
+) -> nn.Module:
+    """FSDP2: `fully_shard` every block, then the root, over all ranks of the default process group
+    (gloo on CPU works the same as NCCL on CUDA). Gradients are averaged over ranks."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    if not dist.is_initialized():
+        raise QattuneError("shard_model needs a process group; start the run with torchrun (qattune run --nproc_per_node N)")
+    device_type = next(model.parameters()).device.type
+    mesh = init_device_mesh(device_type, (dist.get_world_size(),))
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+    for block in transformer_blocks(model, layers_attr):
+        fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward, mp_policy=policy)
+    fully_shard(model, mesh=mesh, reshard_after_forward=reshard_after_forward, mp_policy=policy)
+    return model

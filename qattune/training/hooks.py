@@ -1,0 +1,41 @@
+"""Step hooks: called before every optimizer step with the global step about to run."""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Protocol
+
+from torch import nn
+
+
+class StepHook(Protocol):
+    """Anything with `on_step_start(step)`; `step` = optimizer steps already completed (0 first)."""
+
+    def on_step_start(self, step: int) -> None: ...
+
+
+def fake_quant_enabled_at(step: int, after_n_steps: Optional[int]) -> bool:
+    """DESIGN §3: fake quantization is off for optimizer steps < N and on from step N (None: always on)."""
+    return after_n_steps is None or step >= after_n_steps
+
+
+class FakeQuantAfterNSteps:
+    """Sets the quantizer's fake-quant state from the global step, at every step.
+
+    The state is derived, never remembered, so a run resumed from any checkpoint (before or after N)
+    is in the right state; `set_fake_quant` is only called when the wanted state differs from the
+    last one applied (the first call always applies).
+    """
+
+    def __init__(self, quantizer: Any, model: nn.Module, after_n_steps: Optional[int]) -> None:
+        if after_n_steps is not None and after_n_steps < 0:
+            raise ValueError(f"fake_quant_after_n_steps must be >= 0 or None, got {after_n_steps}")
+        self.quantizer = quantizer
+        self.model = model
+        self.after_n_steps = after_n_steps
+        self.applied: Optional[bool] = None
+
+    def on_step_start(self, step: int) -> None:
+        wanted = fake_quant_enabled_at(step, self.after_n_steps)
+        if wanted != self.applied:
+            self.quantizer.set_fake_quant(self.model, wanted)
+            self.applied = wanted
