@@ -74,6 +74,10 @@ class StatefulDataLoader:
             self.epoch = epoch
             self.batches_done = 0
 
+    def restart(self) -> None:
+        """Go back to the first batch of the current epoch (validation reads the whole set each time)."""
+        self.batches_done = 0
+
     def _batches(self) -> list[list[int]]:
         order = epoch_indices(len(self.dataset), self.epoch, self.shuffle, self.seed, self.rank, self.world_size)
         batches = [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
@@ -83,7 +87,16 @@ class StatefulDataLoader:
         remaining = self._batches()[self.batches_done :]
         if not remaining:
             return
-        loader = DataLoader(self.dataset, batch_sampler=remaining, collate_fn=self.collate_fn, num_workers=self.num_workers)
+        # a private generator: creating the iterator must not draw from the global RNG, or a resumed
+        # run (which creates it mid-epoch) would see different dropout than an uninterrupted one
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        loader = DataLoader(
+            self.dataset,
+            batch_sampler=remaining,
+            collate_fn=self.collate_fn,
+            num_workers=self.num_workers,
+            generator=generator,
+        )
         for batch in loader:
             self.batches_done += 1
             yield batch
