@@ -1,0 +1,229 @@
+"""The `qattune` verbs, run as a user would, with their outputs, files and exit codes."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from qattune.cli.main import main
+from qattune.config.discovery import configs_dir, list_configs, list_recipes
+
+FIXTURES = Path(__file__).parent / "fixtures"
+SUM_RECIPE = FIXTURES / "sum_recipe.py"
+RECIPES = ["eval", "full_finetune", "generate", "qat_distributed", "qat_lora", "quantize"]
+
+
+def qattune(*args, env=None):
+    """Run the real console entry point in a subprocess: (exit code, stdout, stderr)."""
+    proc = subprocess.run([sys.executable, "-m", "qattune.cli.main", *args], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, timeout=300)
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+def run_main(capsys, *args):
+    """Run `main` in this process: (exit code, stdout, stderr)."""
+    try:
+        main(list(args))
+        code = 0
+    except SystemExit as exit_:
+        code = exit_.code or 0
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_help_lists_every_verb(capsys):
+    code, out, _ = run_main(capsys, "--help")
+    assert code == 0
+    for verb in ("ls", "cp", "cat", "validate", "run"):
+        assert f"    {verb} " in out
+
+
+@pytest.mark.parametrize("verb", ["ls", "cp", "cat", "validate"])
+def test_each_verb_has_help(capsys, verb):
+    code, out, _ = run_main(capsys, verb, "--help")
+    assert code == 0 and out.startswith(f"usage: qattune {verb}")
+
+
+def test_run_help(capsys):
+    code, out, _ = run_main(capsys, "run", "--help")
+    assert code == 0 and out.startswith("usage: qattune run [torchrun options] RECIPE --config CONFIG")
+
+
+def test_ls_shows_discovered_recipes_and_configs(capsys):
+    code, out, _ = run_main(capsys, "ls")
+    assert code == 0
+    lines = out.splitlines()
+    assert lines[0].split() == ["RECIPE", "CONFIG"]
+    listed = [line.split()[0] for line in lines[1:] if not line.startswith(" ")]
+    assert listed == RECIPES
+    assert [r.name for r in list_recipes()] == RECIPES
+    for config in list_configs():
+        assert config.name in out
+
+
+def test_every_shipped_config_names_a_known_recipe():
+    configs = list_configs()
+    assert configs, "no shipped configs found"
+    for config in configs:
+        assert config.recipe in RECIPES, f"{config.path} has no valid '# recipe:' header"
+
+
+def test_cp_config_adds_suffix_and_refuses_overwrite(tmp_path, capsys):
+    name = list_configs()[0].name
+    code, out, _ = run_main(capsys, "cp", name, str(tmp_path / "mine"))
+    assert code == 0
+    copied = tmp_path / "mine.yaml"
+    assert copied.read_text() == (configs_dir() / f"{name}.yaml").read_text()
+    assert out.strip() == f"Copied {Path(name).name}.yaml to {copied}"
+    code, _, err = run_main(capsys, "cp", name, str(copied))
+    assert code == 2 and err.strip() == f"error: {copied} already exists; pass --force to overwrite it"
+    copied.write_text("changed")
+    assert run_main(capsys, "cp", name, str(copied), "--force")[0] == 0
+    assert copied.read_text() != "changed"
+
+
+def test_cp_recipe_into_folder_and_make_parents(tmp_path, capsys):
+    code, _, _ = run_main(capsys, "cp", "qat_distributed", str(tmp_path))
+    assert code == 0 and (tmp_path / "qat_distributed.py").is_file()
+    target = tmp_path / "a" / "b" / "r.py"
+    code, _, err = run_main(capsys, "cp", "eval", str(target))
+    assert code == 2
+    assert err.strip() == (f"error: cannot copy to {target}: folder {target.parent} does not exist "
+                           "(add --make-parents to create it)")
+    assert run_main(capsys, "cp", "eval", str(target), "--make-parents")[0] == 0
+    assert "recipe_not_available" in target.read_text() or "recipe_main" in target.read_text()
+
+
+def test_cp_bad_targets(tmp_path, capsys):
+    name = list_configs()[0].name
+    code, _, err = run_main(capsys, "cp", name, str(tmp_path / "x.py"))
+    assert code == 2 and "it is a config (.yaml); give the destination that suffix" in err
+    code, _, err = run_main(capsys, "cp", "qat_distributd", str(tmp_path / "x.py"))
+    assert code == 2 and err.startswith("error: nothing to copy: 'qat_distributd' is neither a shipped config nor a "
+                                        "recipe. Did you mean 'qat_distributed'?")
+
+
+def test_cat_applies_overrides(tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("out: /tmp/a\nlog: ${out}/logs\nlr: 1.0\n")
+    code, out, _ = run_main(capsys, "cat", str(cfg), "lr=0.5", "+extra=[1,2]")
+    assert code == 0
+    assert out == "out: /tmp/a\nlog: ${out}/logs\nlr: 0.5\nextra:\n- 1\n- 2\n"
+    code, out, _ = run_main(capsys, "cat", str(cfg), "--resolve", "out=/x")
+    assert "log: /x/logs" in out
+
+
+def test_validate_reports_all_problems_with_exit_2(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"# recipe: {SUM_RECIPE}\noutput_dir: /tmp/o\nvalu: 2\n"
+                   "optimizer:\n  _component_: torch.optim.AdamW\n  lrr: 0.1\n")
+    code, out, err = qattune("validate", str(cfg), "--recipe", str(SUM_RECIPE))
+    assert code == 2 and out == ""
+    assert err.splitlines() == [
+        f"error: 2 problems in config '{cfg}' for recipe 'sum_recipe':",
+        "  valu: unknown key for recipe 'sum_recipe'. Did you mean 'value'?",
+        "  optimizer.lrr: torch.optim.AdamW takes no argument 'lrr'. Did you mean 'lr'?",
+    ]
+    code, out, err = qattune("validate", str(cfg), "--recipe", str(SUM_RECIPE), "~valu", "optimizer.lrr=null",
+                             "~optimizer.lrr", "+optimizer.lr=0.1")
+    assert (code, err) == (0, "")
+    assert out.strip() == f"Config '{cfg}' is valid for recipe 'sum_recipe'."
+
+
+def test_validate_uses_the_config_header(tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"# recipe: {SUM_RECIPE}\noutput_dir: /tmp/o\n")
+    code, out, _ = run_main(capsys, "validate", str(cfg))
+    assert code == 0 and "for recipe 'sum_recipe'" in out
+
+
+def test_run_in_process(tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("output_dir: /tmp/unused\nvalue: 3\n")
+    code, _, err = run_main(capsys, "run", str(SUM_RECIPE), "--config", str(cfg), f"output_dir={tmp_path}/o",
+                            f"+points=[{{_component_: qt_fixture_components.Point, x: 7}}]")
+    assert code == 0, err
+    assert json.loads((tmp_path / "o" / "rank0.json").read_text()) == {"rank": 0, "world": 1, "total": 3.0,
+                                                                       "points": [7]}
+
+
+def test_run_through_torchrun_on_two_processes(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"output_dir: {tmp_path}/o\nvalue: 5\n")
+    code, out, err = qattune("run", "--nproc_per_node", "2", "--standalone", str(SUM_RECIPE), "--config", str(cfg),
+                             env={"OMP_NUM_THREADS": "1"})
+    assert code == 0, err
+    results = [json.loads((tmp_path / "o" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [(r["rank"], r["world"], r["total"]) for r in results] == [(0, 2, 15.0), (1, 2, 15.0)]
+
+
+def test_run_validates_before_running(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"output_dir: {tmp_path}/o\nvalue: 5\n")
+    code, _, err = qattune("run", str(SUM_RECIPE), "--config", str(cfg), "value=five", "+bogus=1")
+    assert code == 2
+    assert err.splitlines() == [
+        f"error: 2 problems in config '{cfg}' for recipe 'sum_recipe':",
+        "  bogus: unknown key for recipe 'sum_recipe'.",
+        "  value: expected an int, got 'five'",
+    ]
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_unavailable_recipes_say_so(capsys, recipe):
+    code, _, err = run_main(capsys, "run", recipe, "--config", "anything")
+    if code == 2 and "is not available yet" in err:
+        assert err.startswith(f"error: recipe '{recipe}' is not available yet in this version of qattune (")
+    else:
+        pytest.skip(f"recipe {recipe} is available")
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["run", "qat_distribute", "--config", "x"],
+         "error: unknown recipe 'qat_distribute'. Did you mean 'qat_distributed'? Valid recipes: eval, full_finetune, "
+         "generate, qat_distributed, qat_lora, quantize (or a path to a .py file)"),
+        (["run", "--config", "x"], "error: missing recipe: write `qattune run [torchrun options] RECIPE --config CONFIG` "
+                                   "(see `qattune ls`)"),
+        (["run", "/no/such/recipe.py", "--config", "x"], "error: recipe file not found: /no/such/recipe.py"),
+        (["run", "--nproc_per_nod", "2", "eval", "--config", "x"],
+         "error: unknown torchrun option '--nproc_per_nod'. Did you mean '--nproc_per_node' or '--nproc-per-node'? "
+         "See `torchrun --help`"),
+        (["run", str(SUM_RECIPE)], "error: missing --config: name a shipped config (see `qattune ls`) or a YAML file"),
+        (["run", str(SUM_RECIPE), "--config", "x.yaml"],
+         "error: config file not found: x.yaml (check the path, or run `qattune ls` for shipped configs)"),
+        (["validate", "no_such_config"],
+         "error: unknown config 'no_such_config': neither a shipped config nor a file. Run `qattune ls` to list "
+         "shipped configs"),
+        (["cat", str(FIXTURES / "sum_recipe.py"), "value"],
+         None),
+    ],
+)
+def test_friendly_errors(capsys, args, message):
+    code, _, err = run_main(capsys, *args)
+    assert code == 2
+    assert "Traceback" not in err
+    if message is not None:
+        assert err.strip() == message
+    else:
+        assert err.startswith("error: ")
+
+
+def test_override_without_equals_is_reported(tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("value: 1\n")
+    code, _, err = run_main(capsys, "cat", str(cfg), "value")
+    assert code == 2 and err.strip() == (
+        "error: override 'value' has no '=': write key=value to change a key, +key=value to add one, ~key to delete one")
+
+
+def test_bad_yaml_through_the_cli(tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("a: 1\n  b: 2\n")
+    code, _, err = run_main(capsys, "validate", str(cfg))
+    assert code == 2 and err.startswith(f"error: cannot read YAML in {cfg}, line 2, column ")
