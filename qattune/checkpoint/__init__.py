@@ -1,1 +1,22 @@
-"""qattune.checkpoint"""
+"""qattune.checkpoint: read and write Hugging Face, Meta and GGUF checkpoints; build models from them."""
+
+from qattune.checkpoint.atomic import atomic_directory
+from qattune.checkpoint.base import Checkpointer, expected_shapes
+from qattune.checkpoint.gguf import GGUFCheckpointer, smollm2_135m_gguf_path
+from qattune.checkpoint.hf import HFCheckpointer, write_hf_checkpoint
+from qattune.checkpoint.loading import build_model_from_checkpoint, check_model_matches, load_into
+from qattune.checkpoint.meta import MetaCheckpointer
+
+__all__ = [
+    "Checkpointer",
+    "GGUFCheckpointer",
+    "HFCheckpointer",
+    "MetaCheckpointer",
+    "atomic_directory",
+    "build_model_from_checkpoint",
+    "check_model_matches",
+    "expected_shapes",
+    "load_into",
+    "smollm2_135m_gguf_path",
+    "write_hf_checkpoint",
+]
