@@ -40,10 +40,42 @@ def floor_log2(v: Tensor) -> Tensor:
 
 
 def exp2_int(e: Tensor) -> Tensor:
-    """Exactly 2**e as float32 for integer `e` in [-127, 127] (built from bits; no exp2 approximation)."""
+    """Exactly 2**e as float32 for integer `e` in [-149, 127] (built from bits; no exp2 approximation)."""
     e = e.to(torch.int32)
     normal = ((e + 127).clamp(min=1) << 23).view(torch.float32)
-    return torch.where(e <= -127, torch.full_like(normal, 2.0**-127), normal)
+    subnormal = (1 << (e + 149).clamp(0, 22)).view(torch.float32)
+    return torch.where(e <= -127, subnormal, normal)
+
+
+def _round_to_bfloat16(t: Tensor) -> Tensor:
+    """float32 -> nearest-even bfloat16 value, kept in float32, by integer arithmetic on the bits."""
+    bits = t.view(torch.int32)
+    rounded = (bits + (0x7FFF + ((bits >> 16) & 1))) & -65536
+    return rounded.view(torch.float32)
+
+
+def _round_to_precision(t: Tensor, mantissa_bits: int, min_exponent: int, max_finite: float) -> Tensor:
+    """float32 -> nearest-even value of a binary float format (overflow -> inf), kept in float32."""
+    exponent = floor_log2(t).clamp(min=min_exponent)
+    step = exp2_int(exponent - mantissa_bits)
+    rounded = torch.round(t / step) * step
+    return torch.where(rounded.abs() > max_finite, torch.copysign(torch.full_like(t, float("inf")), t), rounded)
+
+
+def round_to_dtype(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """Round float32 `t` to the values of `dtype`, returned as float32 (a no-op for float32).
+
+    Equal to `t.to(dtype).float()`, but written as arithmetic that `torch.compile` keeps: Inductor
+    drops float32 -> bf16/fp16 -> float32 round trips inside fused kernels, which would silently
+    change the numerics of compiled fake quantization.
+    """
+    if dtype == torch.float32:
+        return t
+    if dtype == torch.bfloat16:
+        return _round_to_bfloat16(t)
+    if dtype == torch.float16:
+        return _round_to_precision(t, mantissa_bits=10, min_exponent=-14, max_finite=65504.0)
+    return t.to(dtype).float()
 
 
 def e2m1_round(v: Tensor) -> Tensor:

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from qattune.quant.formats.base import NumericFormat, QuantizedTensor, to_blocks
+from qattune.quant.formats.elements import round_to_dtype
 
 GGUF_BLOCK_SIZE = 32
 
@@ -50,7 +51,7 @@ class _GGUFBlockFormat(NumericFormat):
 
     def fake_quantize_with_mask(self, x: Tensor) -> tuple[Tensor, Optional[Tensor]]:
         qb, d, in_range = self._encode(x)
-        xq = self._decode(qb, d.to(torch.float16)).reshape(x.shape).to(x.dtype)
+        xq = self._decode(qb, round_to_dtype(d, torch.float16)).reshape(x.shape).to(x.dtype)
         return xq, None if in_range is None else in_range.reshape(x.shape)
 
 

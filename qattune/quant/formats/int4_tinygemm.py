@@ -14,6 +14,7 @@ from torch import Tensor
 
 from qattune.errors import QattuneError
 from qattune.quant.formats.base import NumericFormat, QuantizedTensor, to_blocks
+from qattune.quant.formats.elements import round_to_dtype
 
 _EPS = 1e-6  # smallest float32 scale, as torchao's int4 weight-only fake quantizer
 _MID = 8.0
@@ -37,7 +38,7 @@ class Int4Tinygemm(NumericFormat):
         scale = ((hi - lo) / 15.0).clamp(min=_EPS)
         q = torch.round((xb - lo) / scale).clamp(0.0, 15.0)
         zero = lo + _MID * scale
-        return q, scale.to(torch.bfloat16), zero.to(torch.bfloat16)
+        return q, round_to_dtype(scale, torch.bfloat16), round_to_dtype(zero, torch.bfloat16)
 
     @staticmethod
     def _decode(qb: Tensor, scale: Tensor, zero: Tensor) -> Tensor:
@@ -45,7 +46,8 @@ class Int4Tinygemm(NumericFormat):
 
     def quantize(self, x: Tensor) -> QuantizedTensor:
         q, scale, zero = self._encode(x)
-        return QuantizedTensor(codes=q.to(torch.uint8).reshape(x.shape), scale=scale[..., 0], zero=zero[..., 0])
+        codes = q.to(torch.uint8).reshape(x.shape)
+        return QuantizedTensor(codes=codes, scale=scale[..., 0].to(torch.bfloat16), zero=zero[..., 0].to(torch.bfloat16))
 
     def dequantize(self, q: QuantizedTensor, dtype: torch.dtype = torch.float32) -> Tensor:
         qb = to_blocks(q.codes, self.block_size).float()

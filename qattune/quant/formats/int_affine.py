@@ -17,11 +17,7 @@ from torch import Tensor
 
 from qattune.errors import QattuneError
 from qattune.quant.formats.base import NumericFormat, QuantizedTensor, to_blocks
-
-
-def _round_to(t: Tensor, dtype: torch.dtype) -> Tensor:
-    """Round float32 `t` to `dtype` and back (a no-op for float32): emulates arithmetic in `dtype`."""
-    return t if dtype == torch.float32 else t.to(dtype).float()
+from qattune.quant.formats.elements import round_to_dtype
 
 
 class IntAffine(NumericFormat):
@@ -87,14 +83,14 @@ class IntAffine(NumericFormat):
         hi = xb.amax(dim=-1).float().clamp(min=0.0)
         levels = float(self.qmax - self.qmin)
         if self.symmetric:
-            scale = _round_to(torch.maximum(-lo, hi) / (levels / 2), dtype)
-            scale = _round_to(scale.clamp(min=eps), dtype)
+            scale = round_to_dtype(torch.maximum(-lo, hi) / (levels / 2), dtype)
+            scale = round_to_dtype(scale.clamp(min=eps), dtype)
             mid = int((self.qmax + self.qmin + 1) / 2)
             zero = None if mid == 0 else torch.full_like(scale, float(mid))
         else:
-            span = _round_to(hi - lo, dtype)
-            scale = _round_to(_round_to(span / levels, dtype).clamp(min=eps), dtype)
-            zero = (self.qmin - torch.round(_round_to(lo / scale, dtype))).clamp(self.qmin, self.qmax)
+            span = round_to_dtype(hi - lo, dtype)
+            scale = round_to_dtype(round_to_dtype(span / levels, dtype).clamp(min=eps), dtype)
+            zero = (self.qmin - torch.round(round_to_dtype(lo / scale, dtype))).clamp(self.qmin, self.qmax)
         shape = self.scale_shape(x.shape)
         return scale.reshape(shape), None if zero is None else zero.reshape(shape)
 

@@ -1,0 +1,139 @@
+"""Range learning: an integer fake quantizer whose scale (and zero point) are trained, LSQ-style.
+
+The scale (and, for asymmetric formats, the zero point) are `nn.Parameter`s initialised from the first
+tensor the module sees with the format's own dynamic qparams, so training starts exactly at dynamic
+fake quantization. Gradients (Esser et al. 2020, "Learned Step Size Quantization"; zero point as in
+LSQ+, Bhalgat et al. 2020), with `v = x / s`, `r = round(v)`, `z` the rounded zero point:
+
+- input: the straight-through estimator, 1 where `qmin <= r + z <= qmax`, else 0;
+- scale: `r - v` in range, `qmin - z` / `qmax - z` where clipped below / above;
+- zero point: 0 in range, `-s` where clipped;
+
+both parameter gradients summed over the elements sharing the parameter and multiplied by
+`1 / sqrt(n * qmax)`, where `n` is the number of elements that share one scale (the whole tensor for a
+per-tensor scale, as in the LSQ paper; the group for per-group scales).
+
+`quantize(x)` quantizes with the learned parameters, so `convert` reproduces what was trained.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from qattune.errors import QattuneError
+from qattune.quant.formats.base import QuantizedTensor
+from qattune.quant.formats.int_affine import IntAffine
+
+MIN_LEARNED_SCALE = 1e-9
+
+
+class _LSQFakeQuantize(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, scale: Tensor, zero: Optional[Tensor], fmt: IntAffine, grad_factor: float):  # type: ignore[override]
+        s = scale.float().clamp(min=MIN_LEARNED_SCALE)
+        z = None if zero is None else zero.float().clamp(fmt.qmin, fmt.qmax).round()
+        x_hat, _ = fmt.fake_quantize_with_qparams(x, s, z)
+        ctx.fmt, ctx.grad_factor = fmt, grad_factor
+        ctx.save_for_backward(x, s, z)
+        return x_hat
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        x, s, z = ctx.saved_tensors
+        fmt: IntAffine = ctx.fmt
+        xb = fmt._blocks(x).float()
+        gb = fmt._blocks(grad).float()
+        sb = s.reshape(*xb.shape[:-1], 1)
+        zb = 0.0 if z is None else z.reshape(sb.shape)
+        v = xb * (1.0 / sb)
+        r = torch.round(v)
+        below = r + zb < fmt.qmin
+        above = r + zb > fmt.qmax
+        clipped = below | above
+        grad_x = (grad * (~clipped).reshape(x.shape)) if ctx.needs_input_grad[0] else None
+        ds = torch.where(below, fmt.qmin - zb, torch.where(above, fmt.qmax - zb, r - v))
+        grad_scale = (gb * ds).sum(dim=-1).reshape(s.shape) * ctx.grad_factor
+        grad_zero = None
+        if z is not None and ctx.needs_input_grad[2]:
+            grad_zero = (gb * torch.where(clipped, -sb, 0.0)).sum(dim=-1).reshape(z.shape) * ctx.grad_factor
+        return grad_x, grad_scale, grad_zero, None, None
+
+
+class LearnedRangeFakeQuantizer(nn.Module):
+    """Fake-quantize tensors of a fixed `shape` with an `IntAffine` format and learned qparams.
+
+    For weights pass the weight's shape; for activations use a per-tensor format
+    (`IntAffine(..., group_size=None, per_tensor=True)`), since per-token scales change with the batch.
+    The parameters start at 1 (scale) / 0 (zero point) and are overwritten from the first input;
+    `initialized` (a buffer) records that, so a loaded checkpoint keeps its learned values.
+    """
+
+    def __init__(self, fmt: IntAffine, shape: Sequence[int]) -> None:
+        super().__init__()
+        if not isinstance(fmt, IntAffine):
+            raise QattuneError(f"range learning supports integer formats only, got {fmt.name!r}")
+        self.fmt = fmt
+        scale_shape = fmt.scale_shape(tuple(shape))
+        self.scale = nn.Parameter(torch.ones(scale_shape))
+        self.learns_zero = not fmt.symmetric
+        if self.learns_zero:
+            self.zero_point = nn.Parameter(torch.zeros(scale_shape))
+        elif fmt.signed:
+            self.zero_point = None
+        else:  # symmetric unsigned: the fixed mid-point
+            self.register_buffer("zero_point", torch.full(scale_shape, float((fmt.qmax + fmt.qmin + 1) // 2)))
+        self.register_buffer("initialized", torch.tensor(False))
+        self._initialized = False
+        n_per_scale = math.prod(shape) // math.prod(scale_shape)
+        self.grad_factor = 1.0 / math.sqrt(n_per_scale * fmt.qmax)
+
+    def _check_shape(self, x: Tensor) -> None:
+        if self.fmt.scale_shape(x.shape) != tuple(self.scale.shape):
+            raise QattuneError(
+                f"learned-range quantizer built for scales of shape {tuple(self.scale.shape)} got a tensor of "
+                f"shape {tuple(x.shape)}; use a per-tensor format for activations whose shape changes"
+            )
+
+    @torch.no_grad()
+    def initialize(self, x: Tensor) -> None:
+        """Set the parameters from the dynamic qparams of `x` (torchao's choose_qparams)."""
+        self._check_shape(x)
+        scale, zero = self.fmt.choose_qparams(x)
+        self.scale.copy_(scale.clamp(min=MIN_LEARNED_SCALE))
+        if self.learns_zero:
+            self.zero_point.copy_(zero)
+        self.initialized.fill_(True)
+        self._initialized = True
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[no-untyped-def]
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._initialized = bool(self.initialized)
+
+    def effective_qparams(self) -> tuple[Tensor, Optional[Tensor]]:
+        """The scale and integral zero point the forward uses (clamped, rounded), detached."""
+        scale = self.scale.detach().float().clamp(min=MIN_LEARNED_SCALE)
+        if self.zero_point is None:
+            return scale, None
+        zero = self.zero_point.detach().float().clamp(self.fmt.qmin, self.fmt.qmax).round()
+        return scale, zero
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self._initialized:
+            self.initialize(x)
+        self._check_shape(x)
+        return _LSQFakeQuantize.apply(x, self.scale, self.zero_point, self.fmt, self.grad_factor)
+
+    def quantize(self, x: Tensor) -> QuantizedTensor:
+        """Quantize `x` with the learned scale / zero point (what `convert` should store)."""
+        if not self._initialized:
+            raise QattuneError("learned-range quantizer was never run or loaded: it has no learned scale yet")
+        self._check_shape(x)
+        scale, zero = self.effective_qparams()
+        return self.fmt.quantize_with_qparams(x, scale, zero)
+
+    def extra_repr(self) -> str:
+        return f"fmt={self.fmt!r}, scale_shape={tuple(self.scale.shape)}"
