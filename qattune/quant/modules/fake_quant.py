@@ -1,0 +1,120 @@
+"""Fake-quantized Linear and Embedding: float modules whose forward sees quantize-dequantized tensors.
+
+They subclass nn.Linear / nn.Embedding and share the original Parameters, so state-dict keys, optimizer
+references and `isinstance` checks are unchanged. `fake_quant_enabled = False` makes them exact float modules.
+The weight's fake quantization is cached per optimizer step (see `weight_cache`); with range learning the
+weight goes through a learnable-scale quantizer in every forward instead (its scale is a parameter).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qattune.quant.formats import NumericFormat
+from qattune.quant.modules.weight_cache import WeightFakeQuantCache
+
+
+EMBEDDING_ATTRS = ("num_embeddings", "embedding_dim", "padding_idx", "max_norm", "norm_type",
+                   "scale_grad_by_freq", "sparse")
+
+
+class _WeightFakeQuant:
+    """The weight side shared by FakeQuantLinear and FakeQuantEmbedding."""
+
+    weight: nn.Parameter
+    weight_format: NumericFormat
+    weight_range_learner: Optional[nn.Module]
+    fake_quant_enabled: bool
+
+    def _init_weight_fake_quant(self, weight_format: NumericFormat, range_learner: Optional[nn.Module]) -> None:
+        self.weight_format = weight_format
+        self.weight_range_learner = range_learner
+        self.fake_quant_enabled = True
+        self._weight_cache = WeightFakeQuantCache()
+
+    def refresh_weight_cache(self) -> None:
+        """Recompute the cached fake-quantized weight if the weight changed (called in eager code)."""
+        if self.fake_quant_enabled and self.weight_range_learner is None:
+            self._weight_cache.refresh(self.weight, self.weight_format)
+
+    def fake_quantized_weight(self) -> torch.Tensor:
+        """The weight as the forward sees it with fake quantization on."""
+        if self.weight_range_learner is not None:
+            return self.weight_range_learner(self.weight)
+        if not torch.compiler.is_compiling():
+            self.refresh_weight_cache()
+        return self._weight_cache.apply(self.weight)
+
+    def _forward_weight(self) -> torch.Tensor:
+        return self.fake_quantized_weight() if self.fake_quant_enabled else self.weight
+
+
+class FakeQuantLinear(nn.Linear, _WeightFakeQuant):
+    """nn.Linear with fake-quantized weight and (optionally) fake-quantized input activations."""
+
+    def __init__(
+        self,
+        linear: nn.Linear,
+        weight_format: NumericFormat,
+        activation_format: Optional[NumericFormat] = None,
+        weight_range_learner: Optional[nn.Module] = None,
+    ) -> None:
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight = linear.weight
+        self.bias = linear.bias
+        self.activation_format = activation_format
+        self._init_weight_fake_quant(weight_format, weight_range_learner)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fake_quant_enabled and self.activation_format is not None:
+            x = self.activation_format.fake_quantize(x)
+        return F.linear(x, self._forward_weight(), self.bias)
+
+    def to_float(self) -> nn.Linear:
+        """A plain nn.Linear sharing this module's parameters."""
+        linear = nn.Linear.__new__(nn.Linear)
+        nn.Module.__init__(linear)
+        linear.in_features, linear.out_features = self.in_features, self.out_features
+        linear.weight, linear.bias = self.weight, self.bias
+        return linear
+
+    def extra_repr(self) -> str:
+        act = self.activation_format.name if self.activation_format is not None else None
+        return f"{super().extra_repr()}, weight={self.weight_format.name}, activation={act}"
+
+
+class FakeQuantEmbedding(nn.Embedding, _WeightFakeQuant):
+    """nn.Embedding whose table is fake-quantized (weight-only)."""
+
+    def __init__(
+        self,
+        embedding: nn.Embedding,
+        weight_format: NumericFormat,
+        weight_range_learner: Optional[nn.Module] = None,
+    ) -> None:
+        nn.Module.__init__(self)
+        for attr in EMBEDDING_ATTRS:
+            setattr(self, attr, getattr(embedding, attr))
+        self.weight = embedding.weight
+        self._init_weight_fake_quant(weight_format, weight_range_learner)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self._forward_weight(), self.padding_idx, self.max_norm,
+                           self.norm_type, self.scale_grad_by_freq, self.sparse)
+
+    def to_float(self) -> nn.Embedding:
+        """A plain nn.Embedding sharing this module's table."""
+        embedding = nn.Embedding.__new__(nn.Embedding)
+        nn.Module.__init__(embedding)
+        for attr in EMBEDDING_ATTRS:
+            setattr(embedding, attr, getattr(self, attr))
+        embedding.weight = self.weight
+        return embedding
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, weight={self.weight_format.name}"

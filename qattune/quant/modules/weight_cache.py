@@ -1,0 +1,66 @@
+"""A weight's fake-quantized copy, computed once per optimizer step and reused by every forward.
+
+The weight only changes at the optimizer step, so its fake quantization is recomputed only when the
+parameter changed: its version counter (bumped by every in-place update, the optimizer's included), its
+storage, dtype or device. Between updates every forward (gradient-accumulation micro-batches, activation
+checkpointing recomputes, evaluation) reads the cache. Gradients stay exact: `CachedSTE` returns the
+cached tensor in the forward and, in the backward, passes the gradient to the float weight where the
+straight-through estimator lets it through (the format's bool not-clipped mask, one byte per weight, none for formats that never clip) and zero where it clipped.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from qattune.quant.formats import NumericFormat
+
+
+class CachedSTE(torch.autograd.Function):
+    """forward: the precomputed fake-quantized weight; backward: the gradient where not clipped."""
+
+    @staticmethod
+    def forward(ctx, weight: Tensor, fake_quantized: Tensor, in_range: Optional[Tensor]) -> Tensor:  # type: ignore[override]
+        ctx.has_mask = in_range is not None
+        if in_range is not None:
+            ctx.save_for_backward(in_range)
+        return fake_quantized.view_as(fake_quantized)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        if not ctx.has_mask:
+            return grad, None, None
+        (in_range,) = ctx.saved_tensors
+        return grad * in_range, None, None
+
+
+class WeightFakeQuantCache:
+    """Holds one weight's fake-quantized copy and STE mask, keyed on the weight's identity and version."""
+
+    def __init__(self) -> None:
+        self.key: Optional[tuple] = None
+        self.fake_quantized: Optional[Tensor] = None
+        self.in_range: Optional[Tensor] = None
+
+    @staticmethod
+    def _key_of(weight: Tensor) -> tuple:
+        return (weight._version, weight.data_ptr(), weight.dtype, weight.device, tuple(weight.shape))
+
+    def refresh(self, weight: Tensor, fmt: NumericFormat) -> None:
+        """Recompute the cache if `weight` changed since the last call."""
+        key = self._key_of(weight)
+        if key != self.key:
+            with torch.no_grad():
+                self.fake_quantized, self.in_range = fmt.fake_quantize_with_mask(weight.detach())
+            self.key = key
+
+    def clear(self) -> None:
+        self.key = self.fake_quantized = self.in_range = None
+
+    def apply(self, weight: Tensor) -> Tensor:
+        """The cached fake-quantized weight, differentiable w.r.t. `weight` through the STE mask."""
+        if not weight.requires_grad or not torch.is_grad_enabled():
+            return self.fake_quantized
+        return CachedSTE.apply(weight, self.fake_quantized, self.in_range)

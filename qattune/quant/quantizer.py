@@ -1,0 +1,204 @@
+"""`QATQuantizer` and `PTQQuantizer`: prepare (fake quantization), set_fake_quant, convert (real modules).
+
+Both follow the quantizer protocol of DESIGN §3 and work on any nn.Module: they find nn.Linear and
+nn.Embedding layers by type, decide per layer from the scheme config and the name filters (`plan`),
+and swap modules in place. Each call leaves a `QuantReport` in `quantizer.report`.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+import torch
+from torch import nn
+
+from qattune.errors import QattuneError
+from qattune.quant.filters import DEFAULT_OUTPUT_HEAD_PATTERN, ModuleNameFilter
+from qattune.quant.formats import IntAffine
+from qattune.quant.modules import FakeQuantEmbedding, FakeQuantLinear, QuantizedEmbedding, QuantizedLinear
+from qattune.quant.plan import LayerPlan, check_block_sizes, iter_layers, plan_layer
+from qattune.quant.range_learning import LearnedRangeFakeQuantizer
+from qattune.quant.report import QuantReport
+from qattune.quant.schemes import SchemeConfig, resolve_scheme_config
+
+logger = logging.getLogger(__name__)
+
+QUANT_CONFIG_ATTR = "qattune_quantization"  # set on a converted model: {"config": ..., "report": ...}
+_REFRESH_HOOK_ATTR = "_qattune_weight_cache_hook"
+
+_FLOAT_TYPES = (nn.Linear, nn.Embedding)
+_FAKE_QUANT_TYPES = (FakeQuantLinear, FakeQuantEmbedding)
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
+def fake_quant_modules(model: nn.Module) -> list[nn.Module]:
+    """The fake-quantized modules of `model`."""
+    return [m for m in model.modules() if isinstance(m, _FAKE_QUANT_TYPES)]
+
+
+@torch.compiler.disable
+def _refresh_weight_caches(model: nn.Module, args: tuple) -> None:
+    """Forward pre-hook on the root: bring every cached fake-quantized weight up to date in eager code,
+    so compiled layers (which skip the per-layer check) read current caches."""
+    for module in fake_quant_modules(model):
+        module.refresh_weight_cache()
+
+
+def set_fake_quant(model: nn.Module, enabled: bool) -> None:
+    """Turn fake quantization of every fake-quantized module on or off (off: exact float modules)."""
+    for module in fake_quant_modules(model):
+        module.fake_quant_enabled = enabled
+
+
+class _SchemeQuantizer:
+    """The protocol shared by QAT and PTQ: a scheme config, name filters, and the last report."""
+
+    def __init__(self, config: SchemeConfig) -> None:
+        self.config = config
+        self.name_filter = ModuleNameFilter(config.include, config.exclude)
+        self.report: Optional[QuantReport] = None
+
+    # -- planning ------------------------------------------------------------------------------
+    def plan(self, model: nn.Module, supported_types: tuple[type, ...]) -> list[LayerPlan]:
+        """Per-layer decisions; a QattuneError if a quantized layer's width does not fit the blocks."""
+        plans = [plan_layer(name, module, kind, self.config, self.name_filter, supported_types)
+                 for name, module, kind in iter_layers(model)]
+        check_block_sizes(plans, self.config)
+        return plans
+
+    def _finish(self, stage: str, plans: list[LayerPlan]) -> QuantReport:
+        self.report = QuantReport(stage, self.config.scheme, [p.record() for p in plans])  # type: ignore[arg-type]
+        if not self.report.quantized:
+            logger.warning("quantizer %s found no layer to quantize", self.config.scheme)
+        logger.info("%s", self.report)
+        return self.report
+
+    # -- protocol ------------------------------------------------------------------------------
+    def set_fake_quant(self, model: nn.Module, enabled: bool) -> None:
+        """Turn fake quantization on or off in a prepared model."""
+        set_fake_quant(model, enabled)
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        """Swap the scheme's Linear/Embedding layers for fake-quantized ones (in place; returns `model`)."""
+        plans = self.plan(model, _FLOAT_TYPES)
+        for plan in plans:
+            if plan.quantized:
+                _set_submodule(model, plan.name, self._fake_quant_module(plan))
+        if not hasattr(model, _REFRESH_HOOK_ATTR):
+            setattr(model, _REFRESH_HOOK_ATTR, model.register_forward_pre_hook(_refresh_weight_caches))
+        self._finish("prepare", plans)
+        return model
+
+    def convert(self, model: nn.Module) -> nn.Module:
+        """Replace fake-quantized layers (prepared) or float layers (not prepared) by real quantized
+        modules with packed weights (in place; returns `model`)."""
+        plans = self.plan(model, _FLOAT_TYPES + _FAKE_QUANT_TYPES)
+        for plan in plans:
+            if plan.quantized:
+                _set_submodule(model, plan.name, self._quantized_module(plan))
+            elif isinstance(plan.module, _FAKE_QUANT_TYPES):  # prepared under other options
+                _set_submodule(model, plan.name, plan.module.to_float())
+        hook = getattr(model, _REFRESH_HOOK_ATTR, None)
+        if hook is not None:
+            hook.remove()
+            delattr(model, _REFRESH_HOOK_ATTR)
+        report = self._finish("convert", plans)
+        setattr(model, QUANT_CONFIG_ATTR, {"config": self.config.to_dict(), "report": report.to_dict()})
+        return model
+
+    # -- module builders -------------------------------------------------------------------------
+    def _range_learner(self, plan: LayerPlan) -> Optional[nn.Module]:
+        if not self.config.range_learning:
+            return None
+        if not isinstance(plan.weight_format, IntAffine):
+            raise QattuneError(
+                f"range_learning=true: scheme {self.config.scheme!r} quantizes layer {plan.name!r} with "
+                f"{plan.weight_format.name}, but range learning supports integer formats only "
+                "(schemes 8da4w, 8w, 8da8w); set range_learning=false or pick one of those schemes"
+            )
+        weight = plan.module.weight
+        learner = LearnedRangeFakeQuantizer(plan.weight_format, tuple(weight.shape))
+        return learner.to(weight.device)
+
+    def _fake_quant_module(self, plan: LayerPlan) -> nn.Module:
+        learner = self._range_learner(plan)
+        if plan.kind == "Embedding":
+            return FakeQuantEmbedding(plan.module, plan.weight_format, learner)
+        return FakeQuantLinear(plan.module, plan.weight_format, plan.activation_format, learner)
+
+    def _quantized_module(self, plan: LayerPlan) -> nn.Module:
+        module = plan.module
+        learner = getattr(module, "weight_range_learner", None)
+        quantized = None
+        if learner is not None:
+            with torch.no_grad():
+                quantized = learner.quantize(module.weight.detach())
+        if plan.kind == "Embedding":
+            return QuantizedEmbedding.from_embedding(module, plan.weight_format, quantized)
+        return QuantizedLinear.from_weight(module.weight, module.bias, plan.weight_format,
+                                           plan.activation_format, quantized)
+
+
+class QATQuantizer(_SchemeQuantizer):
+    """Quantization-aware training: `prepare` inserts fake quantization, `convert` makes it real.
+
+    Args:
+        scheme: one of 8da4w, 4w, 8w, 8da8w, fp8, mxfp8, mxfp4, nvfp4, q4_0, q8_0, nf4.
+        group_size: weight group size for 8da4w (default 32), 4w (128) and nf4 (64); others have none.
+        quantize_activations: activation fake quantization; None: the scheme's default (optional for
+            fp8, mxfp8, mxfp4, nvfp4 (default on) and q4_0, q8_0 (default off)).
+        quantize_embedding: quantize nn.Embedding tables (weight-only); None: the scheme's default
+            (on for q4_0/q8_0, off otherwise).
+        quantize_output: quantize the output head (the Linear named by `output_head_pattern`);
+            None: the scheme's default (off for fp8, mx*, nvfp4, nf4; on otherwise).
+        include: module-name regexes (re.search); if given, only matching layers are quantized.
+        exclude: module-name regexes; matching layers stay in float.
+        output_head_pattern: regex naming the output head.
+        range_learning: learn the weight scales (LSQ) for integer schemes; `convert` uses them.
+    """
+
+    def __init__(
+        self,
+        scheme: str,
+        group_size: Optional[int] = None,
+        quantize_activations: Optional[bool] = None,
+        quantize_embedding: Optional[bool] = None,
+        quantize_output: Optional[bool] = None,
+        include: Optional[list[str]] = None,
+        exclude: Optional[list[str]] = None,
+        output_head_pattern: str = DEFAULT_OUTPUT_HEAD_PATTERN,
+        range_learning: bool = False,
+    ) -> None:
+        super().__init__(resolve_scheme_config(
+            scheme, group_size, quantize_activations, quantize_embedding, quantize_output,
+            include, exclude, output_head_pattern, range_learning,
+        ))
+
+
+class PTQQuantizer(_SchemeQuantizer):
+    """Post-training quantization with the same schemes and options as `QATQuantizer` (no range learning).
+
+    `convert(model)` quantizes a float model directly; `prepare(model)` gives its fake-quantized
+    equivalent (e.g. to evaluate PTQ numerics in float).
+    """
+
+    def __init__(
+        self,
+        scheme: str,
+        group_size: Optional[int] = None,
+        quantize_activations: Optional[bool] = None,
+        quantize_embedding: Optional[bool] = None,
+        quantize_output: Optional[bool] = None,
+        include: Optional[list[str]] = None,
+        exclude: Optional[list[str]] = None,
+        output_head_pattern: str = DEFAULT_OUTPUT_HEAD_PATTERN,
+    ) -> None:
+        super().__init__(resolve_scheme_config(
+            scheme, group_size, quantize_activations, quantize_embedding, quantize_output,
+            include, exclude, output_head_pattern,
+        ))
