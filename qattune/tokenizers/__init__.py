@@ -1,1 +1,27 @@
-"""qattune.tokenizers"""
+"""qattune.tokenizers: Llama 3 (tiktoken), Llama 2 (SentencePiece), byte-level BPE from GGUF and Qwen2.5
+files (tiktoken), with one interface (`Tokenizer`) and the chat formats of each family."""
+
+from .base import Segment, Tokenizer
+from .chat_format import ChatFormat, ChatMLFormat, Llama2ChatFormat, Llama3ChatFormat
+from .gguf_bpe import gguf_tokenizer
+from .llama2 import SentencePieceTokenizer, llama2_tokenizer
+from .llama3 import LLAMA3_SPECIAL_TOKENS, llama3_tokenizer
+from .qwen2_5 import QWEN2_5_DEFAULT_SYSTEM_PROMPT, qwen2_5_tokenizer
+from .tiktoken_base import TiktokenTokenizer
+
+__all__ = [
+    "ChatFormat",
+    "ChatMLFormat",
+    "LLAMA3_SPECIAL_TOKENS",
+    "Llama2ChatFormat",
+    "Llama3ChatFormat",
+    "QWEN2_5_DEFAULT_SYSTEM_PROMPT",
+    "Segment",
+    "SentencePieceTokenizer",
+    "TiktokenTokenizer",
+    "Tokenizer",
+    "gguf_tokenizer",
+    "llama2_tokenizer",
+    "llama3_tokenizer",
+    "qwen2_5_tokenizer",
+]

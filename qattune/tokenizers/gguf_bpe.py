@@ -1,0 +1,130 @@
+"""Byte-level BPE tokenizer read from a GGUF file's metadata (SmolLM2, Llama 3, Qwen2 GGUFs), on tiktoken.
+
+Reads tokenizer.ggml.{model, pre, tokens, token_type, merges, bos/eos/padding/eot_token_id,
+add_bos_token} and tokenizer.chat_template. Ordinary tokens become tiktoken ranks (rank = id); control
+tokens become special tokens; user-defined tokens are cut out of any text, like Hugging Face's added
+tokens. The chat format follows the template: ChatML (with the template's default system prompt) when
+the vocabulary has <|im_start|>, Llama 3's header format when it has <|start_header_id|>.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+from qattune.errors import QattuneError
+
+from .byte_level import GGUF_PRETOKENIZERS, byte_level_ranks, parse_merge
+from .chat_format import ChatFormat, ChatMLFormat, Llama3ChatFormat, chatml_default_system_prompt
+from .files import require_file
+from .tiktoken_base import TiktokenTokenizer
+
+# llama.cpp's token types
+NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
+
+
+class _Metadata:
+    """Typed access to a GGUF file's key/value metadata (works with old and new `gguf` packages)."""
+
+    def __init__(self, path: str):
+        import gguf
+
+        file = require_file(path, "GGUF file")
+        try:
+            self._fields = gguf.GGUFReader(str(file)).fields
+        except Exception as err:  # gguf raises ValueError/struct.error/... on foreign files
+            raise QattuneError(f"{path} is not a readable GGUF file ({type(err).__name__}: {err})") from None
+        self.path = path
+
+    def has(self, key: str) -> bool:
+        return key in self._fields
+
+    def scalar(self, key: str, default: Any = None) -> Any:
+        field = self._fields.get(key)
+        if field is None:
+            return default
+        value = field.parts[field.data[0]]
+        if len(field.types) == 1 and field.types[0].name == "STRING":
+            return bytes(value).decode("utf-8")
+        return value[0].item()
+
+    def array(self, key: str) -> list:
+        field = self._fields.get(key)
+        if field is None:
+            raise QattuneError(f"{self.path} has no '{key}' metadata: it carries no byte-level BPE tokenizer "
+                               "qattune can read; point the tokenizer at the model's own tokenizer files")
+        if field.types[-1].name == "STRING":
+            return [bytes(field.parts[i]).decode("utf-8") for i in field.data]
+        return [field.parts[i][0].item() for i in field.data]
+
+
+def gguf_tokenizer(path: str, max_seq_len: Optional[int] = None,
+                   default_system_prompt: Optional[str] = "auto") -> TiktokenTokenizer:
+    """The byte-level BPE tokenizer stored in the GGUF file at `path` (e.g. SmolLM2-135M-Instruct).
+
+    `default_system_prompt` (ChatML only): "auto" takes the one the file's chat template inserts when
+    a conversation has no system message; None inserts none; any other text is used instead.
+    """
+    meta = _Metadata(path)
+    model = meta.scalar("tokenizer.ggml.model")
+    if model is None:
+        raise QattuneError(f"{path} has no tokenizer metadata (tokenizer.ggml.model); use the model's own tokenizer files")
+    if model != "gpt2":
+        raise QattuneError(f"{path} has a '{model}' tokenizer; gguf_tokenizer reads byte-level BPE ('gpt2') only "
+                           "(for a SentencePiece model use llama2_tokenizer with its tokenizer.model)")
+    pre = meta.scalar("tokenizer.ggml.pre")
+    if pre not in GGUF_PRETOKENIZERS:
+        raise QattuneError(f"{path}: pre-tokenizer {pre!r} (tokenizer.ggml.pre) is not supported; "
+                           f"supported: {', '.join(sorted(GGUF_PRETOKENIZERS))}")
+    tokens = meta.array("tokenizer.ggml.tokens")
+    types = meta.array("tokenizer.ggml.token_type") if meta.has("tokenizer.ggml.token_type") else [NORMAL] * len(tokens)
+    if len(types) != len(tokens):
+        raise QattuneError(f"{path}: {len(tokens)} tokens but {len(types)} token types; the file is damaged")
+    merges = [parse_merge(m, i, path) for i, m in enumerate(meta.array("tokenizer.ggml.merges"))]
+
+    ordinary = {t: i for i, (t, kind) in enumerate(zip(tokens, types)) if kind == NORMAL}
+    special = {t: i for i, (t, kind) in enumerate(zip(tokens, types)) if kind != NORMAL and t not in ordinary}
+    added = [t for i, (t, kind) in enumerate(zip(tokens, types)) if kind == USER_DEFINED]
+    ranks = byte_level_ranks(ordinary, merges, where=path)
+
+    def token_id(key: str) -> Optional[int]:
+        value = meta.scalar(key)
+        if value is not None and not 0 <= value < len(tokens):
+            raise QattuneError(f"{path}: {key} is {value}, outside the {len(tokens)} tokens")
+        return value
+
+    eos_id = token_id("tokenizer.ggml.eos_token_id")
+    if eos_id is None:
+        raise QattuneError(f"{path} names no end-of-sequence token (tokenizer.ggml.eos_token_id)")
+    bos_id = token_id("tokenizer.ggml.bos_token_id")
+    if not meta.scalar("tokenizer.ggml.add_bos_token", True):
+        bos_id = None  # the model was trained without a leading bos (SmolLM2)
+    pad_id = token_id("tokenizer.ggml.padding_token_id")
+    stops = [i for i in (token_id("tokenizer.ggml.eot_token_id"), token_id("tokenizer.ggml.eom_token_id")) if i is not None]
+
+    return TiktokenTokenizer(
+        name=f"gguf:{Path(path).name}",
+        pattern=GGUF_PRETOKENIZERS[pre],
+        mergeable_ranks=ranks,
+        special_tokens=special,
+        added_tokens=added,
+        bos_id=bos_id,
+        eos_id=eos_id,
+        pad_id=eos_id if pad_id is None else pad_id,
+        stop_tokens=stops,
+        chat_format=_chat_format(special, None if bos_id is None else tokens[bos_id],
+                                 meta.scalar("tokenizer.chat_template"), default_system_prompt),
+        max_seq_len=max_seq_len,
+    )
+
+
+def _chat_format(special: dict[str, int], bos: Optional[str], template: Optional[str],
+                 default_system_prompt: Optional[str]) -> Optional[ChatFormat]:
+    """ChatML or Llama 3's format, recognised by their special tokens; None for other vocabularies."""
+    if "<|im_start|>" in special and "<|im_end|>" in special:
+        if default_system_prompt == "auto":
+            default_system_prompt = chatml_default_system_prompt(template) if template else None
+        return ChatMLFormat(default_system_prompt)
+    if "<|start_header_id|>" in special and "<|eot_id|>" in special:
+        return Llama3ChatFormat(bos=bos)
+    return None

@@ -1,0 +1,92 @@
+"""Llama 3 tokenizer: tiktoken over Meta's `tokenizer.model` ranks file, the 256 Llama 3 special tokens.
+
+The ranks file has one token per line: its bytes in base64, a space, its rank (= id). Special tokens
+follow the ordinary ones: with Meta's file (128,000 ranks) <|begin_of_text|> is 128000 and <|eot_id|>
+128009; with a smaller ranks file (tests) they start right after its last rank. Names follow Llama 3.1+
+(128004 is <|finetune_right_pad_id|>, used as the pad id; 128008 <|eom_id|>, 128010 <|python_tag|>).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from pathlib import Path
+from typing import Optional
+
+from qattune.errors import QattuneError
+
+from .byte_level import LLAMA3_PATTERN
+from .chat_format import Llama3ChatFormat
+from .files import require_file
+from .tiktoken_base import TiktokenTokenizer
+
+NUM_SPECIAL_TOKENS = 256
+_NAMED_SPECIAL_TOKENS = (
+    "<|begin_of_text|>",
+    "<|end_of_text|>",
+    "<|reserved_special_token_0|>",
+    "<|reserved_special_token_1|>",
+    "<|finetune_right_pad_id|>",
+    "<|reserved_special_token_2|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|eom_id|>",
+    "<|eot_id|>",
+    "<|python_tag|>",
+)
+LLAMA3_SPECIAL_TOKENS: tuple[str, ...] = _NAMED_SPECIAL_TOKENS + tuple(
+    f"<|reserved_special_token_{3 + i}|>" for i in range(NUM_SPECIAL_TOKENS - len(_NAMED_SPECIAL_TOKENS)))
+
+
+def load_tiktoken_ranks(path: str) -> dict[bytes, int]:
+    """Read a tiktoken ranks file (`<base64 token> <rank>` per line) into token bytes -> rank."""
+    file = require_file(path, "tiktoken ranks file")
+    data = file.read_bytes()
+    try:
+        text = data.decode("ascii")
+    except UnicodeDecodeError:
+        raise QattuneError(f"{path} is not a tiktoken ranks file (it is binary; a SentencePiece model? "
+                           "use qattune.tokenizers.llama2_tokenizer for those)") from None
+    ranks: dict[bytes, int] = {}
+    seen_ranks: set[int] = set()
+    for line_number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        fields = line.split()
+        try:
+            if len(fields) != 2:
+                raise ValueError
+            token, rank = base64.b64decode(fields[0], validate=True), int(fields[1])
+        except (ValueError, binascii.Error):
+            raise QattuneError(f"{path}:{line_number}: malformed ranks line {line[:60]!r}; "
+                               "expected '<base64 token> <rank>'") from None
+        if token in ranks or rank in seen_ranks:
+            raise QattuneError(f"{path}:{line_number}: token {token!r} or rank {rank} appears twice")
+        ranks[token] = rank
+        seen_ranks.add(rank)
+    if not ranks:
+        raise QattuneError(f"{path} has no ranks; is it a tiktoken ranks file?")
+    return ranks
+
+
+def llama3_tokenizer(path: str, max_seq_len: Optional[int] = None) -> TiktokenTokenizer:
+    """The Llama 3 / 3.1 / 3.2 tokenizer from Meta's `tokenizer.model` (a tiktoken ranks file).
+
+    bos <|begin_of_text|>, eos <|end_of_text|>, pad <|finetune_right_pad_id|>; generation stops at
+    <|eot_id|>, <|eom_id|> or <|end_of_text|>. Chat: Llama 3's header format.
+    """
+    ranks = load_tiktoken_ranks(path)
+    first_special = max(ranks.values()) + 1
+    special = {token: first_special + i for i, token in enumerate(LLAMA3_SPECIAL_TOKENS)}
+    return TiktokenTokenizer(
+        name=f"llama3:{Path(path).name}",
+        pattern=LLAMA3_PATTERN,
+        mergeable_ranks=ranks,
+        special_tokens=special,
+        bos_id=special["<|begin_of_text|>"],
+        eos_id=special["<|end_of_text|>"],
+        pad_id=special["<|finetune_right_pad_id|>"],
+        stop_tokens=[special["<|eot_id|>"], special["<|eom_id|>"], special["<|end_of_text|>"]],
+        chat_format=Llama3ChatFormat(),
+        max_seq_len=max_seq_len,
+    )

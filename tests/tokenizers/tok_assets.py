@@ -1,0 +1,49 @@
+"""Constants and helpers shared by the tokenizer tests (fixtures are in conftest.py)."""
+
+from __future__ import annotations
+
+import base64
+from pathlib import Path
+
+# Published pre-tokenizer regexes, written out here independently of qattune's copies.
+LLAMA3_REGEX = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+QWEN2_REGEX = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+QWEN2_5_ADDED = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
+                 "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>", "<|vision_end|>",
+                 "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
+QWEN2_5_ADDED_NOT_SPECIAL = ["<tool_call>", "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>",
+                             "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>"]
+
+VARIED_TEXTS = [
+    "Hello, world! The quick brown fox jumps over the lazy dog.",
+    "héllo wörld — ünïcödé ß ﬁ 日本語のテキスト 한국어 Ελληνικά русский 🤖🎉👍🏽",
+    "  leading spaces, trailing spaces   ",
+    "tabs\tand\t\ttabs\nnew\n\n\nlines\r\nwindows\r\n   \n  indented",
+    "numbers 1 12 123 1234 12345 3.14159 -42 1e10 ١٢٣",
+    "it's they're I'M we'll you've he'd DON'T",
+    "code: def f(x):\n    return x ** 2  # square\n\n\tif x != 0: pass",
+    "a" * 300 + " " + "!" * 50 + "\u00a0\u2003\u3000" + " " * 40 + "end",
+    "",
+]
+
+
+def pydoc_paragraphs(count: int, min_chars: int = 200) -> list[str]:
+    """`count` paragraphs of real English text from the CPython docs shipped with Python."""
+    from pydoc_data.topics import topics
+
+    out = []
+    for name in sorted(topics):
+        for paragraph in topics[name].split("\n\n"):
+            if len(paragraph) >= min_chars:
+                out.append(paragraph)
+                if len(out) == count:
+                    return out
+    return out
+
+
+
+
+def write_ranks(path: Path, tokens: list[bytes]) -> Path:
+    """A tiktoken ranks file: one `<base64 token> <rank>` line per token, ranks in list order."""
+    path.write_text("".join(f"{base64.b64encode(t).decode()} {rank}\n" for rank, t in enumerate(tokens)))
+    return path
