@@ -276,6 +276,11 @@ class Trainer:
 
     def fit(self) -> list[float]:
         """Train to the end of the last epoch; returns the loss of every step this call ran."""
+        if self.steps_per_epoch == 0:
+            raise QattuneError(
+                f"the training data gives {len(self.train_loader)} batch(es) per epoch, fewer than "
+                f"gradient_accumulation_steps={self.grad_accum}; use more data or fewer accumulation steps"
+            )
         losses: list[float] = []
         bar = ProgressBar(self.total_steps, self.global_step, enabled=self.progress_bar and self.is_main)
         reset_peak_memory(self.device)

@@ -159,3 +159,9 @@ def test_python_docs_splits_are_disjoint_and_packable():
     total_tokens = sum(len(r["text"].encode()) + 2 for r in python_docs_rows("validation"))
     assert len(ds) == -(-total_tokens // 512)
     assert all(ds[i]["tokens"].shape == (512,) for i in range(len(ds)))
+
+
+def test_hub_name_offline_is_refused(monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    with pytest.raises(QattuneError, match="'someone/corpus' is not a local file and the Hugging Face hub is offline"):
+        text_completion_dataset(TOK, "someone/corpus")

@@ -30,6 +30,7 @@ def build_trainer(
     shuffle=True,
     dropout=0.0,
     warmup=2,
+    loss_fn=None,
     **trainer_kwargs,
 ) -> Trainer:
     model = model if model is not None else make_model(dropout=dropout)
@@ -38,15 +39,15 @@ def build_trainer(
     total = num_training_steps(len(loader), accum, epochs, max_steps_per_epoch)
     scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, total)
     trainer_kwargs.setdefault("save_model", model_saver(model))
+    trainer_kwargs.setdefault("progress_bar", False)
     return Trainer(
         model,
         optimizer,
-        CrossEntropyLoss(),
+        loss_fn if loss_fn is not None else CrossEntropyLoss(),
         loader,
         lr_scheduler=scheduler,
         epochs=epochs,
         max_steps_per_epoch=max_steps_per_epoch,
         gradient_accumulation_steps=accum,
-        progress_bar=False,
         **trainer_kwargs,
     )

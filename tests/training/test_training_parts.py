@@ -1,0 +1,185 @@
+"""Parts of the loop: losses, LR schedules, loggers, profiler, activation checkpointing, compile,
+and a packed batch through a model (attention stays inside each document)."""
+
+import importlib.util
+import json
+import math
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from training_harness import build_trainer
+from training_toys import VOCAB, learnable_dataset, learnable_samples, make_model
+
+from qattune.data import IGNORE_INDEX, pack_samples, padded_collate
+from qattune.errors import QattuneError
+from qattune.training import (
+    CrossEntropyLoss,
+    DistillationLoss,
+    JSONLLogger,
+    StdoutLogger,
+    TensorBoardLogger,
+    apply_activation_checkpointing,
+    compile_blocks,
+    fake_quant_enabled_at,
+    get_cosine_schedule_with_warmup,
+    get_linear_schedule_with_warmup,
+    setup_profiler,
+)
+
+
+def _logits_labels(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(2, 5, VOCAB, generator=g)
+    labels = torch.randint(0, VOCAB, (2, 5), generator=g)
+    labels[0, :2] = IGNORE_INDEX
+    return logits, labels
+
+
+def test_cross_entropy_is_a_sum_over_trained_tokens():
+    logits, labels = _logits_labels()
+    expected = sum(
+        -torch.log_softmax(logits[b, i], -1)[labels[b, i]] for b in range(2) for i in range(5) if labels[b, i] != IGNORE_INDEX
+    )
+    assert CrossEntropyLoss()(logits, labels).item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_distillation_loss_mixes_ce_and_kl():
+    logits, labels = _logits_labels()
+    teacher, _ = _logits_labels(seed=1)
+    ce = CrossEntropyLoss()(logits, labels)
+    kl = 0.0
+    for b in range(2):
+        for i in range(5):
+            if labels[b, i] != IGNORE_INDEX:
+                p = torch.softmax(teacher[b, i] / 2.0, -1)
+                q = torch.softmax(logits[b, i] / 2.0, -1)
+                kl += (p * (p.log() - q.log())).sum() * 4.0
+    loss = DistillationLoss(kd_weight=0.25, temperature=2.0)(logits, labels, teacher)
+    assert loss.item() == pytest.approx((0.75 * ce + 0.25 * kl).item(), rel=1e-5)
+    assert DistillationLoss(kd_weight=0.0)(logits, labels, teacher).item() == pytest.approx(ce.item(), rel=1e-6)
+    assert DistillationLoss(kd_weight=1.0)(logits, labels, logits).item() == pytest.approx(0.0, abs=1e-4)
+
+
+def test_distillation_trains_towards_the_teacher():
+    teacher = make_model(seed=3).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    trainer = build_trainer(
+        learnable_dataset(16), batch_size=4, epochs=2, lr=1e-2, teacher_model=teacher, save_model=None,
+        loss_fn=DistillationLoss(kd_weight=1.0),
+    )
+    losses = trainer.fit()
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_lr_schedules_follow_their_formulas():
+    param = torch.nn.Parameter(torch.zeros(1))
+    cosine = get_cosine_schedule_with_warmup(torch.optim.SGD([param], lr=2.0), 3, 13)
+    linear = get_linear_schedule_with_warmup(torch.optim.SGD([param], lr=2.0), 3, 13)
+    for step in range(14):
+        if step < 3:
+            want_cos = want_lin = 2.0 * (step + 1) / 4
+        else:
+            progress = (step - 3) / 10
+            want_cos = 2.0 * 0.5 * (1 + math.cos(math.pi * progress))
+            want_lin = 2.0 * (1 - progress)
+        assert cosine.get_last_lr()[0] == pytest.approx(want_cos, abs=1e-12)
+        assert linear.get_last_lr()[0] == pytest.approx(want_lin, abs=1e-12)
+        cosine.optimizer.step(), linear.optimizer.step(), cosine.step(), linear.step()
+
+
+def test_fake_quant_rule():
+    assert [fake_quant_enabled_at(s, 2) for s in range(4)] == [False, False, True, True]
+    assert fake_quant_enabled_at(0, None) and fake_quant_enabled_at(0, 0)
+
+
+def test_loggers(tmp_path, capsys):
+    StdoutLogger().log({"loss": 1.5, "lr": 0.001}, step=3)
+    assert capsys.readouterr().out == "step 3 | loss=1.5 lr=0.001\n"
+    logger = JSONLLogger(str(tmp_path / "logs"))
+    logger.log({"loss": 2.0}, step=1)
+    logger.log({"loss": 1.0}, step=2)
+    logger.close()
+    lines = [json.loads(x) for x in (tmp_path / "logs" / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["loss"]) for r in lines] == [(1, 2.0), (2, 1.0)]
+    if importlib.util.find_spec("tensorboard") is None:
+        with pytest.raises(QattuneError, match="needs the tensorboard package, which is not installed"):
+            TensorBoardLogger(str(tmp_path / "tb"))
+
+
+def test_profiler_writes_a_trace(tmp_path):
+    profiler = setup_profiler(enabled=True, output_dir=str(tmp_path / "prof"), wait_steps=0, warmup_steps=1, active_steps=1)
+    build_trainer(learnable_dataset(8), batch_size=2, profiler=profiler, save_model=None).fit()
+    traces = os.listdir(tmp_path / "prof")
+    assert len(traces) == 1 and traces[0].startswith("rank0") and traces[0].endswith(".pt.trace.json")
+
+
+def _grads_after_one_backward(model, batch):
+    loss = CrossEntropyLoss()(model(batch["tokens"]), batch["labels"])
+    loss.backward()
+    return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def test_activation_checkpointing_and_compile_keep_numerics():
+    batch = padded_collate([learnable_dataset(4)[i] for i in range(4)])
+    base_loss, base_grads = _grads_after_one_backward(make_model(), batch)
+    checkpointed = apply_activation_checkpointing(make_model())
+    assert list(checkpointed.state_dict()) == list(make_model().state_dict())
+    loss, grads = _grads_after_one_backward(checkpointed, batch)
+    assert loss == base_loss and all(torch.allclose(grads[n], g, atol=1e-6) for n, g in base_grads.items())
+    compiled = compile_blocks(apply_activation_checkpointing(make_model()), backend="eager")
+    loss, grads = _grads_after_one_backward(compiled, batch)
+    assert loss == pytest.approx(base_loss, abs=1e-6)
+    assert all(torch.allclose(grads[n], g, atol=1e-5) for n, g in base_grads.items())
+
+
+def test_model_without_layers_is_refused():
+    with pytest.raises(QattuneError, match="has no nn.ModuleList 'layers'"):
+        apply_activation_checkpointing(torch.nn.Linear(2, 2))
+
+
+def test_packed_batch_equals_documents_run_alone():
+    samples = learnable_samples(4, seed=4, min_len=3, max_len=9)
+    packs = pack_samples(samples, max_seq_len=24, pad_id=0, split_across_pack=False)
+    batch = padded_collate(packs)
+    model = make_model().eval()
+    with torch.no_grad():
+        packed_logits = model(batch["tokens"], input_pos=batch["input_pos"], mask=batch["mask"])
+        offsets = {}
+        row_fill = [0] * len(packs)
+        for sample in samples:
+            # find where pack_samples placed this document (packs keep order)
+            for row in range(len(packs)):
+                n = len(sample.tokens)
+                start = row_fill[row]
+                if packs[row]["tokens"][start : start + n].tolist() == sample.tokens and start + n <= 24:
+                    offsets[id(sample)] = (row, start)
+                    row_fill[row] += n
+                    break
+        assert len(offsets) == len(samples)
+        for sample in samples:
+            row, start = offsets[id(sample)]
+            alone = model(torch.tensor([sample.tokens]))[0]
+            n = len(sample.tokens)
+            assert torch.allclose(packed_logits[row, start : start + n], alone, atol=1e-5)
+    assert F.cross_entropy(packed_logits.reshape(-1, VOCAB), batch["labels"].reshape(-1)).isfinite()
+
+
+def test_bf16_model_trains_with_fp32_loss():
+    model = make_model().to(torch.bfloat16)
+    losses = build_trainer(learnable_dataset(32), model=model, batch_size=8, epochs=3, lr=1e-2, save_model=None).fit()
+    assert all(math.isfinite(x) for x in losses) and losses[-1] < 0.6 * losses[0]
+
+
+def test_progress_bar_shows_loss_and_throughput(capsys):
+    build_trainer(learnable_dataset(8), batch_size=2, save_model=None, progress_bar=True).fit()
+    err = capsys.readouterr().err
+    assert "4/4" in err and "loss=" in err and "tok_s=" in err
+
+
+def test_too_little_data_for_accumulation_is_one_clear_line():
+    trainer = build_trainer(learnable_dataset(4), batch_size=2, accum=4, save_model=None)
+    with pytest.raises(QattuneError, match="gives 2 batch\\(es\\) per epoch, fewer than gradient_accumulation_steps=4"):
+        trainer.fit()
