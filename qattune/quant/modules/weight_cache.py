@@ -1,8 +1,9 @@
 """A weight's fake-quantized copy, computed once per optimizer step and reused by every forward.
 
 The weight only changes at the optimizer step, so its fake quantization is recomputed only when the
-parameter changed: its version counter (bumped by every in-place update, the optimizer's included), its
-storage, dtype or device. Between updates every forward (gradient-accumulation micro-batches, activation
+parameter may have changed: after any optimizer step (a process-wide optimizer step hook counts them;
+fused AdamW updates parameters without bumping their version counters), or when its version counter
+(any other in-place update, e.g. `load_state_dict`), storage, dtype or device changed. Between updates every forward (gradient-accumulation micro-batches, activation
 checkpointing recomputes, evaluation) reads the cache. Gradients stay exact: `CachedSTE` returns the
 cached tensor in the forward and, in the backward, passes the gradient to the float weight where the
 straight-through estimator lets it through (the format's bool not-clipped mask, one byte per weight, none for formats that never clip) and zero where it clipped.
@@ -14,8 +15,30 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from qattune.quant.formats import NumericFormat
+
+
+_optimizer_steps = 0
+_step_hook_handle = None
+
+
+def _count_optimizer_step(optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
+    global _optimizer_steps
+    _optimizer_steps += 1
+
+
+def _install_step_counter() -> None:
+    """Count optimizer steps process-wide (installed once, on the first cache)."""
+    global _step_hook_handle
+    if _step_hook_handle is None:
+        _step_hook_handle = register_optimizer_step_post_hook(_count_optimizer_step)
+
+
+def optimizer_steps_seen() -> int:
+    """How many optimizer steps ran in this process since the first weight cache was made."""
+    return _optimizer_steps
 
 
 class CachedSTE(torch.autograd.Function):
@@ -40,13 +63,14 @@ class WeightFakeQuantCache:
     """Holds one weight's fake-quantized copy and STE mask, keyed on the weight's identity and version."""
 
     def __init__(self) -> None:
+        _install_step_counter()
         self.key: Optional[tuple] = None
         self.fake_quantized: Optional[Tensor] = None
         self.in_range: Optional[Tensor] = None
 
     @staticmethod
     def _key_of(weight: Tensor) -> tuple:
-        return (weight._version, weight.data_ptr(), weight.dtype, weight.device, tuple(weight.shape))
+        return (_optimizer_steps, weight._version, weight.data_ptr(), weight.dtype, weight.device, tuple(weight.shape))
 
     def refresh(self, weight: Tensor, fmt: NumericFormat) -> None:
         """Recompute the cache if `weight` changed since the last call."""
