@@ -79,4 +79,8 @@ def load_recipe_state(checkpoint_dir: str) -> dict[str, Any]:
             f"resume_from_checkpoint '{checkpoint_dir}' has no {RECIPE_STATE_FILE}; point it at an "
             "output_dir/step_N folder written by a qattune training run"
         )
-    return torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise QattuneError(f"'{path}' could not be read as qattune recipe state ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
+                           "the file is damaged or was not written by qattune") from err

@@ -165,3 +165,10 @@ def test_hub_name_offline_is_refused(monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     with pytest.raises(QattuneError, match="'someone/corpus' is not a local file and the Hugging Face hub is offline"):
         text_completion_dataset(TOK, "someone/corpus")
+
+
+def test_instruct_chat_template_uses_the_tokenizer(tmp_path):
+    ds = instruct_dataset(TOK, str(_write_alpaca(tmp_path)), template="chat")
+    prefix = [BOS] + byte_ids("<user>") + byte_ids("Add\n\n2 3") + [EOS] + byte_ids("<assistant>")
+    assert ds[0]["tokens"].tolist() == prefix + byte_ids("5") + [EOS]
+    assert ds[0]["labels"].tolist() == [IGNORE_INDEX] * (len(prefix) - 1) + byte_ids("5") + [EOS, IGNORE_INDEX]

@@ -183,3 +183,25 @@ def test_too_little_data_for_accumulation_is_one_clear_line():
     trainer = build_trainer(learnable_dataset(4), batch_size=2, accum=4, save_model=None)
     with pytest.raises(QattuneError, match="gives 2 batch\\(es\\) per epoch, fewer than gradient_accumulation_steps=4"):
         trainer.fit()
+
+
+def test_rng_state_round_trip_through_a_weights_only_file(tmp_path):
+    import random
+
+    import numpy as np
+
+    from qattune.training.rng import rng_state, set_rng_state
+
+    torch.save(rng_state(), tmp_path / "rng.pt")
+    first = (random.random(), float(np.random.rand()), torch.rand(3).tolist())
+    set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
+    assert (random.random(), float(np.random.rand()), torch.rand(3).tolist()) == first
+
+
+def test_damaged_recipe_state_is_one_clear_line(tmp_path):
+    (tmp_path / "recipe_state.pt").write_bytes(b"not a checkpoint")
+    from qattune.training.checkpoint_dirs import load_recipe_state
+
+    with pytest.raises(QattuneError) as err:
+        load_recipe_state(str(tmp_path))
+    assert "could not be read as qattune recipe state" in str(err.value) and "\n" not in str(err.value)
