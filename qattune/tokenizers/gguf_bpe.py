@@ -9,6 +9,7 @@ the vocabulary has <|im_start|>, Llama 3's header format when it has <|start_hea
 
 from __future__ import annotations
 
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Optional
 
@@ -23,39 +24,34 @@ from .tiktoken_base import TiktokenTokenizer
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 
 
-class _Metadata:
-    """Typed access to a GGUF file's key/value metadata (works with old and new `gguf` packages)."""
-
-    def __init__(self, path: str):
-        import gguf
-
-        file = require_file(path, "GGUF file")
-        try:
-            self._fields = gguf.GGUFReader(str(file)).fields
-        except Exception as err:  # gguf raises ValueError/struct.error/... on foreign files
-            raise QattuneError(f"{path} is not a readable GGUF file ({type(err).__name__}: {err})") from None
-        self.path = path
-
-    def has(self, key: str) -> bool:
-        return key in self._fields
-
-    def scalar(self, key: str, default: Any = None) -> Any:
-        field = self._fields.get(key)
-        if field is None:
-            return default
-        value = field.parts[field.data[0]]
-        if len(field.types) == 1 and field.types[0].name == "STRING":
-            return bytes(value).decode("utf-8")
-        return value[0].item()
-
-    def array(self, key: str) -> list:
-        field = self._fields.get(key)
-        if field is None:
-            raise QattuneError(f"{self.path} has no '{key}' metadata: it carries no byte-level BPE tokenizer "
-                               "qattune can read; point the tokenizer at the model's own tokenizer files")
+def _field_value(field: Any) -> Any:
+    """A GGUF metadata value as Python (str, int, float, bool or a list of them); works across gguf versions."""
+    if field.types[0].name == "ARRAY":
         if field.types[-1].name == "STRING":
             return [bytes(field.parts[i]).decode("utf-8") for i in field.data]
         return [field.parts[i][0].item() for i in field.data]
+    if field.types[0].name == "STRING":
+        return bytes(field.parts[field.data[0]]).decode("utf-8")
+    return field.parts[field.data[0]][0].item()
+
+
+@lru_cache(maxsize=4)
+def _tokenizer_metadata(path: str, mtime_ns: int, size: int) -> dict[str, Any]:
+    """The `tokenizer.*` metadata of a GGUF file, read once per file version (GGUFReader takes seconds)."""
+    import gguf
+
+    try:
+        fields = gguf.GGUFReader(path).fields
+    except Exception as err:  # gguf raises ValueError/struct.error/... on foreign files
+        raise QattuneError(f"{path} is not a readable GGUF file ({type(err).__name__}: {err})") from None
+    return {key: _field_value(field) for key, field in fields.items() if key.startswith("tokenizer.")}
+
+
+def read_tokenizer_metadata(path: str) -> dict[str, Any]:
+    """`tokenizer.*` key -> value of the GGUF file at `path`."""
+    file = require_file(path, "GGUF file")
+    stat = file.stat()
+    return _tokenizer_metadata(str(file.resolve()), stat.st_mtime_ns, stat.st_size)
 
 
 def gguf_tokenizer(path: str, max_seq_len: Optional[int] = None,
@@ -65,22 +61,29 @@ def gguf_tokenizer(path: str, max_seq_len: Optional[int] = None,
     `default_system_prompt` (ChatML only): "auto" takes the one the file's chat template inserts when
     a conversation has no system message; None inserts none; any other text is used instead.
     """
-    meta = _Metadata(path)
-    model = meta.scalar("tokenizer.ggml.model")
+    meta = read_tokenizer_metadata(path)
+
+    def array(key: str) -> list:
+        if key not in meta:
+            raise QattuneError(f"{path} has no '{key}' metadata: it carries no byte-level BPE tokenizer qattune "
+                               "can read; point the tokenizer at the model's own tokenizer files")
+        return meta[key]
+
+    model = meta.get("tokenizer.ggml.model")
     if model is None:
         raise QattuneError(f"{path} has no tokenizer metadata (tokenizer.ggml.model); use the model's own tokenizer files")
     if model != "gpt2":
         raise QattuneError(f"{path} has a '{model}' tokenizer; gguf_tokenizer reads byte-level BPE ('gpt2') only "
                            "(for a SentencePiece model use llama2_tokenizer with its tokenizer.model)")
-    pre = meta.scalar("tokenizer.ggml.pre")
+    pre = meta.get("tokenizer.ggml.pre")
     if pre not in GGUF_PRETOKENIZERS:
         raise QattuneError(f"{path}: pre-tokenizer {pre!r} (tokenizer.ggml.pre) is not supported; "
                            f"supported: {', '.join(sorted(GGUF_PRETOKENIZERS))}")
-    tokens = meta.array("tokenizer.ggml.tokens")
-    types = meta.array("tokenizer.ggml.token_type") if meta.has("tokenizer.ggml.token_type") else [NORMAL] * len(tokens)
+    tokens = array("tokenizer.ggml.tokens")
+    types = meta.get("tokenizer.ggml.token_type", [NORMAL] * len(tokens))
     if len(types) != len(tokens):
         raise QattuneError(f"{path}: {len(tokens)} tokens but {len(types)} token types; the file is damaged")
-    merges = [parse_merge(m, i, path) for i, m in enumerate(meta.array("tokenizer.ggml.merges"))]
+    merges = [parse_merge(m, i, path) for i, m in enumerate(array("tokenizer.ggml.merges"))]
 
     ordinary = {t: i for i, (t, kind) in enumerate(zip(tokens, types)) if kind == NORMAL}
     special = {t: i for i, (t, kind) in enumerate(zip(tokens, types)) if kind != NORMAL and t not in ordinary}
@@ -88,7 +91,7 @@ def gguf_tokenizer(path: str, max_seq_len: Optional[int] = None,
     ranks = byte_level_ranks(ordinary, merges, where=path)
 
     def token_id(key: str) -> Optional[int]:
-        value = meta.scalar(key)
+        value = meta.get(key)
         if value is not None and not 0 <= value < len(tokens):
             raise QattuneError(f"{path}: {key} is {value}, outside the {len(tokens)} tokens")
         return value
@@ -97,7 +100,7 @@ def gguf_tokenizer(path: str, max_seq_len: Optional[int] = None,
     if eos_id is None:
         raise QattuneError(f"{path} names no end-of-sequence token (tokenizer.ggml.eos_token_id)")
     bos_id = token_id("tokenizer.ggml.bos_token_id")
-    if not meta.scalar("tokenizer.ggml.add_bos_token", True):
+    if not meta.get("tokenizer.ggml.add_bos_token", True):
         bos_id = None  # the model was trained without a leading bos (SmolLM2)
     pad_id = token_id("tokenizer.ggml.padding_token_id")
     stops = [i for i in (token_id("tokenizer.ggml.eot_token_id"), token_id("tokenizer.ggml.eom_token_id")) if i is not None]
@@ -113,7 +116,7 @@ def gguf_tokenizer(path: str, max_seq_len: Optional[int] = None,
         pad_id=eos_id if pad_id is None else pad_id,
         stop_tokens=stops,
         chat_format=_chat_format(special, None if bos_id is None else tokens[bos_id],
-                                 meta.scalar("tokenizer.chat_template"), default_system_prompt),
+                                 meta.get("tokenizer.chat_template"), default_system_prompt),
         max_seq_len=max_seq_len,
     )
 

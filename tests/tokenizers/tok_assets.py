@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 from pathlib import Path
 
 # Published pre-tokenizer regexes, written out here independently of qattune's copies.
@@ -46,4 +47,35 @@ def pydoc_paragraphs(count: int, min_chars: int = 200) -> list[str]:
 def write_ranks(path: Path, tokens: list[bytes]) -> Path:
     """A tiktoken ranks file: one `<base64 token> <rank>` line per token, ranks in list order."""
     path.write_text("".join(f"{base64.b64encode(t).decode()} {rank}\n" for rank, t in enumerate(tokens)))
+    return path
+
+
+def write_tokenizer_gguf(path: Path, qwen_dir: Path, *, model: str = "gpt2", pre: str = "qwen2",
+                         with_tokenizer: bool = True, chat_template: str | None = None) -> Path:
+    """A GGUF holding only tokenizer metadata, taken from the tokenizer.json the qwen_dir fixture trained."""
+    data = json.loads((qwen_dir / "tokenizer.json").read_text())
+    tokens = sorted(data["model"]["vocab"], key=data["model"]["vocab"].get)
+    types = [1] * len(tokens)
+    for added in data["added_tokens"]:
+        assert added["id"] == len(tokens)
+        tokens.append(added["content"])
+        types.append(3 if added["special"] else 4)
+    import gguf
+
+    writer = gguf.GGUFWriter(str(path), "qwen2")
+    if with_tokenizer:
+        writer.add_tokenizer_model(model)
+        writer.add_tokenizer_pre(pre)
+        writer.add_token_list(tokens)
+        writer.add_token_types(types)
+        writer.add_token_merges([" ".join(m) if isinstance(m, list) else m for m in data["model"]["merges"]])
+        writer.add_eos_token_id(tokens.index("<|im_end|>"))
+        writer.add_pad_token_id(tokens.index("<|endoftext|>"))
+        writer.add_add_bos_token(False)
+        if chat_template:
+            writer.add_chat_template(chat_template)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
     return path
