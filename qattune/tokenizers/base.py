@@ -117,6 +117,8 @@ class Tokenizer(ABC):
     def _encode_parsing_specials(self, text: str, allowed_special: AllowedSpecial) -> list[int]:
         if allowed_special == "all":
             allowed = tuple(self.special_tokens)
+        elif isinstance(allowed_special, str):
+            allowed = (allowed_special,)
         else:
             allowed = tuple(allowed_special)
             unknown = [t for t in allowed if t not in self.special_tokens]

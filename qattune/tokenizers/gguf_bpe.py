@@ -76,6 +76,9 @@ def gguf_tokenizer(path: str, max_seq_len: Optional[int] = None,
         raise QattuneError(f"{path} has a '{model}' tokenizer; gguf_tokenizer reads byte-level BPE ('gpt2') only "
                            "(for a SentencePiece model use llama2_tokenizer with its tokenizer.model)")
     pre = meta.get("tokenizer.ggml.pre")
+    if not pre:
+        raise QattuneError(f"{path} names no pre-tokenizer (tokenizer.ggml.pre), so its text splitting is unknown; "
+                           "convert the model again with a current llama.cpp")
     if pre not in GGUF_PRETOKENIZERS:
         raise QattuneError(f"{path}: pre-tokenizer {pre!r} (tokenizer.ggml.pre) is not supported; "
                            f"supported: {', '.join(sorted(GGUF_PRETOKENIZERS))}")

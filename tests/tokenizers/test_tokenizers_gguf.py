@@ -7,7 +7,7 @@ import pytest
 from tok_assets import VARIED_TEXTS, pydoc_paragraphs, write_tokenizer_gguf
 
 from qattune.errors import QattuneError
-from qattune.tokenizers import gguf_tokenizer, qwen2_5_tokenizer
+from qattune.tokenizers import LLAMA3_SPECIAL_TOKENS, gguf_tokenizer, qwen2_5_tokenizer
 
 tokenizers = pytest.importorskip("tokenizers")
 gguf = pytest.importorskip("gguf")
@@ -155,6 +155,21 @@ def test_small_gguf_matches_hf_and_the_tokenizer_json(tmp_path, qwen_dir):
     assert tok.render_chat(messages).startswith("<|im_start|>system\nYou are a test model.<|im_end|>\n")
 
 
+def test_small_gguf_with_llama3_special_tokens_uses_the_llama3_format(tmp_path, qwen_dir):
+    path = write_tokenizer_gguf(tmp_path / "l3.gguf", qwen_dir, pre="llama-bpe", added=[(t, 3) for t in LLAMA3_SPECIAL_TOKENS],
+                                bos="<|begin_of_text|>", eos="<|eot_id|>", pad=None)
+    tok = gguf_tokenizer(str(path))
+    first = tok.special_id("<|begin_of_text|>")
+    assert tok.bos_id == first and tok.eos_id == first + 9 and tok.pad_id == tok.eos_id
+    messages = [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello!"}]
+    text = tok.render_chat(messages)
+    assert text == ("<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nHi there<|eot_id|>"
+                    "<|start_header_id|>assistant<|end_header_id|>\n\nHello!<|eot_id|>")
+    ids, mask = tok.tokenize_messages(messages)
+    assert ids == tok.encode(text, add_bos=False, add_eos=False, allowed_special="all") and ids[0] == first
+    assert tok.decode([i for i, m in zip(ids, mask) if m], skip_special_tokens=False) == "Hello!<|eot_id|>"
+
+
 def test_gguf_errors(tmp_path, qwen_dir):
     with pytest.raises(QattuneError, match="GGUF file not found"):
         gguf_tokenizer(str(tmp_path / "none.gguf"))
@@ -168,6 +183,9 @@ def test_gguf_errors(tmp_path, qwen_dir):
     spm = write_tokenizer_gguf(tmp_path / "spm.gguf", qwen_dir, model="llama")
     with pytest.raises(QattuneError, match="'llama' tokenizer; gguf_tokenizer reads byte-level BPE"):
         gguf_tokenizer(str(spm))
+    missing_pre = tmp_path / "nopre.gguf"
+    with pytest.raises(QattuneError, match=r"names no pre-tokenizer \(tokenizer.ggml.pre\)"):
+        gguf_tokenizer(str(write_tokenizer_gguf(missing_pre, qwen_dir, pre="")))
     odd = write_tokenizer_gguf(tmp_path / "odd.gguf", qwen_dir, pre="mystery")
     with pytest.raises(QattuneError, match="pre-tokenizer 'mystery'"):
         gguf_tokenizer(str(odd))

@@ -51,17 +51,20 @@ def write_ranks(path: Path, tokens: list[bytes]) -> Path:
 
 
 def write_tokenizer_gguf(path: Path, qwen_dir: Path, *, model: str = "gpt2", pre: str = "qwen2",
-                         with_tokenizer: bool = True, chat_template: str | None = None) -> Path:
-    """A GGUF holding only tokenizer metadata, taken from the tokenizer.json the qwen_dir fixture trained."""
+                         with_tokenizer: bool = True, chat_template: str | None = None,
+                         added: list[tuple[str, int]] | None = None, eos: str = "<|im_end|>",
+                         pad: str | None = "<|endoftext|>", bos: str | None = None) -> Path:
+    """A GGUF holding only tokenizer metadata: the vocabulary and merges of the tokenizer.json the qwen_dir
+    fixture trained, then `added` (text, llama.cpp token type) or the file's own added tokens."""
+    import gguf
+
     data = json.loads((qwen_dir / "tokenizer.json").read_text())
     tokens = sorted(data["model"]["vocab"], key=data["model"]["vocab"].get)
     types = [1] * len(tokens)
-    for added in data["added_tokens"]:
-        assert added["id"] == len(tokens)
-        tokens.append(added["content"])
-        types.append(3 if added["special"] else 4)
-    import gguf
-
+    if added is None:
+        added = [(t["content"], 3 if t["special"] else 4) for t in data["added_tokens"]]
+    tokens += [text for text, _ in added]
+    types += [kind for _, kind in added]
     writer = gguf.GGUFWriter(str(path), "qwen2")
     if with_tokenizer:
         writer.add_tokenizer_model(model)
@@ -69,9 +72,12 @@ def write_tokenizer_gguf(path: Path, qwen_dir: Path, *, model: str = "gpt2", pre
         writer.add_token_list(tokens)
         writer.add_token_types(types)
         writer.add_token_merges([" ".join(m) if isinstance(m, list) else m for m in data["model"]["merges"]])
-        writer.add_eos_token_id(tokens.index("<|im_end|>"))
-        writer.add_pad_token_id(tokens.index("<|endoftext|>"))
-        writer.add_add_bos_token(False)
+        writer.add_eos_token_id(tokens.index(eos))
+        if pad is not None:
+            writer.add_pad_token_id(tokens.index(pad))
+        if bos is not None:
+            writer.add_bos_token_id(tokens.index(bos))
+        writer.add_add_bos_token(bos is not None)
         if chat_template:
             writer.add_chat_template(chat_template)
     writer.write_header_to_file()
