@@ -6,6 +6,8 @@ from typing import Any, Optional, Protocol
 
 from torch import nn
 
+from qattune.errors import QattuneError
+
 
 class StepHook(Protocol):
     """Anything with `on_step_start(step)`; `step` = optimizer steps already completed (0 first)."""
@@ -28,7 +30,12 @@ class FakeQuantAfterNSteps:
 
     def __init__(self, quantizer: Any, model: nn.Module, after_n_steps: Optional[int]) -> None:
         if after_n_steps is not None and after_n_steps < 0:
-            raise ValueError(f"fake_quant_after_n_steps must be >= 0 or None, got {after_n_steps}")
+            raise QattuneError(f"fake_quant_after_n_steps must be >= 0 or null, got {after_n_steps}")
+        if not callable(getattr(quantizer, "set_fake_quant", None)):
+            raise QattuneError(
+                f"quantizer {type(quantizer).__name__} has no set_fake_quant(model, enabled), which "
+                "fake_quant_after_n_steps needs; use qattune.quant.QATQuantizer or remove fake_quant_after_n_steps"
+            )
         self.quantizer = quantizer
         self.model = model
         self.after_n_steps = after_n_steps

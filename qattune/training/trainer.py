@@ -151,40 +151,46 @@ class Trainer:
         return self.loss_fn(logits, batch["labels"], teacher_logits)
 
     def train_step(self, micro_batches: list[Mapping[str, torch.Tensor]]) -> dict[str, float]:
-        """One optimizer step over `micro_batches` (this rank's share); returns its metrics."""
+        """One optimizer step over `micro_batches` (this rank's share); returns its metrics.
+
+        Tokens are counted on the host before the batches move, and the metrics are read back in one
+        transfer at the end, so a step waits for the device only once.
+        """
         for hook in self.step_hooks:
             hook.on_step_start(self.global_step)
         self.model.train()
-        batches = [self._to_device(b) for b in micro_batches]
-        counts = torch.tensor(
-            [sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in batches), sum(b["tokens"].numel() for b in batches)],
-            dtype=torch.float64,
-            device=self.device,
-        )
-        all_reduce_sum(counts)
-        trained_tokens, processed_tokens = counts.tolist()
+        local_counts = [
+            sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in micro_batches),
+            sum(b["tokens"].numel() for b in micro_batches),
+        ]
+        counts = all_reduce_sum(torch.tensor(local_counts, dtype=torch.int64, device=self.device))
+        trained = counts[0].clamp(min=1).to(torch.float32)
         # data-parallel gradients are averaged over ranks, so scale by world size to get sum / global count
-        scale = world_size() / max(trained_tokens, 1.0)
+        scale = world_size() / trained
         loss_sum = torch.zeros((), dtype=torch.float32, device=self.device)
-        for batch in batches:
-            loss = self._forward_loss(self.model, batch)
+        for batch in micro_batches:
+            loss = self._forward_loss(self.model, self._to_device(batch))
             (loss * scale).backward()
             loss_sum += loss.detach().float()
-        metrics = {}
+        grad_norm = torch.full((), float("nan"), device=self.device)
         if self.clip_grad_norm is not None:
             params = [p for p in self.model.parameters() if p.grad is not None]
             grad_norm = torch.nn.utils.clip_grad_norm_(params, self.clip_grad_norm)
             if hasattr(grad_norm, "full_tensor"):
                 grad_norm = grad_norm.full_tensor()
-            metrics["grad_norm"] = float(grad_norm)
-        metrics["lr"] = float(self.optimizer.param_groups[0]["lr"])
+        lr = float(self.optimizer.param_groups[0]["lr"])
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         if self.lr_scheduler is not None:
             self.lr_scheduler.step()
-        metrics["loss"] = float(all_reduce_sum(loss_sum)) / max(trained_tokens, 1.0)
-        metrics["trained_tokens"] = trained_tokens
-        metrics["processed_tokens"] = processed_tokens
+        mean_loss = all_reduce_sum(loss_sum) / trained
+        loss_value, grad_norm_value = torch.stack([mean_loss, grad_norm.float()]).tolist()
+        metrics = {"loss": loss_value, "lr": lr}
+        if self.clip_grad_norm is not None:
+            metrics["grad_norm"] = grad_norm_value
+        trained_tokens, processed_tokens = counts.tolist()
+        metrics["trained_tokens"] = float(trained_tokens)
+        metrics["processed_tokens"] = float(processed_tokens)
         return metrics
 
     # ----- validation ---------------------------------------------------------------------------
@@ -196,12 +202,12 @@ class Trainer:
         if hasattr(self.val_loader, "restart"):
             self.val_loader.restart()
         self.model.eval()
-        totals = torch.zeros(2, dtype=torch.float64, device=self.device)
+        totals = torch.zeros(2, dtype=torch.float32 if self.device.type == "mps" else torch.float64, device=self.device)
         for index, batch in enumerate(self.val_loader):
             if self.max_val_batches is not None and index >= self.max_val_batches:
                 break
             batch = self._to_device(batch)
-            totals[0] += self._forward_loss(self.model, batch).double()
+            totals[0] += self._forward_loss(self.model, batch).to(totals.dtype)
             totals[1] += (batch["labels"] != IGNORE_INDEX).sum()
         self.model.train()
         loss_sum, count = all_reduce_sum(totals).tolist()

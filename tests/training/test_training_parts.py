@@ -10,13 +10,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 from training_harness import build_trainer
-from training_toys import VOCAB, learnable_dataset, learnable_samples, make_model
+from training_toys import VOCAB, RecordingQuantizer, learnable_dataset, learnable_samples, make_model
 
 from qattune.data import IGNORE_INDEX, pack_samples, padded_collate
 from qattune.errors import QattuneError
 from qattune.training import (
     CrossEntropyLoss,
     DistillationLoss,
+    FakeQuantAfterNSteps,
     JSONLLogger,
     StdoutLogger,
     TensorBoardLogger,
@@ -90,9 +91,13 @@ def test_lr_schedules_follow_their_formulas():
         cosine.optimizer.step(), linear.optimizer.step(), cosine.step(), linear.step()
 
 
-def test_fake_quant_rule():
+def test_fake_quant_rule_and_hook_checks():
     assert [fake_quant_enabled_at(s, 2) for s in range(4)] == [False, False, True, True]
     assert fake_quant_enabled_at(0, None) and fake_quant_enabled_at(0, 0)
+    with pytest.raises(QattuneError, match="quantizer object has no set_fake_quant"):
+        FakeQuantAfterNSteps(object(), make_model(), 3)
+    with pytest.raises(QattuneError, match="must be >= 0 or null, got -1"):
+        FakeQuantAfterNSteps(RecordingQuantizer(), make_model(), -1)
 
 
 def test_loggers(tmp_path, capsys):
