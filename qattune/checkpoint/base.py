@@ -144,10 +144,13 @@ class Checkpointer(ABC):
     def _check_shapes(self, state_dict: Mapping[str, torch.Tensor], config: TransformerConfig, saving: bool = False) -> None:
         expected = expected_shapes(config)
         names = self.adapter.names(self.format, config)
-        for name, tensor in state_dict.items():
-            want = expected.get(name)
-            if want is None:
-                raise QattuneError(f"unexpected tensor '{name}' for a model with this config")
+        unknown = [name for name in state_dict if name not in expected]
+        if unknown:
+            raise QattuneError(f"unexpected tensor '{unknown[0]}' for a model with this config")
+        for name, want in expected.items():  # model order: the first mismatch reported is the earliest
+            tensor = state_dict.get(name)
+            if tensor is None:
+                continue
             if tuple(tensor.shape) != want:
                 if saving:
                     raise QattuneError(
@@ -156,7 +159,7 @@ class Checkpointer(ABC):
                     )
                 raise QattuneError(
                     f"{self.describe()}: tensor '{names.get(name, name)}' has shape {_shape(tensor.shape)} but "
-                    f"the {self.format_name}'s sizes give {_shape(want)}; the config does not match the weights"
+                    f"{self.format_name} implies {_shape(want)}; the config does not match the weights"
                 )
 
 

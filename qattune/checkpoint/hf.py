@@ -53,12 +53,13 @@ def parse_size(size: Union[int, str]) -> int:
     return int(float(match.group(1)) * _UNITS[(match.group(2) or "").upper()])
 
 
-def read_json(path: Path) -> dict[str, Any]:
+def read_json(path: Path, needed_by: str = "a Hugging Face checkpoint folder") -> dict[str, Any]:
+    """A JSON file as a dict; a missing or broken file is one QattuneError line."""
     try:
         with open(path) as f:
             return json.load(f)
     except FileNotFoundError:
-        raise QattuneError(f"{path} not found; a Hugging Face checkpoint folder needs it") from None
+        raise QattuneError(f"{path} not found; {needed_by} needs it") from None
     except json.JSONDecodeError as err:
         raise QattuneError(f"{path} is not valid JSON (line {err.lineno}): {err.msg}") from None
 

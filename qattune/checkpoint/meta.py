@@ -76,7 +76,7 @@ class MetaCheckpointer(Checkpointer):
 
     def _read_tensors(self) -> dict[str, torch.Tensor]:
         if self._tensors is None:
-            params = read_json(self.checkpoint_dir / "params.json")
+            params = read_json(self.checkpoint_dir / "params.json", "a Meta checkpoint")
             shards = []
             for path in self.weight_files():
                 try:
@@ -87,7 +87,7 @@ class MetaCheckpointer(Checkpointer):
         return self._tensors
 
     def _read_config(self) -> TransformerConfig:
-        params = read_json(self.checkpoint_dir / "params.json")
+        params = read_json(self.checkpoint_dir / "params.json", "a Meta checkpoint")
         tensors = self._read_tensors()  # memory-mapped: only the embedding and head are touched here
         embedding = tensors.get("tok_embeddings.weight")
         if embedding is None:

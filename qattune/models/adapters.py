@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from typing import Any, ClassVar, Mapping, Optional
 
+import numpy as np
 import torch
 
 from qattune.errors import QattuneError
@@ -365,7 +366,7 @@ class StateDictAdapter:
         head_dim = int(metadata.get(f"{arch}.attention.key_length", embed_dim // heads))
         if int(metadata.get(f"{arch}.rope.dimension_count", head_dim)) != head_dim:
             raise QattuneError(f"{source}: partial rotary embeddings (rope.dimension_count < head_dim) are not supported")
-        rope_base = float(key("rope.freq_base", 10000.0))
+        rope_base = _f32_decimal(key("rope.freq_base", 10000.0))
         scaling = {} if rope_freqs is None else _llama3_scaling_from_factors(rope_freqs, head_dim, rope_base, source)
         return TransformerConfig(
             vocab_size=int(tensor_shapes["token_embd.weight"][0]),
@@ -376,12 +377,17 @@ class StateDictAdapter:
             intermediate_dim=int(key("feed_forward_length")),
             max_seq_len=int(key("context_length")),
             head_dim=head_dim,
-            norm_eps=float(key("attention.layer_norm_rms_epsilon")),
+            norm_eps=_f32_decimal(key("attention.layer_norm_rms_epsilon")),
             rope_base=rope_base,
             tie_embeddings="output.weight" not in tensor_shapes,
             qkv_bias="blk.0.attn_q.bias" in tensor_shapes,
             **scaling,
         )
+
+
+def _f32_decimal(value: Any) -> float:
+    """GGUF stores floats as float32; recover the decimal the writer meant (1e-05, not 9.99999974e-06)."""
+    return float(repr(np.float32(value)).removeprefix("np.float32(").removesuffix(")"))
 
 
 def _llama3_scaling_from_factors(

@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 transformers = pytest.importorskip("transformers")
 
@@ -45,7 +46,8 @@ def test_logits_match_transformers(case, tmp_path):
     family, options = CASES[case]
     hf = make_hf_model(family, options)
     hf.save_pretrained(tmp_path)
-    model = build_model_from_checkpoint(HFCheckpointer(str(tmp_path))).eval()
+    checkpointer = HFCheckpointer(str(tmp_path))
+    model = build_model_from_checkpoint(checkpointer).eval()
     assert model.weights_tied() == options.get("tie_word_embeddings", False)
     assert (model.layers[0].attn.q_proj.bias is not None) == (family == "qwen2")
 
@@ -56,6 +58,16 @@ def test_logits_match_transformers(case, tmp_path):
         actual = model(tokens)
     assert expected.abs().max() > 1.0  # logits are not trivially small
     assert torch.allclose(actual, expected, atol=1e-5, rtol=0), (actual - expected).abs().max()
+
+    # HF -> qattune -> HF: the same tensor names and values, and transformers reads the config back
+    saved = checkpointer.save(model.state_dict(), tmp_path / "saved")
+    original, again = load_file(tmp_path / "model.safetensors"), load_file(saved / "model.safetensors")
+    assert original.keys() == again.keys()
+    assert all(torch.equal(original[k], again[k]) for k in original)
+    reloaded = type(hf).from_pretrained(saved).eval()
+    assert reloaded.config.tie_word_embeddings == hf.config.tie_word_embeddings
+    with torch.no_grad():
+        assert torch.equal(reloaded(tokens).logits, expected)
 
 
 def test_rope_scaling_changes_logits(tmp_path):
