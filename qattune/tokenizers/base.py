@@ -20,9 +20,12 @@ import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Collection, Literal, Mapping, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Collection, Literal, Mapping, Optional, Sequence, Union
 
 from qattune.errors import QattuneError
+
+if TYPE_CHECKING:
+    from .chat_format import ChatFormat
 
 ROLES = ("system", "user", "assistant")
 AllowedSpecial = Union[Literal["all"], Collection[str]]
@@ -79,7 +82,7 @@ class Tokenizer(ABC):
     vocab_size: int
     max_seq_len: Optional[int]
     special_tokens: dict[str, int]
-    chat_format: Optional["ChatFormat"]  # noqa: F821 - see chat_format.py
+    chat_format: Optional[ChatFormat]
 
     # ------------------------------------------------------------------ backend hooks
 
@@ -117,10 +120,8 @@ class Tokenizer(ABC):
     def _encode_parsing_specials(self, text: str, allowed_special: AllowedSpecial) -> list[int]:
         if allowed_special == "all":
             allowed = tuple(self.special_tokens)
-        elif isinstance(allowed_special, str):
-            allowed = (allowed_special,)
         else:
-            allowed = tuple(allowed_special)
+            allowed = (allowed_special,) if isinstance(allowed_special, str) else tuple(allowed_special)
             unknown = [t for t in allowed if t not in self.special_tokens]
             if unknown:
                 raise QattuneError(f"allowed_special names {unknown[0]!r}, which is not a special token of "
@@ -160,7 +161,7 @@ class Tokenizer(ABC):
         segments = self._chat_format().segments(validate_messages(messages), add_generation_prompt)
         return "".join(segment.text for segment in segments)
 
-    def _chat_format(self) -> "ChatFormat":  # noqa: F821
+    def _chat_format(self) -> ChatFormat:
         if self.chat_format is None:
             raise QattuneError(f"{type(self).__name__} has no chat format (its files name none qattune knows); "
                                "use a text-completion dataset, or a tokenizer with a chat format")
