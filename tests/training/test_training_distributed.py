@@ -1,4 +1,4 @@
-"""Two gloo processes with FSDP2 give the same losses as one process with the same global batch,
+"""Two gloo processes with FSDP2 (and activation checkpointing) give the same losses as one process with the same global batch,
 and resume exactly from a checkpoint gathered on rank 0."""
 
 import json
@@ -13,6 +13,7 @@ from qattune.data import build_dataloader
 from qattune.training import (
     AdamW,
     CrossEntropyLoss,
+    apply_activation_checkpointing,
     Trainer,
     destroy_distributed,
     gather_full_state_dict,
@@ -33,7 +34,8 @@ def _free_port() -> int:
 
 
 def _trainer(model, world: int, out_dir: str) -> Trainer:
-    if world > 1:
+    if world > 1:  # the sharded run also recomputes activations: numerics must not change
+        apply_activation_checkpointing(model)
         shard_model(model)
     loader = build_dataloader(learnable_dataset(32), batch_size=GLOBAL_BATCH // world, shuffle=True, seed=5)
     optimizer = AdamW(model.parameters(), lr=3e-3)
