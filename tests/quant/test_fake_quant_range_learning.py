@@ -1,0 +1,109 @@
+"""Range learning: first-batch initialisation, LSQ / LSQ+ gradients by hand, learned params reach quantize()."""
+
+import math
+
+import pytest
+import torch
+
+from qattune.errors import QattuneError
+from qattune.quant.formats import IntAffine
+from qattune.quant.range_learning import LearnedRangeFakeQuantizer
+
+
+def test_initialises_from_the_first_batch_and_matches_dynamic_fake_quant():
+    torch.manual_seed(0)
+    w = torch.randn(8, 64)
+    fmt = IntAffine(4, True, 32)
+    fq = LearnedRangeFakeQuantizer(fmt, w.shape)
+    assert fq.scale.shape == (8, 2) and fq.zero_point is None and not bool(fq.initialized)
+    y = fq(w)
+    scale, _ = fmt.choose_qparams(w)
+    assert torch.equal(fq.scale.detach(), scale) and bool(fq.initialized)
+    assert torch.equal(y, fmt.fake_quantize(w))
+    fq(w * 3)  # later batches do not re-initialise
+    assert torch.equal(fq.scale.detach(), scale)
+
+
+def test_lsq_scale_gradient_by_hand():
+    fmt = IntAffine(4, True, None, per_tensor=True)  # qmin -8, qmax 7
+    x = torch.tensor([0.3, -2.6, 9.0, -9.0])
+    fq = LearnedRangeFakeQuantizer(fmt, x.shape)
+    fq.initialize(x)
+    with torch.no_grad():
+        fq.scale.fill_(1.0)
+    xr = x.clone().requires_grad_(True)
+    y = fq(xr)
+    assert y.tolist() == pytest.approx([0.0, -3.0, 7.0, -8.0])
+    y.backward(torch.tensor([1.0, 2.0, 3.0, 4.0]))
+    # d y / d s: round(v) - v in range (-0.3, -0.4), qmax = 7 above, qmin = -8 below
+    expected = (1 * -0.3 + 2 * -0.4 + 3 * 7 + 4 * -8) / math.sqrt(4 * 7)
+    assert fq.scale.grad.item() == pytest.approx(expected, rel=1e-6)
+    assert xr.grad.tolist() == [1.0, 2.0, 0.0, 0.0]
+
+
+def test_lsq_plus_zero_point_gradient_by_hand():
+    fmt = IntAffine(4, False, None, signed=False, per_tensor=True)  # codes 0..15
+    x = torch.tensor([0.2, 8.0, -2.0, 1.0])
+    fq = LearnedRangeFakeQuantizer(fmt, x.shape)
+    fq.initialize(x)
+    with torch.no_grad():
+        fq.scale.fill_(0.5)
+        fq.zero_point.fill_(3.4)  # used rounded: 3
+    xr = x.clone().requires_grad_(True)
+    y = fq(xr)
+    # v = 0.4, 16, -4, 2 -> round + 3 = 3, 19, -1, 5 -> clamp 3, 15, 0, 5 -> (q - 3) * 0.5
+    assert y.tolist() == [0.0, 6.0, -1.5, 1.0]
+    y.sum().backward()
+    factor = 1 / math.sqrt(4 * 15)
+    assert fq.scale.grad.item() == pytest.approx((-0.4 + (15 - 3) + (0 - 3) + 0.0) * factor, rel=1e-6)
+    assert fq.zero_point.grad.item() == pytest.approx(-0.5 * 2 * factor, rel=1e-6)
+    assert xr.grad.tolist() == [1.0, 0.0, 0.0, 1.0]
+
+
+def test_per_group_gradient_factor_uses_the_group_size():
+    fq = LearnedRangeFakeQuantizer(IntAffine(4, True, 32), (16, 64))
+    assert fq.grad_factor == pytest.approx(1 / math.sqrt(32 * 7))
+
+
+def test_training_moves_the_scale_and_quantize_uses_it():
+    torch.manual_seed(0)
+    w = torch.randn(4, 64)
+    fmt = IntAffine(4, False, 32)
+    fq = LearnedRangeFakeQuantizer(fmt, w.shape)
+    opt = torch.optim.SGD(fq.parameters(), lr=0.05)
+    for _ in range(5):
+        loss = (fq(w) - w).pow(2).sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    dynamic_scale, _ = fmt.choose_qparams(w)
+    assert not torch.equal(fq.scale.detach(), dynamic_scale)
+    q = fq.quantize(w)
+    scale, zero = fq.effective_qparams()
+    assert torch.equal(q.scale, scale) and torch.equal(q.zero.float(), zero)
+    assert torch.equal(fmt.dequantize(q), fq(w).detach())
+
+
+def test_learned_state_survives_save_and_load():
+    torch.manual_seed(0)
+    w = torch.randn(4, 32)
+    fmt = IntAffine(8, False, None)
+    trained = LearnedRangeFakeQuantizer(fmt, w.shape)
+    trained(w)
+    with torch.no_grad():
+        trained.scale.mul_(1.5)
+    loaded = LearnedRangeFakeQuantizer(fmt, w.shape)
+    loaded.load_state_dict(trained.state_dict())
+    assert torch.equal(loaded(w * 10), trained(w * 10))  # no re-initialisation from the new batch
+
+
+def test_wrong_shape_and_non_integer_formats_are_errors():
+    fq = LearnedRangeFakeQuantizer(IntAffine(8, False, None), (4, 32))
+    with pytest.raises(QattuneError, match="per-tensor format"):
+        fq(torch.randn(5, 32))
+    from qattune.quant.formats import NF4
+
+    with pytest.raises(QattuneError, match="integer formats only"):
+        LearnedRangeFakeQuantizer(NF4(), (4, 64))
+    with pytest.raises(QattuneError, match="never run or loaded"):
+        LearnedRangeFakeQuantizer(IntAffine(8, True, None), (4, 32)).quantize(torch.randn(4, 32))

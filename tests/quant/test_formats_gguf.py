@@ -1,0 +1,97 @@
+"""GGUF Q8_0 / Q4_0: block bytes and dequantized values equal the `gguf` package's (llama.cpp's)."""
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType, quants
+
+from qattune.errors import QattuneError
+from qattune.quant.formats import GGUFQ4_0, GGUFQ8_0
+
+
+def q8_0_bytes(q):
+    """GGUF Q8_0 block layout from a QuantizedTensor: float16 d, then 32 int8 codes."""
+    d = q.scale.numpy().astype(np.float16).view(np.uint8).reshape(*q.scale.shape, 2)
+    codes = q.codes.numpy().view(np.uint8).reshape(*q.scale.shape, 32)
+    return np.concatenate([d, codes], axis=-1).reshape(q.scale.shape[0], -1)
+
+
+def q4_0_bytes(q):
+    """GGUF Q4_0 block layout: float16 d, then byte j = q[j] | q[j + 16] << 4."""
+    d = q.scale.numpy().astype(np.float16).view(np.uint8).reshape(*q.scale.shape, 2)
+    codes = q.codes.numpy().reshape(*q.scale.shape, 32)
+    packed = codes[..., :16] | (codes[..., 16:] << 4)
+    return np.concatenate([d, packed], axis=-1).reshape(q.scale.shape[0], -1)
+
+
+def _gguf_input(dtype):
+    torch.manual_seed(0)
+    x = torch.randn(6, 128) * torch.logspace(-4, 2, 6)[:, None]
+    x[0, :32] = 0.0  # all-zero block
+    x[1, 40] = 5e3  # single outlier
+    x[2, 32:64] = torch.linspace(-1.0, 1.0, 32)  # +-max tie: first one (-1.0) wins, d = 1/8
+    x[3, :32] = torch.tensor([2.0, -2.0] + [0.5] * 30)  # tie: +2 first -> d = -0.25, -2 -> q = 16 -> 15
+    x[4, 64:96] = torch.tensor([127.0, 2.5, -2.5, 0.5, -0.5, 1.5] + [0.0] * 26)  # Q8_0: d = 1, halves away
+    x[5, :32] = 1e7  # d = 1e7 / 127 is beyond float16's range: inf, as in llama.cpp
+    return x.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    "fmt,qtype,to_bytes",
+    [(GGUFQ8_0(), GGMLQuantizationType.Q8_0, q8_0_bytes), (GGUFQ4_0(), GGMLQuantizationType.Q4_0, q4_0_bytes)],
+)
+def test_blocks_equal_gguf_package(dtype, fmt, qtype, to_bytes):
+    x = _gguf_input(dtype)
+    if qtype == GGMLQuantizationType.Q4_0:
+        x = x[:5]  # Q4_0's d = max / -8 stays finite
+    x32 = x.float().numpy()
+    with np.errstate(over="ignore", invalid="ignore"):
+        ref_bytes = quants.quantize(x32, qtype)
+        ref_values = quants.dequantize(ref_bytes, qtype)
+    q = fmt.quantize(x)
+    assert q.scale.dtype == torch.float16 and q.scale.shape == (x.shape[0], 4)
+    np.testing.assert_array_equal(to_bytes(q), ref_bytes)
+    ours = fmt.dequantize(q)
+    np.testing.assert_array_equal(ours.numpy(), ref_values)  # (NaN == NaN here)
+    np.testing.assert_array_equal(fmt.fake_quantize(x).float().numpy(), ours.to(dtype).float().numpy())
+
+
+def test_q8_0_rounds_half_away_from_zero():
+    x = torch.zeros(1, 32)
+    x[0, :6] = torch.tensor([127.0, 2.5, -2.5, 0.5, -0.5, 1.5])
+    q = GGUFQ8_0().quantize(x)
+    assert q.scale.item() == 1.0
+    assert q.codes[0, :6].tolist() == [127, 3, -3, 1, -1, 2]
+
+
+def test_q4_0_signed_max_ties_and_clip_mask():
+    x = torch.full((1, 32), 0.5)
+    x[0, :2] = torch.tensor([2.0, -2.0])  # first of the tied maxima is +2: d = -0.25
+    fmt = GGUFQ4_0()
+    q = fmt.quantize(x)
+    assert q.scale.item() == -0.25
+    # 2 / -0.25 + 8.5 = 0.5 -> 0; -2 -> 16.5 -> 16 -> 15 (clipped); 0.5 -> 6.5 -> 6
+    assert q.codes[0, :3].tolist() == [0, 15, 6]
+    x_hat, in_range = fmt.fake_quantize_with_mask(x)
+    assert x_hat[0, :3].tolist() == [2.0, -1.75, 0.5]
+    assert in_range[0].tolist() == [True, False] + [True] * 30
+
+
+def test_q4_0_all_zero_block_uses_code_8():
+    q = GGUFQ4_0().quantize(torch.zeros(2, 32))
+    assert torch.all(q.codes == 8) and torch.all(q.scale == 0)
+    assert torch.all(GGUFQ4_0().dequantize(q) == 0)
+
+
+def test_quantizes_along_rows_of_any_rank():
+    x = torch.randn(2, 3, 64)
+    q = GGUFQ4_0().quantize(x)
+    assert q.codes.shape == (2, 3, 64) and q.scale.shape == (2, 3, 2)
+    ref = quants.dequantize(quants.quantize(x.reshape(6, 64).numpy(), GGMLQuantizationType.Q4_0), GGMLQuantizationType.Q4_0)
+    assert torch.equal(GGUFQ4_0().dequantize(q).reshape(6, 64), torch.from_numpy(ref))
+
+
+def test_width_must_be_a_multiple_of_32():
+    with pytest.raises(QattuneError, match="100 in blocks of 32"):
+        GGUFQ8_0().quantize(torch.randn(1, 100))
