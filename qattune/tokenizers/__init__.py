@@ -4,6 +4,7 @@ files (tiktoken), with one interface (`Tokenizer`) and the chat formats of each 
 from .base import Segment, Tokenizer
 from .chat_format import ChatFormat, ChatMLFormat, Llama2ChatFormat, Llama3ChatFormat
 from .gguf_bpe import gguf_tokenizer
+from .hf_export import write_hf_tokenizer_files
 from .llama2 import SentencePieceTokenizer, llama2_tokenizer
 from .llama3 import LLAMA3_SPECIAL_TOKENS, llama3_tokenizer
 from .qwen2_5 import QWEN2_5_DEFAULT_SYSTEM_PROMPT, qwen2_5_tokenizer
@@ -24,4 +25,5 @@ __all__ = [
     "llama2_tokenizer",
     "llama3_tokenizer",
     "qwen2_5_tokenizer",
+    "write_hf_tokenizer_files",
 ]
