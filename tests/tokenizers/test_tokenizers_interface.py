@@ -116,3 +116,13 @@ def test_tokenizer_without_chat_format():
     with pytest.raises(QattuneError, match="is both a special token and an ordinary token"):
         TiktokenTokenizer(name="clash", pattern=r"\S+", mergeable_ranks=ranks, special_tokens={"<x>": 5},
                           bos_id=None, eos_id=5, pad_id=5)
+
+
+def test_pickle_round_trip(tok):
+    """Tokenizers cross process boundaries (DataLoader workers, torchrun spawn) by pickling."""
+    import pickle
+
+    clone = pickle.loads(pickle.dumps(tok))
+    text = VARIED_TEXTS[1]
+    assert clone.encode(text) == tok.encode(text)
+    assert clone.tokenize_messages(CONVERSATION) == tok.tokenize_messages(CONVERSATION)
