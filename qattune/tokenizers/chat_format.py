@@ -3,7 +3,9 @@
 A format turns validated messages into `Segment`s (see `base.py`); the tokenizer encodes them. Each
 format renders exactly the text of the model family's published template, and splits it so that the
 assistant's tokens are separate from the prompt's: the ids of a prompt with `add_generation_prompt=True`
-are always a prefix of the ids of the same conversation with the answer appended.
+are always a prefix of the ids of the same conversation with the answer appended. (So the ids equal
+those of the whole rendered text except where an answer starts with whitespace that the text's
+tokenization would merge with the header's newline, e.g. a ChatML answer starting with "\n".)
 
 - `Llama3ChatFormat`: <|begin_of_text|><|start_header_id|>role<|end_header_id|>\\n\\ncontent<|eot_id|>...
 - `ChatMLFormat` (Qwen2.5, SmolLM2): <|im_start|>role\\ncontent<|im_end|>\\n..., optional default system prompt.
