@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Iterable
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset
 
@@ -17,40 +18,36 @@ from qattune.errors import QattuneError
 from .labels import IGNORE_INDEX
 from .samples import Sample
 
+PACK_FIELDS = ("tokens", "labels", "input_pos", "document_ids")
+
 
 class _PackBuilder:
     """Accumulates documents into one pack of `max_seq_len` positions."""
 
     def __init__(self, max_seq_len: int) -> None:
         self.max_seq_len = max_seq_len
-        self.tokens: list[int] = []
-        self.labels: list[int] = []
-        self.input_pos: list[int] = []
-        self.document_ids: list[int] = []
-        self.num_documents = 0
+        self.pieces: list[Sample] = []
+        self.length = 0
 
     @property
     def free(self) -> int:
-        return self.max_seq_len - len(self.tokens)
+        return self.max_seq_len - self.length
 
     def add(self, sample: Sample) -> None:
-        n = len(sample.tokens)
-        self.tokens += sample.tokens
-        self.labels += sample.labels
-        self.input_pos += list(range(n))
-        self.document_ids += [self.num_documents] * n
-        self.num_documents += 1
+        self.pieces.append(sample)
+        self.length += len(sample.tokens)
 
     def finish(self, pad_id: int) -> dict[str, torch.Tensor]:
         """Pad to full length; padding is its own document (it attends to itself, trains nothing)."""
         n_pad = self.free
-        pos = list(range(n_pad))
-        return {
-            "tokens": torch.tensor(self.tokens + [pad_id] * n_pad, dtype=torch.long),
-            "labels": torch.tensor(self.labels + [IGNORE_INDEX] * n_pad, dtype=torch.long),
-            "input_pos": torch.tensor(self.input_pos + pos, dtype=torch.long),
-            "document_ids": torch.tensor(self.document_ids + [self.num_documents] * n_pad, dtype=torch.long),
+        lengths = [len(p.tokens) for p in self.pieces] + [n_pad]
+        fields = {
+            "tokens": np.concatenate([p.tokens for p in self.pieces] + [np.full(n_pad, pad_id)]),
+            "labels": np.concatenate([p.labels for p in self.pieces] + [np.full(n_pad, IGNORE_INDEX)]),
+            "input_pos": np.concatenate([np.arange(n) for n in lengths]),
+            "document_ids": np.repeat(np.arange(len(lengths)), lengths),
         }
+        return {name: torch.from_numpy(values.astype(np.int64)) for name, values in fields.items()}
 
 
 def pack_samples(
@@ -72,28 +69,29 @@ def pack_samples(
                 "and cannot be packed; raise max_seq_len or truncate the dataset"
             )
         rest = sample
-        while rest.tokens:
+        while len(rest.tokens):
             if current.free == 0 or (not split_across_pack and len(rest.tokens) > current.free):
                 packs.append(current.finish(pad_id))
                 current = _PackBuilder(max_seq_len)
             take = min(current.free, len(rest.tokens))
             current.add(Sample(rest.tokens[:take], rest.labels[:take]))
             rest = Sample(rest.tokens[take:], rest.labels[take:])
-    if current.tokens:
+    if current.length:
         packs.append(current.finish(pad_id))
     return packs
 
 
 class PackedDataset(Dataset):
-    """A map-style dataset of packs built by `pack_samples`."""
+    """A map-style dataset of packs built by `pack_samples`, stored as int32 [num_packs, max_seq_len]."""
 
     def __init__(self, samples: list[Sample], max_seq_len: int, pad_id: int, split_across_pack: bool) -> None:
-        self.packs = pack_samples(samples, max_seq_len, pad_id, split_across_pack)
+        packs = pack_samples(samples, max_seq_len, pad_id, split_across_pack)
+        self.fields = {name: torch.stack([p[name] for p in packs]).to(torch.int32) for name in PACK_FIELDS}
         self.pad_id = pad_id
         self.max_seq_len = max_seq_len
 
     def __len__(self) -> int:
-        return len(self.packs)
+        return self.fields["tokens"].shape[0]
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        return self.packs[index]
+        return {name: values[index].long() for name, values in self.fields.items()}

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterable, Optional, Sequence
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset
 
@@ -15,15 +16,17 @@ from .labels import IGNORE_INDEX, next_token_labels
 
 @dataclass
 class Sample:
-    """One training sequence: `tokens` and next-token `labels` of equal length."""
+    """One training sequence: `tokens` and next-token `labels`, int32 arrays of equal length
+    (compact: a dataset of millions of tokens stays small in memory)."""
 
-    tokens: list[int]
-    labels: list[int]
+    tokens: np.ndarray
+    labels: np.ndarray
 
     @classmethod
     def from_mask(cls, token_ids: Sequence[int], trained: Sequence[bool]) -> "Sample":
         """Build a sample whose targets are the tokens where `trained` is True."""
-        return cls(list(token_ids), next_token_labels(token_ids, trained))
+        labels = next_token_labels(token_ids, trained)
+        return cls(np.asarray(token_ids, dtype=np.int32), labels.astype(np.int32))
 
 
 def split_into_chunks(sample: Sample, max_seq_len: int) -> list[Sample]:
@@ -47,13 +50,12 @@ def fit_to_length(sample: Sample, max_seq_len: Optional[int], truncate: bool, wh
             f"{where} has {len(sample.tokens)} tokens, more than max_seq_len={max_seq_len}; "
             "raise max_seq_len or set truncate=True"
         )
-    labels = sample.labels[:max_seq_len]
-    return Sample(sample.tokens[:max_seq_len], labels)
+    return Sample(sample.tokens[:max_seq_len], sample.labels[:max_seq_len])
 
 
 def drop_untrained(samples: Iterable[Sample]) -> list[Sample]:
     """Keep samples that have at least one trained label (others add nothing but padding)."""
-    return [s for s in samples if any(label != IGNORE_INDEX for label in s.labels)]
+    return [s for s in samples if bool((s.labels != IGNORE_INDEX).any())]
 
 
 class TokenizedDataset(Dataset):
@@ -69,6 +71,6 @@ class TokenizedDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         sample = self.samples[index]
         return {
-            "tokens": torch.tensor(sample.tokens, dtype=torch.long),
-            "labels": torch.tensor(sample.labels, dtype=torch.long),
+            "tokens": torch.from_numpy(sample.tokens.astype(np.int64)),
+            "labels": torch.from_numpy(sample.labels.astype(np.int64)),
         }

@@ -26,7 +26,7 @@ def byte_ids(text):
 
 
 def test_next_token_labels_shift_and_mask():
-    assert next_token_labels([10, 11, 12, 13], [True, False, True, True]) == [IGNORE_INDEX, 12, 13, IGNORE_INDEX]
+    assert next_token_labels([10, 11, 12, 13], [True, False, True, True]).tolist() == [IGNORE_INDEX, 12, 13, IGNORE_INDEX]
 
 
 def test_text_completion_txt_paragraphs(tmp_path):

@@ -159,14 +159,14 @@ def test_packed_batch_equals_documents_run_alone():
             for row in range(len(packs)):
                 n = len(sample.tokens)
                 start = row_fill[row]
-                if packs[row]["tokens"][start : start + n].tolist() == sample.tokens and start + n <= 24:
+                if packs[row]["tokens"][start : start + n].tolist() == sample.tokens.tolist() and start + n <= 24:
                     offsets[id(sample)] = (row, start)
                     row_fill[row] += n
                     break
         assert len(offsets) == len(samples)
         for sample in samples:
             row, start = offsets[id(sample)]
-            alone = model(torch.tensor([sample.tokens]))[0]
+            alone = model(torch.from_numpy(sample.tokens).long()[None])[0]
             n = len(sample.tokens)
             assert torch.allclose(packed_logits[row, start : start + n], alone, atol=1e-5)
     assert F.cross_entropy(packed_logits.reshape(-1, VOCAB), batch["labels"].reshape(-1)).isfinite()
