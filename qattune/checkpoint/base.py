@@ -133,7 +133,9 @@ class Checkpointer(ABC):
         if not final.is_absolute() and self.output_dir is not None:
             final = self.output_dir / final
         tensors = {k: v.detach() for k, v in state_dict.items()}
-        self._check_shapes({k: v for k, v in tensors.items() if k != "output.weight" or not config.tie_embeddings}, config, saving=True)
+        if config.tie_embeddings:
+            tensors.pop("output.weight", None)  # the embedding, under a second name
+        self._check_shapes(tensors, config, saving=True)
         with atomic_directory(final) as tmp:
             self._write(tensors, config, tmp)
             if write_extra is not None:
@@ -141,7 +143,9 @@ class Checkpointer(ABC):
         return final
 
     # --- checks ---------------------------------------------------------------------------------------
-    def _check_shapes(self, state_dict: Mapping[str, torch.Tensor], config: TransformerConfig, saving: bool = False) -> None:
+    def _check_shapes(
+        self, state_dict: Mapping[str, torch.Tensor], config: TransformerConfig, saving: bool = False
+    ) -> None:
         expected = expected_shapes(config)
         names = self.adapter.names(self.format, config)
         unknown = [name for name in state_dict if name not in expected]

@@ -77,7 +77,9 @@ class GGUFCheckpointer(Checkpointer):
         names = self.checkpoint_files or sorted(p.name for p in self.checkpoint_dir.glob("*.gguf"))
         if len(names) != 1:
             found = "none" if not names else ", ".join(names)
-            raise QattuneError(f"expected one .gguf file in {self.checkpoint_dir} (found {found}); set checkpoint_files")
+            raise QattuneError(
+                f"expected one .gguf file in {self.checkpoint_dir} (found {found}); set checkpoint_files"
+            )
         path = self.checkpoint_dir / names[0]
         if not path.is_file():
             raise QattuneError(f"GGUF file '{names[0]}' is missing from {self.checkpoint_dir}")

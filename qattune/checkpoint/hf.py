@@ -171,7 +171,9 @@ class HFCheckpointer(Checkpointer):
             names = sorted(p.name for p in self.checkpoint_dir.glob("*.safetensors"))
             listed_in = ""
             if not names:
-                raise QattuneError(f"no *.safetensors file in {self.checkpoint_dir}; is this a Hugging Face model folder?")
+                raise QattuneError(
+                    f"no *.safetensors file in {self.checkpoint_dir}; is this a Hugging Face model folder?"
+                )
         paths = [self.checkpoint_dir / n for n in names]
         for path in paths:
             if not path.is_file():

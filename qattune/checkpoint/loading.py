@@ -25,7 +25,9 @@ def _builder_name(builder: Callable[..., nn.Module]) -> str:
     return f"{getattr(builder, '__module__', '')}.{getattr(builder, '__qualname__', repr(builder))}".lstrip(".")
 
 
-def check_model_matches(model: nn.Module, checkpoint_shapes: Mapping[str, tuple[int, ...]], model_name: str, source: str) -> None:
+def check_model_matches(
+    model: nn.Module, checkpoint_shapes: Mapping[str, tuple[int, ...]], model_name: str, source: str
+) -> None:
     """Raise a one-line QattuneError naming the first tensor whose shape differs (or is absent)."""
     model_shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     for name, want in model_shapes.items():

@@ -293,7 +293,8 @@ class StateDictAdapter:
             scaled = bool(params.get("use_scaled_rope", False))
             scaling = {}
             if scaled:
-                scaling = {"rope_scaling_factor": float(params.get("rope_scaling_factor", self.meta_rope_scaling_factor))}
+                factor = params.get("rope_scaling_factor", self.meta_rope_scaling_factor)
+                scaling = {"rope_scaling_factor": float(factor)}
             return TransformerConfig(
                 vocab_size=vocab_size,
                 num_layers=int(params["n_layers"]),
@@ -365,7 +366,7 @@ class StateDictAdapter:
         embed_dim = int(key("embedding_length"))
         head_dim = int(metadata.get(f"{arch}.attention.key_length", embed_dim // heads))
         if int(metadata.get(f"{arch}.rope.dimension_count", head_dim)) != head_dim:
-            raise QattuneError(f"{source}: partial rotary embeddings (rope.dimension_count < head_dim) are not supported")
+            raise QattuneError(f"{source}: partial rotary embeddings (rope.dimension_count < head_dim) are unsupported")
         rope_base = _f32_decimal(key("rope.freq_base", 10000.0))
         scaling = {} if rope_freqs is None else _llama3_scaling_from_factors(rope_freqs, head_dim, rope_base, source)
         return TransformerConfig(
@@ -443,7 +444,7 @@ class Qwen2Adapter(StateDictAdapter):
 
     def _hf_extra_config(self, config: TransformerConfig) -> dict[str, Any]:
         if not config.qkv_bias:
-            raise QattuneError("a Qwen2 config.json implies q/k/v biases, but this model has none; use model_type llama")
+            raise QattuneError("a Qwen2 config.json implies q/k/v biases but this model has none; use model_type llama")
         return {"use_sliding_window": False}
 
 

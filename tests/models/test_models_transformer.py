@@ -89,6 +89,20 @@ def test_tied_head_is_one_parameter_and_survives_to_empty_and_assign_loading():
         assert torch.equal(fresh.eval()(tokens), model(tokens))
 
 
+def test_meta_built_model_can_be_initialised_from_scratch():
+    with torch.device("meta"):
+        model = llama(96, 2, 4, 2, 64, 96, 64, tie_embeddings=True, qkv_bias=True)
+    model.to_empty(device="cpu")
+    model.init_weights(std=0.02)
+    assert model.weights_tied()
+    assert torch.equal(model.norm.weight, torch.ones(64)) and torch.equal(model.layers[0].mlp_norm.weight, torch.ones(64))
+    assert torch.equal(model.layers[1].attn.k_proj.bias, torch.zeros(32))
+    assert abs(model.layers[0].mlp.up_proj.weight.std().item() - 0.02) < 0.002
+    with torch.no_grad():
+        logits = model(torch.randint(0, 96, (2, 8)))
+    assert torch.isfinite(logits).all() and 0.05 < logits.std() < 0.5  # ~ sqrt(64) * 0.02 from the tied head
+
+
 def test_meta_build_of_8b_is_instant_and_allocates_nothing():
     def rss_bytes() -> int:
         with open("/proc/self/statm") as f:
