@@ -47,7 +47,7 @@ class ModuleNameFilter:
             return "not matched by include"
         for pattern in self._exclude:
             if pattern.search(name):
-                return f"matched exclude {pattern.pattern!r}"
+                return f"matched exclude '{pattern.pattern}'"
         return None
 
 
