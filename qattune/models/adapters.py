@@ -343,6 +343,36 @@ class StateDictAdapter:
         return params
 
     # --- GGUF metadata ---------------------------------------------------------------------------------
+    def config_to_gguf(self, config: TransformerConfig) -> dict[str, Any]:
+        """GGUF model metadata for `config` (ints are written as uint32, floats as float32).
+
+        Llama 3.1-style RoPE scaling is not metadata in GGUF but a `rope_freqs.weight` tensor: see
+        `gguf_rope_freqs`. Tokenizer metadata is the tokenizer's business.
+        """
+        arch = self.gguf_architecture
+        return {
+            "general.architecture": arch,
+            f"{arch}.block_count": config.num_layers,
+            f"{arch}.context_length": config.max_seq_len,
+            f"{arch}.embedding_length": config.embed_dim,
+            f"{arch}.feed_forward_length": config.intermediate_dim,
+            f"{arch}.attention.head_count": config.num_heads,
+            f"{arch}.attention.head_count_kv": config.num_kv_heads,
+            f"{arch}.attention.key_length": config.head_dim,
+            f"{arch}.attention.value_length": config.head_dim,
+            f"{arch}.rope.dimension_count": config.head_dim,
+            f"{arch}.rope.freq_base": float(config.rope_base),
+            f"{arch}.attention.layer_norm_rms_epsilon": float(config.norm_eps),
+            f"{arch}.vocab_size": config.vocab_size,
+        }
+
+    def gguf_rope_freqs(self, config: TransformerConfig) -> Optional[torch.Tensor]:
+        """llama.cpp's `rope_freqs.weight` (per-frequency divisors) for scaled RoPE, else None."""
+        if config.rope_scaling_factor is None:
+            return None
+        plain = RopeConfig(config.head_dim, config.rope_base)
+        return inverse_frequencies(plain) / inverse_frequencies(config.rope)
+
     def config_from_gguf(
         self,
         metadata: Mapping[str, Any],

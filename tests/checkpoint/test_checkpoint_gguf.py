@@ -27,16 +27,12 @@ def tiny_model(qkv_bias=False, tie=False):
 def write_gguf(path, arch, model, types=None, rope_freqs=None):
     """Write `model` as llama.cpp would: its names, its q/k layout, `types[name]` per tensor (default F32)."""
     cfg = model.config
-    writer = gguf.GGUFWriter(str(path), arch)
-    writer.add_block_count(cfg.num_layers)
-    writer.add_context_length(cfg.max_seq_len)
-    writer.add_embedding_length(cfg.embed_dim)
-    writer.add_feed_forward_length(cfg.intermediate_dim)
-    writer.add_head_count(cfg.num_heads)
-    writer.add_head_count_kv(cfg.num_kv_heads)
-    writer.add_rope_freq_base(cfg.rope_base)
-    writer.add_layer_norm_rms_eps(cfg.norm_eps)
     adapter = get_adapter("qwen2" if arch == "qwen2" else "llama")
+    writer = gguf.GGUFWriter(str(path), arch)
+    for key, value in adapter.config_to_gguf(cfg).items():
+        if key == "general.architecture":
+            continue  # the writer adds it
+        (writer.add_uint32 if isinstance(value, int) else writer.add_float32)(key, value)
     for name, tensor in adapter.to_gguf(model.state_dict(), cfg).items():
         values = tensor.detach().numpy().astype(np.float32)
         kind = (types or {}).get(name, Q.F32)
@@ -119,6 +115,8 @@ def test_llama3_rope_freqs_tensor_becomes_rope_scaling(tmp_path):
 
     plain = inverse_frequencies(RopeConfig(64, 500000.0))
     factors = plain / inverse_frequencies(model.config.rope)  # what llama.cpp's converter stores
+    assert torch.equal(get_adapter("llama").gguf_rope_freqs(model.config), factors)
+    assert factors.max() == 8.0 and factors.min() == 1.0
     write_gguf(tmp_path / "m.gguf", "llama", model, rope_freqs=factors)
     config = GGUFCheckpointer(str(tmp_path / "m.gguf")).config
     assert (config.rope_scaling_factor, config.rope_low_freq_factor, config.rope_high_freq_factor,

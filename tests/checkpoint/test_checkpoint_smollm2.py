@@ -35,6 +35,12 @@ def test_config_read_from_gguf_metadata_matches_the_builder(smollm2):
         expected = smollm2_135m().config
     assert checkpointer.config == expected  # norm_eps 1e-5 and rope_base 1e5 read back from float32 metadata
     assert checkpointer.model_config()["tie_embeddings"] is True
+    # and the metadata qattune would write for it (GGUF export) is what llama.cpp's converter wrote
+    written = checkpointer.adapter.config_to_gguf(expected)
+    shared = [key for key in written if key in checkpointer.metadata]
+    assert len(shared) >= 10
+    for key in shared:
+        assert written[key] == pytest.approx(checkpointer.metadata[key], rel=1e-6), key
 
 
 def test_perplexity_on_python_docs_is_low_and_logits_are_sane(smollm2):
