@@ -95,3 +95,18 @@ def test_quantizes_along_rows_of_any_rank():
 def test_width_must_be_a_multiple_of_32():
     with pytest.raises(QattuneError, match="100 in blocks of 32"):
         GGUFQ8_0().quantize(torch.randn(1, 100))
+
+
+def test_q4_0_sum_rounding_boundaries_match_gguf():
+    # d = 8 / -8 = -1, so t = x * (1/d) = -x exactly; put t on each half-integer boundary of
+    # trunc(t + 8.5) and one float32 step below it, where the float32 sum t + 8.5 rounds up.
+    halves = np.arange(-7.5, 8.0, 1.0, dtype=np.float32)
+    below = np.nextafter(halves, np.float32(-np.inf), dtype=np.float32)
+    t = np.concatenate([halves, below[:15]])
+    x = torch.from_numpy(np.concatenate([[np.float32(8.0)], -t]).astype(np.float32)).reshape(1, 32)
+    ref = quants.quantize(x.numpy(), GGMLQuantizationType.Q4_0)
+    q = GGUFQ4_0().quantize(x)
+    assert q.scale.item() == -1.0
+    np.testing.assert_array_equal(q4_0_bytes(q), ref)
+    # the float32 sum rounds: t = -0.5 - 2**-24 still gives trunc(8.0) = 8 (exact arithmetic: 7)
+    assert q.codes[0, 1 + 16 + 7].item() == 8

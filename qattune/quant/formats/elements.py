@@ -19,6 +19,20 @@ E4M3_MIN_NORMAL = 2.0**-6  # torch.finfo(torch.float8_e4m3fn).tiny
 E4M3_CLIP_THRESHOLD = 464.0  # 448 + 32 / 2
 E2M1_CLIP_THRESHOLD = 7.0  # 6 + 2 / 2
 
+_CONSTANT_CACHE: dict[tuple[tuple[float, ...], torch.device], Tensor] = {}
+
+
+def constant_tensor(values: tuple[float, ...], device: torch.device) -> Tensor:
+    """A float32 lookup table on `device`, built once per device in eager mode (a graph constant when compiling)."""
+    if torch.compiler.is_compiling():
+        return torch.tensor(values, dtype=torch.float32, device=device)
+    key = (values, torch.device(device))
+    table = _CONSTANT_CACHE.get(key)
+    if table is None:
+        table = _CONSTANT_CACHE[key] = torch.tensor(values, dtype=torch.float32, device=device)
+    return table
+
+
 E8M0_BIAS = 127
 E8M0_MIN_EXP = -127  # biased code 0; code 255 is NaN
 
@@ -101,8 +115,7 @@ _E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, 
 
 def e2m1_decode(codes: Tensor) -> Tensor:
     """Float32 values of FP4 E2M1 codes (uint8 0..15)."""
-    table = torch.tensor(_E2M1_VALUES, dtype=torch.float32, device=codes.device)
-    return table[codes.long()]
+    return constant_tensor(_E2M1_VALUES, codes.device)[codes.long()]
 
 
 def e8m0_encode(exponent: Tensor) -> Tensor:

@@ -14,6 +14,7 @@ from torch import Tensor
 
 from qattune.errors import QattuneError
 from qattune.quant.formats.base import NumericFormat, QuantizedTensor, to_blocks
+from qattune.quant.formats.elements import constant_tensor
 
 NF4_LEVELS = (
     -1.0, -0.6961928, -0.5250731, -0.3949175, -0.2844414, -0.1847734, -0.0910500, 0.0,
@@ -21,8 +22,9 @@ NF4_LEVELS = (
 )  # fmt: skip
 
 
-def _levels(device: torch.device) -> Tensor:
-    return torch.tensor(NF4_LEVELS, dtype=torch.float32, device=device)
+# Decision thresholds: float32 midpoints between neighbouring levels.
+_LEVELS_F32 = torch.tensor(NF4_LEVELS, dtype=torch.float32)
+_MIDPOINTS = tuple(((_LEVELS_F32[1:] + _LEVELS_F32[:-1]) / 2).tolist())
 
 
 class NF4(NumericFormat):
@@ -40,19 +42,17 @@ class NF4(NumericFormat):
         xb = to_blocks(x, self.block_size).float()
         absmax = xb.abs().amax(dim=-1, keepdim=True)
         v = xb / torch.where(absmax > 0, absmax, torch.ones_like(absmax))
-        levels = _levels(x.device)
-        midpoints = (levels[1:] + levels[:-1]) / 2
-        return torch.bucketize(v, midpoints, right=False), absmax
+        return torch.bucketize(v, constant_tensor(_MIDPOINTS, x.device), right=False), absmax
 
     def quantize(self, x: Tensor) -> QuantizedTensor:
         codes, absmax = self._encode(x)
         return QuantizedTensor(codes=codes.to(torch.uint8).reshape(x.shape), scale=absmax[..., 0])
 
     def dequantize(self, q: QuantizedTensor, dtype: torch.dtype = torch.float32) -> Tensor:
-        values = to_blocks(_levels(q.codes.device)[q.codes.long()], self.block_size)
+        values = to_blocks(constant_tensor(NF4_LEVELS, q.codes.device)[q.codes.long()], self.block_size)
         return (values * q.scale.float().unsqueeze(-1)).reshape(q.codes.shape).to(dtype)
 
     def fake_quantize_with_mask(self, x: Tensor) -> tuple[Tensor, Optional[Tensor]]:
         # |x / absmax| <= 1: nothing is ever clipped.
         codes, absmax = self._encode(x)
-        return (_levels(x.device)[codes] * absmax).reshape(x.shape).to(x.dtype), None
+        return (constant_tensor(NF4_LEVELS, x.device)[codes] * absmax).reshape(x.shape).to(x.dtype), None
