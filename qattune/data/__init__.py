@@ -2,7 +2,7 @@
 
 from .chat import chat_dataset
 from .collate import block_causal_mask, padded_collate
-from .instruct import alpaca_prompt, instruct_dataset
+from .instruct import alpaca_cleaned_dataset, alpaca_dataset, alpaca_prompt, instruct_dataset
 from .labels import IGNORE_INDEX, next_token_labels
 from .loader import StatefulDataLoader, build_dataloader, epoch_indices
 from .packing import PackedDataset, pack_samples
@@ -17,6 +17,8 @@ __all__ = [
     "Sample",
     "StatefulDataLoader",
     "TokenizedDataset",
+    "alpaca_cleaned_dataset",
+    "alpaca_dataset",
     "alpaca_prompt",
     "block_causal_mask",
     "build_dataloader",

@@ -8,7 +8,7 @@ from torch.utils.data import Dataset
 
 from qattune.errors import QattuneError
 
-from .builder import finish_dataset
+from .builder import finish_dataset, resolve_max_seq_len
 from .samples import Sample, fit_to_length
 from .sources import load_rows, require_columns
 
@@ -50,24 +50,29 @@ def chat_dataset(
     split: str = "train",
     conversation_column: str = "messages",
     conversation_style: Literal["auto", "openai", "sharegpt"] = "auto",
-    system_prompt: Optional[str] = None,
+    new_system_prompt: Optional[str] = None,
     train_on_input: bool = False,
     max_seq_len: Optional[int] = None,
     packed: bool = False,
     truncate: bool = True,
+    data_files: Optional[str] = None,
 ) -> Dataset:
     """Multi-turn chat fine-tuning; loss on assistant turns only unless `train_on_input`.
 
     Each row's `conversation_column` holds OpenAI-style messages (role/content) or ShareGPT turns
     (from/value; human->user, gpt->assistant). Conversations longer than `max_seq_len` are truncated
-    (or refused with `truncate=False`).
+    (or refused with `truncate=False`); `max_seq_len` defaults to the tokenizer's. `new_system_prompt`
+    replaces (or adds) the system message of every conversation.
     """
-    rows = load_rows(source, split)
+    max_seq_len = resolve_max_seq_len(max_seq_len, tokenizer)
+    rows = load_rows(source, split, data_files=data_files)
     require_columns(rows, [conversation_column], source)
     samples = []
     for index, row in enumerate(rows):
         where = f"dataset '{source}' row {index}"
-        messages = with_system_prompt(to_openai_messages(row[conversation_column], conversation_style, where), system_prompt)
+        messages = with_system_prompt(
+            to_openai_messages(row[conversation_column], conversation_style, where), new_system_prompt
+        )
         ids, assistant_mask = tokenizer.tokenize_messages(messages)
         trained = [True] * len(ids) if train_on_input else [bool(m) for m in assistant_mask]
         samples.append(fit_to_length(Sample.from_mask(ids, trained), max_seq_len, truncate, where))

@@ -6,7 +6,9 @@ from typing import Any, Literal, Optional
 
 from torch.utils.data import Dataset
 
-from .builder import finish_dataset
+from qattune.errors import QattuneError
+
+from .builder import finish_dataset, resolve_max_seq_len
 from .samples import Sample, fit_to_length
 from .sources import load_rows, require_columns
 
@@ -57,6 +59,8 @@ def instruct_dataset(
     max_seq_len: Optional[int] = None,
     packed: bool = False,
     truncate: bool = True,
+    data_files: Optional[str] = None,
+    column_map: Optional[dict[str, str]] = None,
 ) -> Dataset:
     """Supervised fine-tuning on instruction/input/output rows (alpaca and its many look-alikes).
 
@@ -64,8 +68,18 @@ def instruct_dataset(
     chat template as a user/assistant pair. Loss is on the response only unless `train_on_input`.
     Examples longer than `max_seq_len` are truncated (or refused with `truncate=False`).
     An `input_column` missing from the data is treated as empty when it is the default `input`.
+    `column_map` (torchtune's spelling) maps "instruction"/"input"/"output" to the data's column names.
+    `max_seq_len` defaults to the tokenizer's.
     """
-    rows = load_rows(source, split)
+    mapped = column_map or {}
+    unknown = sorted(set(mapped) - {"instruction", "input", "output"})
+    if unknown:
+        raise QattuneError(f"instruct_dataset column_map has unknown key(s) {unknown}; use instruction, input, output")
+    instruction_column = mapped.get("instruction", instruction_column)
+    input_column = mapped.get("input", input_column)
+    output_column = mapped.get("output", output_column)
+    max_seq_len = resolve_max_seq_len(max_seq_len, tokenizer)
+    rows = load_rows(source, split, data_files=data_files)
     columns = getattr(rows, "column_names", None) or list(rows[0].keys())
     use_input = input_column is not None and (input_column in columns or input_column != "input")
     require_columns(rows, [instruction_column, output_column] + ([input_column] if use_input else []), source)
@@ -81,3 +95,33 @@ def instruct_dataset(
         )
         samples.append(fit_to_length(sample, max_seq_len, truncate, f"dataset '{source}' row {index}"))
     return finish_dataset(samples, tokenizer, max_seq_len, packed, split_long_documents=False, source=source)
+
+
+def alpaca_dataset(
+    tokenizer: Any,
+    source: str = "tatsu-lab/alpaca",
+    split: str = "train",
+    train_on_input: bool = True,
+    max_seq_len: Optional[int] = None,
+    packed: bool = False,
+    data_files: Optional[str] = None,
+) -> Dataset:
+    """Stanford Alpaca (52k instructions) with the Alpaca prompt; `source` may be a local copy
+    (a JSON file of instruction/input/output rows) for offline use."""
+    return instruct_dataset(
+        tokenizer, source, split, train_on_input=train_on_input, max_seq_len=max_seq_len, packed=packed,
+        data_files=data_files,
+    )
+
+
+def alpaca_cleaned_dataset(
+    tokenizer: Any,
+    source: str = "yahma/alpaca-cleaned",
+    split: str = "train",
+    train_on_input: bool = True,
+    max_seq_len: Optional[int] = None,
+    packed: bool = False,
+    data_files: Optional[str] = None,
+) -> Dataset:
+    """The cleaned Alpaca set (yahma/alpaca-cleaned), same format and options as `alpaca_dataset`."""
+    return alpaca_dataset(tokenizer, source, split, train_on_input, max_seq_len, packed, data_files)

@@ -7,7 +7,7 @@ from typing import Any, Literal, Optional
 
 from torch.utils.data import Dataset
 
-from .builder import finish_dataset
+from .builder import finish_dataset, resolve_max_seq_len
 from .text_completion import text_samples
 
 VALIDATION_SHARE = 10
@@ -44,4 +44,8 @@ def python_docs_dataset(
     The train and validation splits hold disjoint topics. Long topics are split at `max_seq_len`.
     """
     samples = text_samples(python_docs_rows(split), "text", tokenizer)
-    return finish_dataset(samples, tokenizer, max_seq_len, packed, split_long_documents=True, source=f"python_docs/{split}")
+    max_seq_len = resolve_max_seq_len(max_seq_len, tokenizer)
+    return finish_dataset(
+        samples, tokenizer, max_seq_len, packed, split_long_documents=True, source=f"python_docs/{split}",
+        split_across_pack=True,
+    )

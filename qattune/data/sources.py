@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 from qattune.errors import QattuneError
 
@@ -28,15 +28,22 @@ def _hub_offline() -> bool:
     return any(os.environ.get(var, "0").lower() in ("1", "true", "yes") for var in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"))
 
 
-def load_rows(source: str, split: str = "train", text_sample_by: str = "paragraph") -> Rows:
+def load_rows(
+    source: str, split: str = "train", text_sample_by: str = "paragraph", data_files: Optional[str] = None
+) -> Rows:
     """Rows (dicts) of `source`: a .txt/.md/.rst, .json/.jsonl, .parquet or .csv file, a folder, or a hub name.
 
     Text files give one row per line, paragraph (blank-line separated) or whole document
     (`text_sample_by`), in a column named `text`. A local file has one split, `train`; take slices with
-    `datasets` syntax such as `train[:90%]`.
+    `datasets` syntax such as `train[:90%]`. torchtune's spelling also works: `source` a builder name
+    (json, text, parquet, csv) and `data_files` the local file.
     """
-    import datasets
-
+    if data_files is not None:
+        if not os.path.exists(os.path.expanduser(data_files)):
+            raise QattuneError(f"dataset file '{data_files}' (data_files) does not exist; check the path "
+                               f"(relative paths start from {os.getcwd()})")
+        extra = {"sample_by": text_sample_by} if source == "text" else {}
+        return _load(data_files, split, source, data_files=os.path.expanduser(data_files), **extra)
     path = os.path.expanduser(source)
     if os.path.isfile(path):
         suffix = os.path.splitext(path)[1].lower()

@@ -8,6 +8,7 @@ from data_byte_tokenizer import BOS, EOS, ByteTokenizer
 
 from qattune.data import (
     IGNORE_INDEX,
+    alpaca_dataset,
     alpaca_prompt,
     chat_dataset,
     instruct_dataset,
@@ -172,3 +173,46 @@ def test_instruct_chat_template_uses_the_tokenizer(tmp_path):
     prefix = [BOS] + byte_ids("<user>") + byte_ids("Add\n\n2 3") + [EOS] + byte_ids("<assistant>")
     assert ds[0]["tokens"].tolist() == prefix + byte_ids("5") + [EOS]
     assert ds[0]["labels"].tolist() == [IGNORE_INDEX] * (len(prefix) - 1) + byte_ids("5") + [EOS, IGNORE_INDEX]
+
+
+def test_torchtune_spellings_data_files_column_map_and_tokenizer_max_seq_len(tmp_path):
+    rows = [{"prompt": "Greet", "response": "hi"}]
+    path = tmp_path / "qa.json"
+    path.write_text(json.dumps(rows))
+    ds = instruct_dataset(TOK, "json", data_files=str(path), column_map={"instruction": "prompt", "output": "response"})
+    assert ds[0]["tokens"].tolist() == [BOS] + byte_ids(alpaca_prompt("Greet", "")) + byte_ids("hi") + [EOS]
+    with pytest.raises(QattuneError, match="dataset file 'missing.json' \\(data_files\\) does not exist"):
+        instruct_dataset(TOK, "json", data_files="missing.json")
+    with pytest.raises(QattuneError, match="column_map has unknown key"):
+        instruct_dataset(TOK, str(path), column_map={"question": "prompt"})
+
+    class ShortTokenizer(ByteTokenizer):
+        max_seq_len = 6
+
+    text = tmp_path / "t.txt"
+    text.write_text("abcdefghij\n")
+    pieces = text_completion_dataset(ShortTokenizer(), "text", data_files=str(text))
+    assert [len(pieces[i]["tokens"]) for i in range(len(pieces))] == [6, 6]
+
+
+def test_alpaca_dataset_from_a_local_copy_trains_on_input_by_default(tmp_path):
+    ds = alpaca_dataset(TOK, source=str(_write_alpaca(tmp_path)))
+    tokens = ds[1]["tokens"].tolist()
+    assert ds[1]["labels"].tolist() == tokens[1:] + [IGNORE_INDEX]
+
+
+def test_text_packing_without_split_across_pack_keeps_pieces_whole(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text("\n".join(json.dumps({"text": t}) for t in ["abcdefgh", "xyz"]))
+    ds = text_completion_dataset(TOK, str(path), max_seq_len=6, packed=True, split_across_pack=False)
+    # "abcdefgh" -> 10 tokens -> pieces of 6 and 4; "xyz" -> 5 tokens does not fit the 2 left
+    assert [ds[i]["document_ids"].tolist() for i in range(len(ds))] == [[0] * 6, [0] * 4 + [1] * 2, [0] * 5 + [1]]
+    assert ds[1]["input_pos"].tolist() == [0, 1, 2, 3, 0, 1]
+
+
+def test_chat_new_system_prompt_replaces_the_system_message(tmp_path):
+    rows = [{"messages": [{"role": "system", "content": "old"}, {"role": "user", "content": "q"},
+                          {"role": "assistant", "content": "a"}]}]
+    (tmp_path / "c.json").write_text(json.dumps(rows))
+    ds = chat_dataset(TOK, str(tmp_path / "c.json"), new_system_prompt="new")
+    assert TOK.decode(ds[0]["tokens"].tolist()).startswith("<system>new")
