@@ -101,6 +101,8 @@ class StateDictAdapter:
     # --- names -----------------------------------------------------------------------------------------
     def names(self, fmt: str, config: TransformerConfig) -> dict[str, str]:
         """qattune name -> name in `fmt` for every tensor a model of `config` has in that format."""
+        if fmt not in FORMATS:
+            raise ValueError(f"unknown checkpoint format {fmt!r}; expected one of {FORMATS}")
         rows = _PER_LAYER + (_QKV_BIAS if config.qkv_bias else ())
         col = _COLUMN[fmt]
         mapping = {row[0]: row[col] for row in _TOP_LEVEL}
@@ -130,11 +132,10 @@ class StateDictAdapter:
         self, fmt: str, state_dict: Mapping[str, torch.Tensor], config: TransformerConfig, source: str
     ) -> dict[str, torch.Tensor]:
         """A `fmt` state dict (from `source`, named in errors) in qattune names and layout."""
-        to_qattune = {theirs: ours for ours, theirs in self.names(fmt, config).items()}
-        head_output = self.names(fmt, config)["output.weight"]
-        unexpected = [
-            k for k in state_dict if k not in to_qattune and not k.endswith(_IGNORED[fmt])
-        ]
+        names = self.names(fmt, config)
+        to_qattune = {theirs: ours for ours, theirs in names.items()}
+        head_output = names["output.weight"]
+        unexpected = [k for k in state_dict if k not in to_qattune and not k.endswith(_IGNORED[fmt])]
         if unexpected:
             raise QattuneError(
                 f"{source}: unexpected tensor '{unexpected[0]}' ({len(unexpected)} in all) for a {self.family} "
