@@ -61,21 +61,78 @@ def _provided(annotation: ast.expr) -> tuple[str, ...]:
     return ()
 
 
+def _imported_names(tree: ast.Module) -> dict[str, str]:
+    """Local name -> dotted path, for the `from x import y` lines of a recipe file."""
+    names = {}
+    for node in tree.body:
+        if isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            for alias in node.names:
+                names[alias.asname or alias.name] = f"{node.module}.{alias.name}"
+    return names
+
+
+def _class_fields(cls: ast.ClassDef, resolve_base) -> dict[str, SchemaField] | None:
+    """Fields of a RecipeConfig subclass, inherited ones first; None if it is not one."""
+    fields: dict[str, SchemaField] = {}
+    is_schema = False
+    for base in cls.bases:
+        name = getattr(base, "id", None) or getattr(base, "attr", None)
+        if name == SCHEMA_BASE:
+            is_schema = True
+            continue
+        inherited = resolve_base(base)
+        if inherited is not None:
+            fields.update(inherited)
+            is_schema = True
+    if not is_schema:
+        return None
+    for stmt in cls.body:
+        if isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name):
+            name = stmt.target.id
+            fields[name] = SchemaField(name, typespec.from_ast(stmt.annotation), stmt.value is None,
+                                       _provided(stmt.annotation))
+    return fields
+
+
+def _base_resolver(imports: dict[str, str], module: str | None):
+    """Resolves a base-class expression to the fields of the RecipeConfig subclass it names, statically."""
+    from qattune.config.signatures import find_class
+
+    def resolve(base: ast.expr) -> dict[str, SchemaField] | None:
+        name = getattr(base, "id", None)
+        if name is None:
+            return None
+        dotted = imports.get(name) or (f"{module}.{name}" if module else None)
+        found = find_class(dotted) if dotted else None
+        if found is None:
+            return None
+        cls, where = found
+        return _class_fields(cls, _base_resolver(_imported_names_of(where), where))
+
+    return resolve
+
+
+def _imported_names_of(module: str) -> dict[str, str]:
+    from qattune.config.signatures import module_file
+
+    path = module_file(module)
+    try:
+        return _imported_names(ast.parse(path.read_text(encoding="utf-8"))) if path else {}
+    except (OSError, SyntaxError):
+        return {}
+
+
 @lru_cache(maxsize=None)
 def read_schema(path: Path) -> RecipeSchema | None:
-    """The schema declared by the recipe file at `path`, or None if it declares none."""
+    """The schema declared by the recipe file at `path` (base classes included), or None if it has none."""
     try:
         tree = ast.parse(path.read_text(encoding="utf-8"))
     except (OSError, SyntaxError, UnicodeDecodeError):
         return None
+    resolve = _base_resolver(_imported_names(tree), None)
     for node in tree.body:
-        if isinstance(node, ast.ClassDef) and any(getattr(b, "id", None) == SCHEMA_BASE for b in node.bases):
-            fields = {}
-            for stmt in node.body:
-                if isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name):
-                    name = stmt.target.id
-                    fields[name] = SchemaField(
-                        name, typespec.from_ast(stmt.annotation), stmt.value is None, _provided(stmt.annotation)
-                    )
-            return RecipeSchema(path.stem, fields)
+        if isinstance(node, ast.ClassDef):
+            fields = _class_fields(node, resolve)
+            if fields is not None:
+                return RecipeSchema(path.stem, fields)
     return None

@@ -218,6 +218,14 @@ def _find_dotted(path: str, depth: int = 0) -> _Definition | None:
     return None
 
 
+def find_class(path: str) -> tuple[ast.ClassDef, str] | None:
+    """The class statement `pkg.mod.Name` refers to and the module defining it, found statically."""
+    defn = _find_dotted(path)
+    if defn is None or not isinstance(defn.node, ast.ClassDef):
+        return None
+    return defn.node, defn.module
+
+
 # ---------------------------------------------------------------- reading parameters
 
 
