@@ -29,6 +29,7 @@ from .distributed import (
     world_size,
 )
 from .hooks import StepHook
+from .loss import CrossEntropyLoss
 from .memory import peak_memory_stats, reset_peak_memory
 from .profiler import NoProfiler
 from .progress import ProgressBar
@@ -123,6 +124,7 @@ class Trainer:
         self.progress_bar = progress_bar
         self.teacher_model = teacher_model
         self.profiler = profiler or NoProfiler()
+        self.validation_loss_fn = CrossEntropyLoss() if teacher_model is not None else loss_fn
         self.is_main = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
         self.global_step = 0
         self.epoch = 0
@@ -196,7 +198,8 @@ class Trainer:
     # ----- validation ---------------------------------------------------------------------------
     @torch.no_grad()
     def validate(self) -> float:
-        """Token-weighted mean loss over the validation loader (all ranks together)."""
+        """Token-weighted mean loss over the validation loader (all ranks together); plain token cross
+        entropy when distilling, so validation numbers compare across runs."""
         if self.val_loader is None:
             raise QattuneError("validation was requested but no validation dataset was given; set a val dataset")
         if hasattr(self.val_loader, "restart"):
@@ -207,7 +210,9 @@ class Trainer:
             if self.max_val_batches is not None and index >= self.max_val_batches:
                 break
             batch = self._to_device(batch)
-            totals[0] += self._forward_loss(self.model, batch).to(totals.dtype)
+            extras = {k: batch[k] for k in MODEL_INPUT_KEYS if k in batch}
+            logits = self.model(batch["tokens"], **extras)
+            totals[0] += self.validation_loss_fn(logits, batch["labels"]).to(totals.dtype)
             totals[1] += (batch["labels"] != IGNORE_INDEX).sum()
         self.model.train()
         loss_sum, count = all_reduce_sum(totals).tolist()
@@ -290,6 +295,16 @@ class Trainer:
         losses: list[float] = []
         bar = ProgressBar(self.total_steps, self.global_step, enabled=self.progress_bar and self.is_main)
         reset_peak_memory(self.device)
+        try:
+            self._run_epochs(bar, losses)
+        finally:
+            bar.close()
+        self.epoch = self.epochs
+        if self.save_final and self.last_saved_step != self.global_step:
+            self.save_checkpoint()
+        return losses
+
+    def _run_epochs(self, bar: ProgressBar, losses: list[float]) -> None:
         with self.profiler as profiler:
             for epoch in range(self.epoch, self.epochs):
                 self.epoch = epoch
@@ -308,8 +323,3 @@ class Trainer:
                     bar.update(self.global_step, metrics["loss"], metrics["tokens_per_second"])
                     self._after_step(metrics)
                     profiler.step()
-        bar.close()
-        self.epoch = self.epochs
-        if self.save_final and self.last_saved_step != self.global_step:
-            self.save_checkpoint()
-        return losses

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from training_harness import build_trainer
 from training_toys import VOCAB, RecordingQuantizer, learnable_dataset, learnable_samples, make_model
 
-from qattune.data import IGNORE_INDEX, pack_samples, padded_collate
+from qattune.data import IGNORE_INDEX, StatefulDataLoader, pack_samples, padded_collate
 from qattune.errors import QattuneError
 from qattune.training import (
     CrossEntropyLoss,
@@ -67,12 +67,20 @@ def test_distillation_trains_towards_the_teacher():
     teacher = make_model(seed=3).eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
+    val = learnable_dataset(4, seed=8)
+    val_loader = StatefulDataLoader(val, 4, padded_collate, shuffle=False, drop_last=False)
     trainer = build_trainer(
         learnable_dataset(16), batch_size=4, epochs=2, lr=1e-2, teacher_model=teacher, save_model=None,
-        loss_fn=DistillationLoss(kd_weight=1.0),
+        loss_fn=DistillationLoss(kd_weight=1.0), val_loader=val_loader,
     )
     losses = trainer.fit()
     assert losses[-1] < 0.5 * losses[0]
+    # validation reports plain token cross entropy, not the distillation objective
+    batch = padded_collate([val[i] for i in range(4)])
+    with torch.no_grad():
+        logits = trainer.model.eval()(batch["tokens"])
+    expected = F.cross_entropy(logits.reshape(-1, VOCAB), batch["labels"].reshape(-1)).item()
+    assert trainer.validate() == pytest.approx(expected, rel=1e-5)
 
 
 def test_lr_schedules_follow_their_formulas():
