@@ -15,6 +15,7 @@ from .lr_schedule import get_cosine_schedule_with_warmup, get_linear_schedule_wi
 from .memory import peak_memory_stats
 from .metric_logging import JSONLLogger, StdoutLogger, TensorBoardLogger
 from .optim import AdamW
+from .precision import resolve_dtype
 from .profiler import setup_profiler
 from .trainer import Trainer, num_training_steps
 
@@ -41,6 +42,7 @@ __all__ = [
     "load_full_state_dict",
     "num_training_steps",
     "peak_memory_stats",
+    "resolve_dtype",
     "setup_profiler",
     "shard_model",
     "transformer_blocks",

@@ -180,6 +180,15 @@ def test_packed_batch_equals_documents_run_alone():
     assert F.cross_entropy(packed_logits.reshape(-1, VOCAB), batch["labels"].reshape(-1)).isfinite()
 
 
+def test_resolve_dtype():
+    from qattune.training import resolve_dtype
+
+    cpu = torch.device("cpu")
+    assert resolve_dtype("bf16", cpu) is torch.bfloat16 and resolve_dtype("FP32", cpu) is torch.float32
+    with pytest.raises(QattuneError, match="dtype 'int8' is not supported; use one of fp32, bf16, fp16"):
+        resolve_dtype("int8", cpu)
+
+
 def test_bf16_model_trains_with_fp32_loss():
     model = make_model().to(torch.bfloat16)
     losses = build_trainer(learnable_dataset(32), model=model, batch_size=8, epochs=3, lr=1e-2, save_model=None).fit()

@@ -1,0 +1,26 @@
+"""Training precision by name: `fp32`, `bf16` (and their long spellings), checked against the device."""
+
+from __future__ import annotations
+
+import torch
+
+from qattune.errors import QattuneError
+
+_DTYPES = {
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+}
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """The torch dtype for a config's `dtype` key; refuses bf16 on a GPU that lacks it."""
+    dtype = _DTYPES.get(str(name).lower())
+    if dtype is None:
+        raise QattuneError(f"dtype '{name}' is not supported; use one of fp32, bf16, fp16")
+    if dtype == torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise QattuneError(f"dtype bf16 is not supported by GPU {torch.cuda.get_device_name(device)}; use dtype=fp32")
+    return dtype
