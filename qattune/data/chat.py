@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any, Literal, Optional
 
 from torch.utils.data import Dataset
@@ -15,8 +16,14 @@ from .sources import load_rows, require_columns
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 
 
-def to_openai_messages(conversation: list[dict[str, Any]], style: str, where: str) -> list[dict[str, str]]:
-    """Normalize a conversation to `[{"role": ..., "content": ...}]`; `style` "auto" looks at the first turn."""
+def to_openai_messages(conversation: Any, style: str, where: str) -> list[dict[str, str]]:
+    """Normalize a conversation (a list of turns, or that list as a JSON string) to
+    `[{"role": ..., "content": ...}]`; `style` "auto" looks at the first turn."""
+    if isinstance(conversation, str):
+        try:
+            conversation = json.loads(conversation)
+        except json.JSONDecodeError as err:
+            raise QattuneError(f"{where} holds a string that is not a JSON list of turns ({err}); fix the data") from err
     if not conversation:
         raise QattuneError(f"{where} has an empty conversation; remove it or fix the data")
     if style == "auto":
@@ -32,7 +39,7 @@ def to_openai_messages(conversation: list[dict[str, Any]], style: str, where: st
             if "role" not in turn or "content" not in turn:
                 raise QattuneError(f"{where} has a message without 'role'/'content' (keys: {sorted(turn)}); "
                                    "set conversation_style='sharegpt' for from/value turns")
-            messages.append({"role": str(turn["role"]), "content": str(turn["content"])})
+            messages.append({"role": str(turn["role"]), "content": str(turn["content"] or "")})
     return messages
 
 

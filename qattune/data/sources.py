@@ -69,6 +69,8 @@ def load_rows(
 def _load(source: str, split: str, *args: Any, **kwargs: Any) -> Rows:
     import datasets
 
+    was_enabled = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()  # qattune shows its own progress; keep the console quiet
     try:
         return datasets.load_dataset(*args, split=split, **kwargs)
     except ValueError as err:
@@ -77,6 +79,9 @@ def _load(source: str, split: str, *args: Any, **kwargs: Any) -> Rows:
         raise
     except FileNotFoundError as err:
         raise QattuneError(f"dataset '{source}' could not be found ({err}); pass a local file path or check the name") from err
+    finally:
+        if was_enabled:
+            datasets.enable_progress_bars()
 
 
 def require_columns(rows: Rows, columns: Sequence[str], source: str) -> None:

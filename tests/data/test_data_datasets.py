@@ -134,7 +134,10 @@ def test_chat_openai_and_sharegpt_agree(tmp_path):
     ]}]
     (tmp_path / "o.json").write_text(json.dumps(openai_rows))
     (tmp_path / "s.json").write_text(json.dumps(sharegpt_rows))
+    (tmp_path / "string.jsonl").write_text(json.dumps({"messages": json.dumps(openai_rows[0]["messages"])}) + "\n")
     a = chat_dataset(TOK, str(tmp_path / "o.json"))[0]
+    as_string = chat_dataset(TOK, str(tmp_path / "string.jsonl"))[0]
+    assert as_string["tokens"].tolist() == a["tokens"].tolist()
     b = chat_dataset(TOK, str(tmp_path / "s.json"), conversation_column="conversations", conversation_style="sharegpt")[0]
     assert a["tokens"].tolist() == b["tokens"].tolist() and a["labels"].tolist() == b["labels"].tolist()
     prefix = [BOS] + byte_ids("<system>") + byte_ids("be brief") + [EOS] + byte_ids("<user>") + byte_ids("hi") + [EOS]
