@@ -71,7 +71,10 @@ def shard_model(
     device_type = next(model.parameters()).device.type
     mesh = init_device_mesh(device_type, (dist.get_world_size(),))
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
-    for block in transformer_blocks(model, layers_attr):
-        fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward, mp_policy=policy)
+    blocks = transformer_blocks(model, layers_attr)
+    for index, block in enumerate(blocks):
+        # the last block's backward starts right after its forward: keep it gathered
+        keep_gathered = index == len(blocks) - 1
+        fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward and not keep_gathered, mp_policy=policy)
     fully_shard(model, mesh=mesh, reshard_after_forward=reshard_after_forward, mp_policy=policy)
     return model

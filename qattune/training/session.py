@@ -1,0 +1,277 @@
+"""Everything a training recipe wires, built from its config: the keys all training recipes share.
+
+A recipe creates a `TrainingSession` from its config, changes the model where it differs from the
+others (a quantizer's `prepare`, LoRA adapters), then calls `train()`. The session builds the
+process group, device and dtype, tokenizer, model (from a checkpoint or freshly initialised), data,
+optimizer, LR schedule, loss, logging and the `Trainer`, and saves checkpoints in the Hugging Face
+layout through the config's checkpointer. Nothing in it is specific to one recipe.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import json
+import logging
+from pathlib import Path
+from typing import Any, Callable, Literal, Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from qattune.config import Component, RecipeConfig, instantiate
+from qattune.errors import QattuneError
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+TRAINING_INFO_FILE = "qattune_training.json"
+
+
+class TrainingConfig(RecipeConfig):
+    """Config keys every training recipe reads (torchtune's names, so its configs run unchanged)."""
+
+    output_dir: str
+    model: Component
+    tokenizer: Component
+    checkpointer: Optional[Component] = None  # None: train a freshly initialised model (tiny configs)
+    resume_from_checkpoint: Union[bool, str] = False  # true: the latest output_dir/step_N; or a step dir
+    dataset: Component("tokenizer")
+    dataset_val: Optional[Component("tokenizer")] = None
+    seed: Optional[int] = None
+    shuffle: bool = True
+    batch_size: int = 1
+    batch_size_val: Optional[int] = None
+    optimizer: Component("params")
+    lr_scheduler: Optional[Component("optimizer", "num_training_steps")] = None
+    loss: Optional[Component] = None
+    epochs: int = 1
+    max_steps_per_epoch: Optional[int] = None
+    gradient_accumulation_steps: int = 1
+    clip_grad_norm: Optional[float] = None
+    device: Optional[str] = None  # cuda / cpu / mps; default: the best available
+    dtype: Literal["fp32", "float32", "bf16", "bfloat16"] = "bf16"
+    compile: bool = False
+    enable_activation_checkpointing: bool = False
+    enable_activation_offloading: bool = False  # accepted for torchtune configs; qattune does not offload
+    optimizer_in_bwd: bool = False  # accepted for torchtune configs; must stay false
+    fsdp_cpu_offload: bool = False  # accepted for torchtune configs; must stay false
+    custom_sharded_layers: Optional[list[str]] = None  # accepted for torchtune configs; every block is sharded
+    save_every_n_steps: Optional[int] = None
+    keep_last_n_checkpoints: Optional[int] = None
+    run_val_every_n_steps: Optional[int] = None
+    max_val_batches: Optional[int] = None
+    metric_logger: Optional[Component] = None
+    log_every_n_steps: int = 1
+    log_peak_memory_stats: bool = True
+    log_level: Optional[str] = None
+    profiler: Optional[Component] = None
+    progress_bar: bool = True
+
+
+def _unsupported_options(cfg: Any) -> None:
+    for key, why in (
+        ("optimizer_in_bwd", "qattune steps the optimizer after backward; set optimizer_in_bwd=false"),
+        ("enable_activation_offloading", "use enable_activation_checkpointing to save memory; set it to false"),
+        ("fsdp_cpu_offload", "qattune does not offload FSDP parameters to CPU; set fsdp_cpu_offload=false"),
+    ):
+        if cfg.get(key, False):
+            raise QattuneError(f"{key}=true is not supported: {why}")
+
+
+def _accepts(fn: Callable, name: str) -> bool:
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+    return name in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+
+
+class TrainingSession:
+    """Builds the pieces of a training run from `cfg`; see the module docstring for the order."""
+
+    def __init__(self, cfg: Any) -> None:
+        from qattune.training.distributed import init_distributed
+
+        _unsupported_options(cfg)
+        self.cfg = cfg
+        if cfg.get("log_level"):
+            logging.basicConfig(level=str(cfg.log_level).upper())
+        self.dist = init_distributed(cfg.get("device"))
+        self.device = self.dist.device
+        self.dtype = DTYPES[cfg.get("dtype", "bf16")]
+        self.seed = cfg.get("seed") if cfg.get("seed") is not None else 0
+        torch.manual_seed(self.seed)
+        self.tokenizer = instantiate(cfg.tokenizer)
+        self.checkpointer = instantiate(cfg.checkpointer) if cfg.get("checkpointer") is not None else None
+        self.resume_dir = self._resume_dir()
+        self.model = self._build_model()
+        self.trainer = None
+        # What a recipe customises about saving: the state dict to write, extra facts for the training
+        # info file, and extra files written inside each checkpoint folder.
+        self.state_dict_fn: Callable[[], dict[str, torch.Tensor]] = self.float_state_dict
+        self.extra_info: dict[str, Any] = {}
+        self.extra_writers: list[Callable[[Path], None]] = []
+
+    # ----- model --------------------------------------------------------------------------------
+    def _resume_dir(self) -> Optional[str]:
+        from qattune.training.checkpoint_dirs import list_step_dirs
+
+        resume = self.cfg.get("resume_from_checkpoint", False)
+        if not resume:
+            return None
+        if isinstance(resume, str):
+            if not Path(resume, "recipe_state.pt").is_file():
+                raise QattuneError(f"resume_from_checkpoint={resume}: no recipe_state.pt there; name an output_dir/step_N folder")
+            return resume
+        steps = list_step_dirs(self.cfg.output_dir)
+        if not steps:
+            raise QattuneError(
+                f"resume_from_checkpoint=true but {self.cfg.output_dir} holds no complete step_N checkpoint; "
+                "train without resuming first"
+            )
+        return steps[-1][1]
+
+    def _build_model(self) -> nn.Module:
+        """The model with its starting weights, in the training dtype, on the training device."""
+        from qattune.checkpoint import HFCheckpointer, build_model_from_checkpoint
+
+        builder = lambda: instantiate(self.cfg.model)  # noqa: E731
+        target = self.device
+        if self.resume_dir is not None:
+            model = build_model_from_checkpoint(HFCheckpointer(self.resume_dir), builder, device=target, dtype=self.dtype)
+        elif self.checkpointer is not None:
+            model = build_model_from_checkpoint(self.checkpointer, builder, device=target, dtype=self.dtype)
+        else:
+            with torch.device(target):
+                model = builder()
+            model.to(dtype=self.dtype)
+        return model
+
+    def frozen_copy(self) -> nn.Module:
+        """A frozen copy of the current model (a distillation teacher), before any quantization."""
+        teacher = copy.deepcopy(self.model)
+        teacher.requires_grad_(False)
+        return teacher.eval()
+
+    # ----- data ---------------------------------------------------------------------------------
+    def _loader(self, dataset_cfg: Any, batch_size: int, shuffle: bool):
+        from qattune.data import build_dataloader
+
+        dataset = instantiate(dataset_cfg, tokenizer=self.tokenizer)
+        return build_dataloader(dataset, batch_size=batch_size, shuffle=shuffle, seed=self.seed)
+
+    # ----- the run ------------------------------------------------------------------------------
+    def _prepare_for_training(self, model: nn.Module, trainable: bool) -> nn.Module:
+        from qattune.training import apply_activation_checkpointing, compile_blocks, shard_model
+
+        if trainable and self.cfg.get("enable_activation_checkpointing", False):
+            apply_activation_checkpointing(model)
+        if self.cfg.get("compile", False):
+            compile_blocks(model)
+        model.to(self.device)
+        if self.dist.is_distributed:
+            shard_model(model)
+        return model
+
+    def build_trainer(self, *, step_hooks: Sequence[Any] = (), teacher: Optional[nn.Module] = None,
+                      loss_fn: Optional[nn.Module] = None):
+        """The Trainer over the (already transformed) model, restored from `resume_dir` when resuming."""
+        from qattune.training import CrossEntropyLoss, Trainer, num_training_steps
+
+        cfg = self.cfg
+        self.model = self._prepare_for_training(self.model, trainable=True)
+        if teacher is not None:
+            teacher = self._prepare_for_training(teacher, trainable=False)
+        train_loader = self._loader(cfg.dataset, cfg.get("batch_size", 1), cfg.get("shuffle", True))
+        val_loader = None
+        if cfg.get("dataset_val") is not None:
+            val_loader = self._loader(cfg.dataset_val, cfg.get("batch_size_val") or cfg.get("batch_size", 1), False)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        optimizer = instantiate(cfg.optimizer, params)
+        accumulation = cfg.get("gradient_accumulation_steps", 1)
+        total_steps = num_training_steps(len(train_loader), accumulation, cfg.get("epochs", 1),
+                                         cfg.get("max_steps_per_epoch"))
+        lr_scheduler = None
+        if cfg.get("lr_scheduler") is not None:
+            extra = {}
+            from qattune.config.instantiate import partial
+
+            factory = partial(cfg.lr_scheduler)
+            if _accepts(factory.func, "num_training_steps") and "num_training_steps" not in cfg.lr_scheduler:
+                extra["num_training_steps"] = total_steps
+            lr_scheduler = factory(optimizer, **extra)
+        loss_fn = loss_fn if loss_fn is not None else (instantiate(cfg.loss) if cfg.get("loss") else CrossEntropyLoss())
+        self.trainer = Trainer(
+            self.model, optimizer, loss_fn, train_loader,
+            device=self.device,
+            lr_scheduler=lr_scheduler,
+            epochs=cfg.get("epochs", 1),
+            max_steps_per_epoch=cfg.get("max_steps_per_epoch"),
+            gradient_accumulation_steps=accumulation,
+            clip_grad_norm=cfg.get("clip_grad_norm"),
+            val_loader=val_loader,
+            val_every_n_steps=cfg.get("run_val_every_n_steps"),
+            max_val_batches=cfg.get("max_val_batches"),
+            output_dir=cfg.output_dir,
+            save_model=self.save_model,
+            save_every_n_steps=cfg.get("save_every_n_steps"),
+            keep_last_n_checkpoints=cfg.get("keep_last_n_checkpoints"),
+            step_hooks=step_hooks,
+            metric_logger=instantiate(cfg.metric_logger) if cfg.get("metric_logger") is not None else None,
+            log_every_n_steps=cfg.get("log_every_n_steps", 1),
+            progress_bar=cfg.get("progress_bar", True),
+            teacher_model=teacher,
+            profiler=instantiate(cfg.profiler) if cfg.get("profiler") is not None else None,
+        )
+        if self.resume_dir is not None:
+            self.trainer.load_checkpoint(self.resume_dir)
+        return self.trainer
+
+    # ----- saving -------------------------------------------------------------------------------
+    def float_state_dict(self) -> dict[str, torch.Tensor]:
+        """The full model state dict (collective under FSDP: every rank calls)."""
+        from qattune.training import gather_full_state_dict
+
+        return gather_full_state_dict(self.model)
+
+    def save_model(self, directory: str, step: int) -> None:
+        """Write the model as a Hugging Face folder (rank 0) plus qattune's training info."""
+        from qattune.checkpoint.hf import write_hf_checkpoint
+        from qattune.models import get_adapter
+
+        state_dict = self.state_dict_fn()
+        if not self.dist.is_main:
+            return
+        out = Path(directory)
+        if self.checkpointer is not None:
+            self.checkpointer.save(state_dict, out)
+        else:
+            out.mkdir(parents=True, exist_ok=True)
+            write_hf_checkpoint(state_dict, self.model_config(), get_adapter("llama"), out, max_shard_bytes=5 << 30)
+        info = {"step": step, **self.extra_info}
+        (out / TRAINING_INFO_FILE).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
+        for write in self.extra_writers:
+            write(out)
+
+    def model_config(self):
+        """The model's TransformerConfig (for saving a model that came from no checkpoint)."""
+        config = getattr(self.model, "config", None)
+        if config is None:
+            raise QattuneError("the model has no `config`; build it with a qattune.models builder")
+        return config
+
+    def train(self) -> list[float]:
+        """Run the loop to the end; returns this run's step losses."""
+        if self.trainer is None:
+            self.build_trainer()
+        losses = self.trainer.fit()
+        if self.dist.is_main and losses:
+            print(f"Finished {self.trainer.global_step} steps: final loss {losses[-1]:.4f}; "
+                  f"checkpoints in {self.cfg.output_dir}")
+        return losses
+
+    def close(self) -> None:
+        from qattune.training import destroy_distributed
+
+        destroy_distributed()
