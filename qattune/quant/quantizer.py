@@ -17,6 +17,7 @@ from qattune.errors import QattuneError
 from qattune.quant.filters import DEFAULT_OUTPUT_HEAD_PATTERN, ModuleNameFilter
 from qattune.quant.formats import IntAffine
 from qattune.quant.modules import FakeQuantEmbedding, FakeQuantLinear, QuantizedEmbedding, QuantizedLinear
+from qattune.quant.modules.activation_cache import SharedActivationFakeQuant
 from qattune.quant.plan import LayerPlan, check_block_sizes, iter_layers, plan_layer
 from qattune.quant.range_learning import LearnedRangeFakeQuantizer
 from qattune.quant.report import QuantReport
@@ -86,9 +87,10 @@ class _SchemeQuantizer:
     def prepare(self, model: nn.Module) -> nn.Module:
         """Swap the scheme's Linear/Embedding layers for fake-quantized ones (in place; returns `model`)."""
         plans = self.plan(model, _FLOAT_TYPES)
+        shared_activations: dict[str, SharedActivationFakeQuant] = {}
         for plan in plans:
             if plan.quantized:
-                _set_submodule(model, plan.name, self._fake_quant_module(plan))
+                _set_submodule(model, plan.name, self._fake_quant_module(plan, shared_activations))
         if not hasattr(model, _REFRESH_HOOK_ATTR):
             setattr(model, _REFRESH_HOOK_ATTR, model.register_forward_pre_hook(_refresh_weight_caches))
         self._finish("prepare", plans)
@@ -125,11 +127,17 @@ class _SchemeQuantizer:
         learner = LearnedRangeFakeQuantizer(plan.weight_format, tuple(weight.shape))
         return learner.to(weight.device)
 
-    def _fake_quant_module(self, plan: LayerPlan) -> nn.Module:
+    def _fake_quant_module(self, plan: LayerPlan, shared_activations: dict[str, SharedActivationFakeQuant]) -> nn.Module:
+        """The fake-quant module of one layer; Linear layers with the same activation format share one
+        activation fake quantizer, which reuses its result when they read the same tensor."""
         learner = self._range_learner(plan)
         if plan.kind == "Embedding":
             return FakeQuantEmbedding(plan.module, plan.weight_format, learner)
-        return FakeQuantLinear(plan.module, plan.weight_format, plan.activation_format, learner)
+        shared = None
+        if plan.activation_format is not None:
+            shared = shared_activations.setdefault(repr(plan.activation_format),
+                                                   SharedActivationFakeQuant(plan.activation_format))
+        return FakeQuantLinear(plan.module, plan.weight_format, plan.activation_format, learner, shared)
 
     def _quantized_module(self, plan: LayerPlan) -> nn.Module:
         module = plan.module

@@ -224,3 +224,30 @@ def test_ptq_prepare_is_the_same_fake_quantization():
     PTQQuantizer("nvfp4").prepare(b)
     x = torch.randn(2, 64)
     assert torch.equal(a["layers"][0]["mlp"]["w1"](x), b["layers"][0]["mlp"]["w1"](x))
+
+
+def test_qkv_reading_one_input_quantize_it_once_with_exact_gradients(monkeypatch):
+    model = tiny_model()
+    QATQuantizer("8da4w").prepare(model)
+    attn = model["layers"][0]["attn"]
+    shared = attn["wq"].activation_fake_quant
+    assert shared is attn["wk"].activation_fake_quant is model["layers"][1]["mlp"]["w1"].activation_fake_quant
+    calls = []
+    original = shared.format.fake_quantize_with_mask
+    monkeypatch.setattr(shared.format, "fake_quantize_with_mask", lambda x: calls.append(1) or original(x))
+    x = (torch.randn(2, 8, 64) * 3).requires_grad_(True)
+    q, k, v = (attn[n](x) for n in ("wq", "wk", "wv"))
+    assert len(calls) == 1
+    (q * k * v).sum().backward()
+    shared_grad = x.grad.clone()
+    y = x.detach().clone().add_(0).requires_grad_(True)  # a different tensor: quantized again, no sharing
+    reference = [torchao_8da4w_reference(y, attn[n].weight.detach()) for n in ("wq", "wk", "wv")]
+    q_ref, k_ref, v_ref = (attn[n](y) for n in ("wq", "wk", "wv"))
+    for out, ref in zip((q_ref, k_ref, v_ref), reference):
+        torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
+    (q_ref * k_ref * v_ref).sum().backward()
+    assert torch.equal(shared_grad, y.grad)
+    with torch.no_grad():
+        x.mul_(2)  # an in-place change of the input is seen
+    attn["wq"](x)
+    assert len(calls) == 3

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qattune.quant.formats import NumericFormat
+from qattune.quant.modules.activation_cache import SharedActivationFakeQuant
 from qattune.quant.modules.weight_cache import WeightFakeQuantCache
 
 
@@ -54,7 +55,10 @@ class _WeightFakeQuant:
 
 
 class FakeQuantLinear(nn.Linear, _WeightFakeQuant):
-    """nn.Linear with fake-quantized weight and (optionally) fake-quantized input activations."""
+    """nn.Linear with fake-quantized weight and (optionally) fake-quantized input activations.
+
+    Layers given the same `shared_activation` quantize an input they all read only once.
+    """
 
     def __init__(
         self,
@@ -62,17 +66,21 @@ class FakeQuantLinear(nn.Linear, _WeightFakeQuant):
         weight_format: NumericFormat,
         activation_format: Optional[NumericFormat] = None,
         weight_range_learner: Optional[nn.Module] = None,
+        shared_activation: Optional[SharedActivationFakeQuant] = None,
     ) -> None:
         nn.Module.__init__(self)
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight = linear.weight
         self.bias = linear.bias
         self.activation_format = activation_format
+        if activation_format is not None and shared_activation is None:
+            shared_activation = SharedActivationFakeQuant(activation_format)
+        self.activation_fake_quant = shared_activation
         self._init_weight_fake_quant(weight_format, weight_range_learner)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fake_quant_enabled and self.activation_format is not None:
-            x = self.activation_format.fake_quantize(x)
+        if self.fake_quant_enabled and self.activation_fake_quant is not None:
+            x = self.activation_fake_quant(x)
         return F.linear(x, self._forward_weight(), self.bias)
 
     def to_float(self) -> nn.Linear:

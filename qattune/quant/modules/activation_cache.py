@@ -1,0 +1,50 @@
+"""Activation fake quantization shared by layers that read the same input (q/k/v, gate/up).
+
+Layers that read one tensor (the attention's q, k and v projections; the MLP's gate and up projections)
+would fake-quantize it two or three times. A `SharedActivationFakeQuant` remembers its last input (by
+weak reference) and its last output: when the very same tensor (same object, same version, same grad
+mode) comes again, the result is reused — one quantize-dequantize and one autograd node for all
+readers, which is exact. It holds at most one activation (its last output; one per activation format
+per model, since a quantizer gives all layers with one format the same instance). Eager mode only:
+under torch.compile the compiler's common-subexpression elimination does the same.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from qattune.quant.formats import NumericFormat
+
+
+class SharedActivationFakeQuant:
+    """`fmt.fake_quantize(x)`, reusing the last result when `x` is the tensor it saw last."""
+
+    def __init__(self, fmt: NumericFormat) -> None:
+        self.format = fmt
+        self._input: Optional[weakref.ref] = None
+        self._output: Optional[Tensor] = None
+        self._state: tuple = ()
+
+    def __call__(self, x: Tensor) -> Tensor:
+        if torch.compiler.is_compiling():
+            return self.format.fake_quantize(x)
+        state = (x._version, torch.is_grad_enabled())
+        if self._input is not None and self._input() is x and self._state == state:
+            return self._output
+        out = self.format.fake_quantize(x)
+        self._input, self._output, self._state = weakref.ref(x), out, state
+        return out
+
+    def __getstate__(self) -> dict:  # copies and pickles carry the format, not the remembered tensors
+        return {"format": self.format}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["format"])
+
+    def clear(self) -> None:
+        """Drop the remembered activation."""
+        self._input, self._output, self._state = None, None, ()
