@@ -1,9 +1,46 @@
 """Quantization-aware full fine-tuning: the shared training loop plus a quantizer, one device or many (FSDP2).
 
-Not available yet: running it exits with code 2 and says so.
+    qattune run qat_distributed --config llama3_2/1B_qat_full
+    qattune run --nproc_per_node 8 qat_distributed --config llama3/8B_qat_full
+
+The quantizer's `prepare` inserts fake quantization before training. `fake_quant_after_n_steps: N`
+trains in float for optimizer steps < N and fake-quantized from step N; the state is derived from the
+global step at every step, so a resumed run is always right. With `loss` set to
+`qattune.training.DistillationLoss`, a frozen float copy of the starting model is the teacher.
+Checkpoints are float models in the Hugging Face layout (plus learned quantization ranges, when range
+learning is on) with the scheme recorded, ready for the `quantize` recipe.
 """
 
-from qattune.config import recipe_not_available
+from typing import Optional
+
+from qattune.config import Component, recipe_main
+from qattune.training.session import TrainingConfig
+
+
+class Config(TrainingConfig):
+    quantizer: Component
+    fake_quant_after_n_steps: Optional[int] = None
+
+
+def recipe(cfg) -> None:
+    from qattune.config import instantiate
+    from qattune.training import FakeQuantAfterNSteps
+    from qattune.training.session import TrainingSession
+
+    session = TrainingSession(cfg)
+    try:
+        loss_fn = instantiate(cfg.loss) if cfg.get("loss") is not None else None
+        teacher = session.frozen_copy() if getattr(loss_fn, "needs_teacher", False) else None
+        quantizer = instantiate(cfg.quantizer)
+        session.model = quantizer.prepare(session.model)
+        session.record_quantizer(quantizer)
+        session.load_extra_state()
+        hook = FakeQuantAfterNSteps(quantizer, session.model, cfg.get("fake_quant_after_n_steps"))
+        session.build_trainer(step_hooks=[hook], teacher=teacher, loss_fn=loss_fn)
+        session.train()
+    finally:
+        session.close()
+
 
 if __name__ == "__main__":
-    recipe_not_available("qat_distributed", "QAT training lands with the shared training loop")
+    recipe_main(recipe, __file__)

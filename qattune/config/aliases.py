@@ -56,7 +56,7 @@ TORCHTUNE_COMPONENTS: dict[str, Alias] = {
     "torchtune.training.lr_schedulers.get_cosine_schedule_with_warmup": Alias("qattune.training.get_cosine_schedule_with_warmup"),
     "torchtune.modules.get_cosine_schedule_with_warmup": Alias("qattune.training.get_cosine_schedule_with_warmup"),
     # metric loggers and profiler
-    "torchtune.training.metric_logging.DiskLogger": Alias("qattune.training.JSONLLogger", ignored=("filename",)),
+    "torchtune.training.metric_logging.DiskLogger": Alias("qattune.training.JSONLLogger"),
     "torchtune.training.metric_logging.StdoutLogger": Alias("qattune.training.StdoutLogger"),
     "torchtune.training.metric_logging.TensorBoardLogger": Alias("qattune.training.TensorBoardLogger", ignored=("organize_logs",)),
     "torchtune.training.metric_logging.WandBLogger": _missing(

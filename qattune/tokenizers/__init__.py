@@ -2,6 +2,7 @@
 files (tiktoken), with one interface (`Tokenizer`) and the chat formats of each family."""
 
 from .base import Segment, Tokenizer
+from .bytes import ByteTokenizer, byte_tokenizer
 from .chat_format import ChatFormat, ChatMLFormat, Llama2ChatFormat, Llama3ChatFormat
 from .gguf_bpe import gguf_tokenizer
 from .hf_export import write_hf_tokenizer_files
@@ -11,6 +12,7 @@ from .qwen2_5 import QWEN2_5_DEFAULT_SYSTEM_PROMPT, qwen2_5_tokenizer
 from .tiktoken_base import TiktokenTokenizer
 
 __all__ = [
+    "ByteTokenizer",
     "ChatFormat",
     "ChatMLFormat",
     "LLAMA3_SPECIAL_TOKENS",
@@ -21,6 +23,7 @@ __all__ = [
     "SentencePieceTokenizer",
     "TiktokenTokenizer",
     "Tokenizer",
+    "byte_tokenizer",
     "gguf_tokenizer",
     "llama2_tokenizer",
     "llama3_tokenizer",

@@ -26,6 +26,8 @@ log = logging.getLogger(__name__)
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
 TRAINING_INFO_FILE = "qattune_training.json"
+EXTRA_STATE_FILE = "extra_state.safetensors"
+"""Model state beyond the plain model's (e.g. learned quantization ranges), saved beside the HF files."""
 
 
 class TrainingConfig(RecipeConfig):
@@ -106,6 +108,7 @@ class TrainingSession:
         self.checkpointer = instantiate(cfg.checkpointer) if cfg.get("checkpointer") is not None else None
         self.resume_dir = self._resume_dir()
         self.model = self._build_model()
+        self.base_keys = frozenset(self.model.state_dict())
         self.trainer = None
         # What a recipe customises about saving: the state dict to write, extra facts for the training
         # info file, and extra files written inside each checkpoint folder.
@@ -147,6 +150,27 @@ class TrainingSession:
                 model = builder()
             model.to(dtype=self.dtype)
         return model
+
+    def record_quantizer(self, quantizer: Any) -> None:
+        """Note the quantizer's scheme and options in every checkpoint, so `quantize` can check them."""
+        config = getattr(quantizer, "config", None)
+        described = config.to_dict() if hasattr(config, "to_dict") else {"component": type(quantizer).__name__}
+        self.extra_info["quantizer"] = described
+        if self.dist.is_main and getattr(quantizer, "report", None) is not None:
+            print(quantizer.report)
+
+    def load_extra_state(self) -> None:
+        """When resuming, restore the state the plain model lacks (learned ranges) into the prepared model."""
+        if self.resume_dir is None or not Path(self.resume_dir, EXTRA_STATE_FILE).is_file():
+            return
+        from safetensors.torch import load_file
+
+        extra = load_file(str(Path(self.resume_dir, EXTRA_STATE_FILE)), device=str(self.device))
+        missing = set(extra) - set(self.model.state_dict())
+        if missing:
+            raise QattuneError(f"{self.resume_dir}/{EXTRA_STATE_FILE} holds {sorted(missing)[0]}, which this model "
+                               "does not have; resume with the quantizer options the run was started with")
+        self.model.load_state_dict(extra, strict=False)
 
     def frozen_copy(self) -> nn.Module:
         """A frozen copy of the current model (a distillation teacher), before any quantization."""
@@ -240,15 +264,21 @@ class TrainingSession:
         from qattune.checkpoint.hf import write_hf_checkpoint
         from qattune.models import get_adapter
 
+        from safetensors.torch import save_file
+
         state_dict = self.state_dict_fn()
         if not self.dist.is_main:
             return
         out = Path(directory)
+        base = {k: v for k, v in state_dict.items() if k in self.base_keys}
+        extra = {k: v.contiguous().cpu() for k, v in state_dict.items() if k not in self.base_keys}
         if self.checkpointer is not None:
-            self.checkpointer.save(state_dict, out)
+            self.checkpointer.save(base, out)
         else:
             out.mkdir(parents=True, exist_ok=True)
-            write_hf_checkpoint(state_dict, self.model_config(), get_adapter("llama"), out, max_shard_bytes=5 << 30)
+            write_hf_checkpoint(base, self.model_config(), get_adapter("llama"), out, max_shard_bytes=5 << 30)
+        if extra:
+            save_file(extra, str(out / EXTRA_STATE_FILE))
         info = {"step": step, **self.extra_info}
         (out / TRAINING_INFO_FILE).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
         for write in self.extra_writers:
