@@ -110,3 +110,16 @@ def test_q4_0_sum_rounding_boundaries_match_gguf():
     np.testing.assert_array_equal(q4_0_bytes(q), ref)
     # the float32 sum rounds: t = -0.5 - 2**-24 still gives trunc(8.0) = 8 (exact arithmetic: 7)
     assert q.codes[0, 1 + 16 + 7].item() == 8
+
+
+def test_trunc_plus_8_5_equals_float32_sum_then_trunc():
+    from qattune.quant.formats.gguf_blocks import trunc_plus_8_5
+
+    halves = np.arange(-8.5, 8.5, 0.5, dtype=np.float32)
+    near = [np.nextafter(halves, np.float32(direction), dtype=np.float32) for direction in (-np.inf, np.inf)]
+    steps_below = [halves - np.float32(k * 2.0**-24) for k in range(1, 9)]
+    rng = np.random.default_rng(0)
+    t = np.concatenate([halves, *near, *steps_below, rng.uniform(-8, 8, 20000).astype(np.float32)])
+    t = t[(t >= -8.5) & (t < 8.5)].astype(np.float32)
+    expected = np.trunc(t + np.float32(8.5))  # numpy: float32 sum, then trunc
+    assert np.array_equal(trunc_plus_8_5(torch.from_numpy(t)).numpy(), expected)

@@ -9,34 +9,27 @@ from __future__ import annotations
 
 from typing import Optional
 
-import numpy as np
 import torch
 from torch import Tensor
 
 from qattune.quant.formats.base import NumericFormat, QuantizedTensor, to_blocks
-from qattune.quant.formats.elements import constant_tensor, round_to_dtype
+from qattune.quant.formats.elements import exp2_int, floor_log2, round_to_dtype
 
 GGUF_BLOCK_SIZE = 32
 
 
-def _q4_0_thresholds() -> tuple[float, ...]:
-    """tau_n, n = 1..16: the smallest float32 t with float32(t + 8.5) >= n.
+def trunc_plus_8_5(t: Tensor) -> Tensor:
+    """`trunc(float32(t + 8.5))` for float32 `t` in [-8.5, 8.5), written without adding to `t`.
 
-    `trunc(t + 8.5)` with its float32 rounding of the sum equals the number of tau_n <= t. Counting
-    thresholds keeps llama.cpp's two roundings (product, then sum) even where a compiler would fuse
-    `x * id + 8.5` into one FMA (Triton does by default).
+    llama.cpp rounds the product `x * id` and then the sum `+ 8.5` separately; a compiler that fuses
+    `x * id + 8.5` into one FMA (Triton does by default) skips the first rounding. Here `t` only meets
+    floor and a comparison: with `f = floor(t)` the answer is `f + 8`, plus 1 when `t + 8.5` rounds to
+    `f + 9`, i.e. when `t >= f + 0.5 - h`, `h` half the float32 spacing just below `f + 9` (a tie
+    rounds to the even `f + 9`). Every step is exact in float32.
     """
-    f32, half = np.float32, np.float32(8.5)
-    thresholds = []
-    for n in range(1, 17):
-        t = f32(n - 8.5)
-        while (below := np.nextafter(t, f32(-np.inf), dtype=np.float32)) + half >= n:
-            t = below
-        thresholds.append(float(t))
-    return tuple(thresholds)
-
-
-_Q4_0_THRESHOLDS = _q4_0_thresholds()
+    f = torch.floor(t)
+    half_ulp_below = exp2_int(floor_log2(f + 8.5) - 24)
+    return f + 8.0 + (t >= (f + 0.5) - half_ulp_below).to(t.dtype)
 
 
 def _reciprocal_or_zero(d: Tensor) -> Tensor:
@@ -105,9 +98,8 @@ class GGUFQ4_0(_GGUFBlockFormat):
         xb = to_blocks(x, self.block_size).float()
         index = xb.abs().argmax(dim=-1, keepdim=True)
         d = torch.gather(xb, -1, index) / -8.0
-        t = xb * _reciprocal_or_zero(d)  # |t| <= 8 (up to rounding): trunc(t + 8.5) >= 0
-        raw = torch.bucketize(t, constant_tensor(_Q4_0_THRESHOLDS, x.device), right=True)
-        return raw.clamp(max=15).float(), d, raw <= 15
+        raw = trunc_plus_8_5(xb * _reciprocal_or_zero(d))  # |x * id| <= 8 up to rounding
+        return raw.clamp(0.0, 15.0), d, raw <= 15.0
 
     def _decode(self, qb: Tensor, d16: Tensor) -> Tensor:
         return (qb - 8.0) * d16.float()

@@ -78,9 +78,8 @@ class IntAffine(NumericFormat):
         """
         dtype = x.dtype
         eps = torch.finfo(dtype).eps if self.eps is None else self.eps
-        xb = self._blocks(x.detach())
-        lo = xb.amin(dim=-1).float().clamp(max=0.0)
-        hi = xb.amax(dim=-1).float().clamp(min=0.0)
+        lo, hi = torch.aminmax(self._blocks(x.detach()), dim=-1)
+        lo, hi = lo.float().clamp(max=0.0), hi.float().clamp(min=0.0)
         levels = float(self.qmax - self.qmin)
         if self.symmetric:
             scale = round_to_dtype(torch.maximum(-lo, hi) / (levels / 2), dtype)
