@@ -45,8 +45,8 @@ class _LSQFakeQuantize(torch.autograd.Function):
     def backward(ctx, grad: Tensor):  # type: ignore[override]
         x, s, z = ctx.saved_tensors
         fmt: IntAffine = ctx.fmt
-        xb = fmt._blocks(x).float()
-        gb = fmt._blocks(grad).float()
+        xb = fmt.blocks(x).float()
+        gb = fmt.blocks(grad).float()
         sb = s.reshape(*xb.shape[:-1], 1)
         zb = 0.0 if z is None else z.reshape(sb.shape)
         v = xb * (1.0 / sb)

@@ -56,7 +56,8 @@ class IntAffine(NumericFormat):
         self.name = f"{'int' if signed else 'uint'}{bits}_{kind}"
 
     # -- layout ---------------------------------------------------------------------------------
-    def _blocks(self, x: Tensor) -> Tensor:
+    def blocks(self, x: Tensor) -> Tensor:
+        """`x` viewed as `(..., n_blocks, block)`: the elements that share one scale on the last axis."""
         if self.per_tensor:
             return x.reshape(1, 1, -1)
         return to_blocks(x, self.block_size)
@@ -78,7 +79,7 @@ class IntAffine(NumericFormat):
         """
         dtype = x.dtype
         eps = torch.finfo(dtype).eps if self.eps is None else self.eps
-        lo, hi = torch.aminmax(self._blocks(x.detach()), dim=-1)
+        lo, hi = torch.aminmax(self.blocks(x.detach()), dim=-1)
         lo, hi = lo.float().clamp(max=0.0), hi.float().clamp(min=0.0)
         levels = float(self.qmax - self.qmin)
         if self.symmetric:
@@ -96,13 +97,13 @@ class IntAffine(NumericFormat):
     # -- element maps -----------------------------------------------------------------------------
     def _encode(self, x: Tensor, scale: Tensor, zero: Optional[Tensor]) -> tuple[Tensor, Tensor]:
         """Float codes (clamped) and the not-clipped mask, in blocked layout."""
-        xb = self._blocks(x).float()
+        xb = self.blocks(x).float()
         s = scale.reshape(*xb.shape[:-1], 1)
         q = torch.round(xb * (1.0 / s))
         if zero is not None:
             q = q + zero.reshape(s.shape)
-        in_range = (q >= self.qmin) & (q <= self.qmax)
-        return q.clamp(self.qmin, self.qmax), in_range
+        clamped = q.clamp(self.qmin, self.qmax)
+        return clamped, clamped == q
 
     def _decode(self, qb: Tensor, scale: Tensor, zero: Optional[Tensor]) -> Tensor:
         s = scale.reshape(*qb.shape[:-1], 1).float()
@@ -123,7 +124,7 @@ class IntAffine(NumericFormat):
         return self.quantize_with_qparams(x, scale, zero)
 
     def dequantize(self, q: QuantizedTensor, dtype: torch.dtype = torch.float32) -> Tensor:
-        qb = self._blocks(q.codes).float()
+        qb = self.blocks(q.codes).float()
         return self._decode(qb, q.scale, q.zero).reshape(q.codes.shape).to(dtype)
 
     def fake_quantize_with_qparams(
