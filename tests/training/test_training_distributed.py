@@ -37,9 +37,12 @@ def _trainer(model, world: int, out_dir: str) -> Trainer:
     if world > 1:  # the sharded run also recomputes activations: numerics must not change
         apply_activation_checkpointing(model)
         shard_model(model)
-    loader = build_dataloader(learnable_dataset(32), batch_size=GLOBAL_BATCH // world, shuffle=True, seed=5)
+    # one process: 1 micro-batch of 4; two processes: 2 micro-batches of 1 each, so the token weighting
+    # is exercised across micro-batches and ranks at once (same 4 samples per step either way)
+    accum = 1 if world == 1 else 2
+    loader = build_dataloader(learnable_dataset(32), batch_size=GLOBAL_BATCH // world // accum, shuffle=True, seed=5)
     optimizer = AdamW(model.parameters(), lr=3e-3)
-    scheduler = get_cosine_schedule_with_warmup(optimizer, 1, num_training_steps(len(loader), 1, 1, 4))
+    scheduler = get_cosine_schedule_with_warmup(optimizer, 1, num_training_steps(len(loader), accum, 1, 4))
 
     def save_model(directory: str, step: int) -> None:
         state = gather_full_state_dict(model)
@@ -48,6 +51,7 @@ def _trainer(model, world: int, out_dir: str) -> Trainer:
 
     return Trainer(
         model, optimizer, CrossEntropyLoss(), loader, lr_scheduler=scheduler, max_steps_per_epoch=4, clip_grad_norm=1.0,
+        gradient_accumulation_steps=accum,
         output_dir=out_dir, save_model=save_model, save_every_n_steps=2, progress_bar=False,
     )
 
@@ -90,5 +94,13 @@ def test_two_gloo_processes_match_one_process(tmp_path):
     # the resumed 2-process run (model broadcast from rank 0, optimizer state re-sharded) continues exactly
     assert multi["resumed"] == multi["losses"][2:]
     assert single["resumed"] == single["losses"][2:]
-    for name, value in single["final"].items():
-        assert torch.allclose(torch.tensor(multi["final"][name]), torch.tensor(value), atol=1e-4), name
+    # final models compute the same function (compared by outputs: Adam turns the float noise in
+    # gradients that should be exactly zero, such as the key bias's, into visible parameter noise)
+    tokens = torch.arange(12).remainder(32)[None]
+    outputs = []
+    for final in (single["final"], multi["final"]):
+        model = make_model()
+        model.load_state_dict({k: torch.tensor(v) for k, v in final.items()})
+        with torch.no_grad():
+            outputs.append(model(tokens))
+    assert torch.allclose(outputs[0], outputs[1], atol=1e-4)
