@@ -1,6 +1,7 @@
 """qattune.training: the one training loop and its parts (loss, optimizer, LR, hooks, logging, FSDP2)."""
 
 from .blocks import apply_activation_checkpointing, compile_blocks, shard_model, transformer_blocks
+from .checkpoint_dirs import RECIPE_STATE_FILE, latest_checkpoint, list_step_dirs
 from .distributed import (
     DistInfo,
     all_reduce_sum,
@@ -26,6 +27,7 @@ __all__ = [
     "DistillationLoss",
     "FakeQuantAfterNSteps",
     "JSONLLogger",
+    "RECIPE_STATE_FILE",
     "StdoutLogger",
     "StepHook",
     "TensorBoardLogger",
@@ -39,6 +41,8 @@ __all__ = [
     "get_cosine_schedule_with_warmup",
     "get_linear_schedule_with_warmup",
     "init_distributed",
+    "latest_checkpoint",
+    "list_step_dirs",
     "load_full_state_dict",
     "num_training_steps",
     "peak_memory_stats",

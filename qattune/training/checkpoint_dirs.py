@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -29,6 +29,14 @@ def list_step_dirs(output_dir: str) -> list[tuple[int, str]]:
         if match and os.path.isdir(os.path.join(output_dir, name)):
             found.append((int(match.group(1)), os.path.join(output_dir, name)))
     return sorted(found)
+
+
+def latest_checkpoint(output_dir: str) -> Optional[str]:
+    """The newest complete `step_N` folder under `output_dir` that holds recipe state, or None."""
+    for _, path in reversed(list_step_dirs(output_dir)):
+        if os.path.isfile(os.path.join(path, RECIPE_STATE_FILE)):
+            return path
+    return None
 
 
 def begin_checkpoint(final_dir: str) -> str:

@@ -11,7 +11,7 @@ from training_toys import RecordingQuantizer, StateProbe, learnable_dataset, mak
 
 from qattune.data import IGNORE_INDEX, padded_collate
 from qattune.errors import QattuneError
-from qattune.training import FakeQuantAfterNSteps, JSONLLogger
+from qattune.training import FakeQuantAfterNSteps, JSONLLogger, latest_checkpoint, list_step_dirs
 
 
 def test_loss_goes_down_on_a_learnable_task():
@@ -101,7 +101,10 @@ def test_checkpoints_are_pruned_and_complete(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["step_6", "step_8"]
     for name in ("step_6", "step_8"):
         assert sorted(os.listdir(tmp_path / name)) == ["model.pt", "recipe_state.pt"]
-    state = torch.load(tmp_path / "step_8" / "recipe_state.pt", weights_only=False)
+    (tmp_path / "step_9.tmp").mkdir()  # an interrupted save is never taken for a checkpoint
+    assert latest_checkpoint(str(tmp_path)) == str(tmp_path / "step_8")
+    assert [step for step, _ in list_step_dirs(str(tmp_path))] == [6, 8]
+    state = torch.load(tmp_path / "step_8" / "recipe_state.pt", weights_only=True)
     assert state["global_step"] == 8 and state["data"]["batches_done"] == 8 and state["world_size"] == 1
 
 
