@@ -40,3 +40,22 @@ def test_8da4w_weight_and_activation_fake_quant_match_torchao(dtype):
         y_ours.sum().backward()
         assert torch.equal(x_ours.grad != 0, x_theirs.grad != 0)  # same clipped elements
         assert torch.equal(theirs.scale.reshape(-1), ours.quantize(x).scale.reshape(-1))
+
+
+def test_4w_codes_equal_torchao_int4_weight_only_qat():
+    """torchao's `4w` QAT dequantizes with float32 scale/zero; qattune stores them in bf16 (the kernel's
+    layout), so compare the codes: ours, dequantized with the float32 parameters, give torchao's output."""
+    from torchao.quantization.qat.fake_quantize_config import Int4WeightFakeQuantizeConfig
+    from torchao.quantization.qat.fake_quantizer import Int4WeightFakeQuantizer
+
+    from qattune.quant.formats import Int4Tinygemm
+
+    torch.manual_seed(0)
+    w = torch.randn(16, 256) * torch.rand(16, 1)
+    w[0, :128] = 0.5
+    theirs = Int4WeightFakeQuantizer(Int4WeightFakeQuantizeConfig(group_size=128, activation_dtype=torch.bfloat16))(w)
+    codes = Int4Tinygemm(128).quantize(w).codes.float().reshape(16, 2, 128)
+    groups = w.reshape(16, 2, 128)
+    lo, hi = groups.amin(-1, keepdim=True), groups.amax(-1, keepdim=True)
+    scale = (hi - lo).clamp(min=1e-6) / 15
+    assert torch.equal(((codes - 8) * scale + (lo + 8 * scale)).reshape(w.shape), theirs)

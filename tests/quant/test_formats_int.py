@@ -132,7 +132,7 @@ def tinygemm_reference(w, group):
     x = w.float().numpy().reshape(w.shape[0], -1, group)
     lo = x.min(-1, keepdims=True)
     hi = x.max(-1, keepdims=True)
-    scale = np.maximum((hi - lo) / np.float32(15), np.float32(1e-6))
+    scale = np.maximum(hi - lo, np.float32(1e-6)) / np.float32(15)
     q = np.clip(np.round((x - lo) / scale), 0, 15)
     scale_bf16 = torch.from_numpy(scale).to(torch.bfloat16)
     zero_bf16 = torch.from_numpy(lo + np.float32(8) * scale).to(torch.bfloat16)
@@ -143,7 +143,7 @@ def tinygemm_reference(w, group):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_int4_tinygemm_matches_reference(dtype):
     w = _edge_weight(dtype)
-    w[5, :32] = 3.0  # constant group: scale floors at 1e-6
+    w[5, :32] = 3.0  # constant group: the range floors at 1e-6
     fmt = Int4Tinygemm(group_size=32)
     ref_q, ref_scale, ref_zero, ref_hat = tinygemm_reference(w, 32)
     q = fmt.quantize(w)

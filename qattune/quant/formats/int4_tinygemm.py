@@ -1,6 +1,6 @@
 """int4 weight-only with a float zero point: the layout of PyTorch's `_weight_int4pack_mm` (`4w`).
 
-Per group of `group_size` inputs (float32 arithmetic): `scale = max((max - min) / 15, eps)`,
+Per group of `group_size` inputs (float32 arithmetic): `scale = max(max - min, 1e-6) / 15`,
 `q = clamp(round((x - min) / scale), 0, 15)`; the stored scale and `zero = min + 8 * scale` are
 bfloat16, and `x_hat = (q - 8) * scale_bf16 + zero_bf16`. Codes are uint8 0..15.
 """
@@ -16,7 +16,7 @@ from qattune.errors import QattuneError
 from qattune.quant.formats.base import NumericFormat, QuantizedTensor, to_blocks
 from qattune.quant.formats.elements import round_to_dtype
 
-_EPS = 1e-6  # smallest float32 scale, as torchao's int4 weight-only fake quantizer
+_EPS = 1e-6  # smallest group range, as torchao's int4 weight-only QAT fake quantizer
 _MID = 8.0
 
 
@@ -35,7 +35,7 @@ class Int4Tinygemm(NumericFormat):
         xb = to_blocks(x, self.block_size).float()
         lo = xb.amin(dim=-1, keepdim=True)
         hi = xb.amax(dim=-1, keepdim=True)
-        scale = ((hi - lo) / 15.0).clamp(min=_EPS)
+        scale = (hi - lo).clamp(min=_EPS) / 15.0
         q = torch.round((xb - lo) / scale).clamp(0.0, 15.0)
         zero = lo + _MID * scale
         return q, round_to_dtype(scale, torch.bfloat16), round_to_dtype(zero, torch.bfloat16)
