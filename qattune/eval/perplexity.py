@@ -1,0 +1,145 @@
+"""Built-in perplexity and bits per byte of a model on plain text, exactly defined.
+
+Each document is encoded without bos/eos to `t_1..t_n` and preceded by one prefix token `t_0` (the
+tokenizer's bos, or its eos when it has no bos), so every real token is predicted exactly once:
+- windows of at most `max_seq_len` input tokens start at positions 0, stride, 2·stride, ... of `t_0..t_n`;
+  the window starting at `b` reads `t_b..t_{e-1}` (e = min(b + max_seq_len, n)) and scores only the targets
+  not scored before (those after the previous window's last target), up to `t_e`;
+- `stride == max_seq_len` gives disjoint chunks; a smaller stride gives every scored token at least
+  `max_seq_len - stride` tokens of context (the sliding-window evaluation of fixed-length models).
+Documents are independent (no context crosses a document boundary). Over all documents:
+`nll = -Σ log p(t_i | context)` (nats), `perplexity = exp(nll / tokens)`,
+`bits_per_byte = nll / (ln 2 · utf-8 bytes of the documents)`, `byte_perplexity = 2 ** bits_per_byte`.
+Bits per byte does not depend on the tokenizer, so it compares models with different vocabularies.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from torch import nn
+
+from qattune.errors import QattuneError
+from qattune.eval.scoring import score_windows
+
+
+@dataclass(frozen=True)
+class PerplexityResult:
+    """Totals over the evaluated documents and the metrics derived from them (see module docs)."""
+
+    documents: int
+    tokens: int
+    bytes: int
+    nll: float
+
+    @property
+    def nll_per_token(self) -> float:
+        return self.nll / self.tokens
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(self.nll_per_token)
+
+    @property
+    def bits_per_byte(self) -> float:
+        return self.nll / (math.log(2) * self.bytes)
+
+    @property
+    def byte_perplexity(self) -> float:
+        return 2.0 ** self.bits_per_byte
+
+    def metrics(self) -> dict[str, float]:
+        """The lower-is-better metrics, by name, for reports and comparisons."""
+        return {"perplexity": self.perplexity, "bits_per_byte": self.bits_per_byte,
+                "nll_per_token": self.nll_per_token, "byte_perplexity": self.byte_perplexity}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"documents": self.documents, "tokens": self.tokens, "bytes": self.bytes, "nll": self.nll,
+                **self.metrics()}
+
+
+def perplexity_windows(tokens: Sequence[int], prefix_token: int, max_seq_len: int,
+                       stride: Optional[int] = None) -> list[tuple[list[int], list[int]]]:
+    """The `(context, continuation)` scoring windows of one document (see module docs)."""
+    stride = max_seq_len if stride is None else stride
+    if max_seq_len < 1 or not 1 <= stride <= max_seq_len:
+        raise QattuneError(f"perplexity needs max_seq_len >= 1 and 1 <= stride <= max_seq_len; "
+                           f"got max_seq_len={max_seq_len}, stride={stride}")
+    sequence = [prefix_token, *tokens]
+    last = len(sequence) - 1  # index of the last target
+    windows, scored_up_to = [], 0  # targets t_1..t_scored_up_to are done
+    for begin in range(0, last, stride):
+        end = min(begin + max_seq_len, last)
+        if end > scored_up_to:
+            windows.append((sequence[begin : scored_up_to + 1], sequence[scored_up_to + 1 : end + 1]))
+            scored_up_to = end
+        if end == last:
+            break
+    return windows
+
+
+def default_prefix_token(tokenizer: Any) -> int:
+    """The token every document is conditioned on first: bos, or eos when the tokenizer has no bos."""
+    return tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.eos_id
+
+
+def perplexity(
+    model: nn.Module,
+    tokenizer: Any,
+    texts: Sequence[str],
+    max_seq_len: Optional[int] = None,
+    stride: Optional[int] = None,
+    batch_size: int = 8,
+    prefix_token_id: Optional[int] = None,
+) -> PerplexityResult:
+    """Perplexity and bits per byte of `model` on `texts` (empty texts are skipped).
+
+    max_seq_len: window length; default the model's `config.max_seq_len`. stride: default max_seq_len.
+    """
+    if max_seq_len is None:
+        max_seq_len = getattr(getattr(model, "config", None), "max_seq_len", None)
+        if max_seq_len is None:
+            raise QattuneError(f"{type(model).__name__} has no config.max_seq_len; pass max_seq_len to perplexity")
+    prefix = default_prefix_token(tokenizer) if prefix_token_id is None else prefix_token_id
+    windows, documents, tokens, size = [], 0, 0, 0
+    for text in texts:
+        ids = tokenizer.encode(text, add_bos=False, add_eos=False)
+        if not ids:
+            continue
+        documents, tokens, size = documents + 1, tokens + len(ids), size + len(text.encode("utf-8"))
+        windows += perplexity_windows(ids, prefix, max_seq_len, stride)
+    if not documents:
+        raise QattuneError("perplexity got no text to score: every document was empty")
+    scores = score_windows(model, windows, batch_size)
+    return PerplexityResult(documents, tokens, size, -math.fsum(s.logprob for s in scores))
+
+
+def load_texts(source: str, split: str = "validation", column: str = "text",
+               max_documents: Optional[int] = None) -> list[str]:
+    """Documents to evaluate on: `python_docs` (the CPython docs, train/validation split), a `.txt` file
+    (one document), or a `.json` list / `.jsonl` file of objects whose `column` holds the text."""
+    if source == "python_docs":
+        from qattune.data.python_docs import python_docs_rows
+
+        texts = [row["text"] for row in python_docs_rows(split)]  # type: ignore[arg-type]
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise QattuneError(f"perplexity text source {source!r} is neither 'python_docs' nor an existing file; "
+                               "give a .txt, .json or .jsonl path")
+        if path.suffix == ".txt":
+            texts = [path.read_text(encoding="utf-8")]
+        elif path.suffix in (".json", ".jsonl"):
+            raw = path.read_text(encoding="utf-8")
+            rows = json.loads(raw) if path.suffix == ".json" else [json.loads(l) for l in raw.splitlines() if l.strip()]
+            missing = next((i for i, row in enumerate(rows) if not isinstance(row, dict) or column not in row), None)
+            if missing is not None:
+                raise QattuneError(f"{path}: row {missing} has no {column!r} field; set the text column name")
+            texts = [str(row[column]) for row in rows]
+        else:
+            raise QattuneError(f"{path}: unsupported text file type {path.suffix!r}; use .txt, .json or .jsonl")
+    return texts if max_documents is None else texts[:max_documents]

@@ -1,0 +1,72 @@
+"""Log-probabilities of token continuations, batched: the one computation behind perplexity and lm-eval.
+
+A scoring window is `(context, continuation)`, two lists of token ids with `context` non-empty. The model
+reads `(context + continuation)[:-1]`; the logits at its last `len(continuation)` positions are scored
+against `continuation`. The result per window is the summed natural-log probability of the continuation
+and whether every continuation token was the argmax (greedy) prediction.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qattune.errors import QattuneError
+from qattune.generation.decode import model_dtype_and_device
+
+Window = tuple[Sequence[int], Sequence[int]]
+
+
+@dataclass(frozen=True)
+class WindowScore:
+    """Summed log-probability (nats) of a window's continuation and whether greedy decoding gives it."""
+
+    logprob: float
+    is_greedy: bool
+
+
+def _check_window(index: int, window: Window) -> None:
+    context, continuation = window
+    if not context:
+        raise QattuneError(f"scoring window {index} has an empty context; start it with a prefix token (bos/eos)")
+    if not continuation:
+        raise QattuneError(f"scoring window {index} has an empty continuation; there is nothing to score")
+
+
+@torch.inference_mode()
+def score_windows(model: nn.Module, windows: Sequence[Window], batch_size: int = 8) -> list[WindowScore]:
+    """Score every window (see module docs) in batches of `batch_size`, longest first.
+
+    Rows of a batch are padded on the right; causal attention keeps padding out of every scored position.
+    Log-softmax is taken in float32.
+    """
+    if batch_size < 1:
+        raise QattuneError(f"batch_size={batch_size} must be at least 1")
+    if getattr(model, "caches_are_enabled", lambda: False)():
+        raise QattuneError("the model has KV caches set up; remove them (model.remove_caches()) before scoring")
+    for index, window in enumerate(windows):
+        _check_window(index, window)
+    _, device = model_dtype_and_device(model)
+    inputs = [list(ctx) + list(cont[:-1]) for ctx, cont in windows]
+    order = sorted(range(len(windows)), key=lambda i: -len(inputs[i]))
+    scores: list[WindowScore] = [WindowScore(0.0, True)] * len(windows)
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        width = len(inputs[chunk[0]])
+        batch = torch.zeros((len(chunk), width), dtype=torch.long)
+        for row, index in enumerate(chunk):
+            batch[row, : len(inputs[index])] = torch.tensor(inputs[index])
+        logits = model(batch.to(device))
+        for row, index in enumerate(chunk):
+            continuation = torch.tensor(list(windows[index][1]), device=device)
+            end = len(inputs[index])
+            row_logits = logits[row, end - len(continuation) : end].float()
+            logprobs = F.log_softmax(row_logits, dim=-1)
+            token_logprobs = logprobs.gather(-1, continuation.unsqueeze(-1)).squeeze(-1)
+            greedy = bool(torch.equal(row_logits.argmax(dim=-1), continuation))
+            scores[index] = WindowScore(float(token_logprobs.double().sum()), greedy)
+    return scores

@@ -1,0 +1,94 @@
+"""Perplexity and bits per byte against a hand computation on a tiny model."""
+
+import json
+import math
+
+import pytest
+
+from eval_reference import token_logprob
+from gen_tiny import ByteChatTokenizer, tiny_model
+from qattune.errors import QattuneError
+from qattune.eval import load_texts, perplexity, perplexity_windows
+
+TEXTS = ["def f(x):\n    return x * 2\n", "héllo wörld", "", "The quick brown fox jumps over the lazy dog."]
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model(seed=2)
+
+
+def test_windows_of_disjoint_chunks():
+    assert perplexity_windows([11, 12, 13, 14, 15], prefix_token=1, max_seq_len=2) == [
+        ([1], [11, 12]), ([12], [13, 14]), ([14], [15])]
+
+
+def test_windows_of_a_sliding_window_score_each_token_once():
+    windows = perplexity_windows(list(range(11, 21)), prefix_token=1, max_seq_len=4, stride=2)
+    assert windows == [([1], [11, 12, 13, 14]), ([12, 13, 14], [15, 16]), ([14, 15, 16], [17, 18]),
+                       ([16, 17, 18], [19, 20])]
+    for context, continuation in windows:
+        assert len(context) + len(continuation) - 1 <= 4  # model input never exceeds max_seq_len
+
+
+def test_bad_stride_is_an_error():
+    with pytest.raises(QattuneError, match="1 <= stride <= max_seq_len"):
+        perplexity_windows([1, 2, 3], 0, max_seq_len=2, stride=3)
+
+
+def hand_nll(model, tokenizer, texts, max_seq_len, stride):
+    """Target t_j (j >= 1 in prefix + tokens) is read with the context that starts where the definition
+    says: at 0 in the first window, else at the begin b of the first window whose end reaches j."""
+    nll, tokens, size = 0.0, 0, 0
+    for text in texts:
+        ids = tokenizer.encode(text, add_bos=False, add_eos=False)
+        if not ids:
+            continue
+        seq = [tokenizer.bos_id, *ids]
+        tokens, size = tokens + len(ids), size + len(text.encode("utf-8"))
+        for j in range(1, len(seq)):
+            begin = 0
+            while min(begin + max_seq_len, len(seq) - 1) < j:
+                begin += stride
+            nll -= token_logprob(model, seq[begin:j], seq[j])
+    return nll, tokens, size
+
+
+@pytest.mark.parametrize("max_seq_len, stride", [(256, None), (8, 8), (8, 3)])
+def test_perplexity_equals_exp_mean_nll_by_hand(model, max_seq_len, stride):
+    tokenizer = ByteChatTokenizer()
+    result = perplexity(model, tokenizer, TEXTS, max_seq_len=max_seq_len, stride=stride, batch_size=3)
+    nll, tokens, size = hand_nll(model, tokenizer, TEXTS, max_seq_len, stride or max_seq_len)
+    assert (result.documents, result.tokens, result.bytes) == (3, tokens, size)
+    assert result.nll == pytest.approx(nll, rel=1e-5)
+    assert result.perplexity == pytest.approx(math.exp(nll / tokens), rel=1e-5)
+    assert result.bits_per_byte == pytest.approx(nll / size / math.log(2), rel=1e-5)
+    assert result.to_dict()["byte_perplexity"] == pytest.approx(2 ** (nll / size / math.log(2)), rel=1e-5)
+
+
+def test_context_matters_so_the_window_rule_is_checked(model):
+    tokenizer = ByteChatTokenizer()
+    short = perplexity(model, tokenizer, TEXTS, max_seq_len=4).nll
+    full = perplexity(model, tokenizer, TEXTS, max_seq_len=256).nll
+    assert abs(short - full) > 1e-3
+
+
+def test_prefix_is_eos_without_bos(model):
+    tokenizer = ByteChatTokenizer(with_bos=False)
+    result = perplexity(model, tokenizer, ["abc"], max_seq_len=16)
+    seq = [tokenizer.eos_id, *tokenizer.encode("abc", add_bos=False, add_eos=False)]
+    expected = -sum(token_logprob(model, seq[:j], seq[j]) for j in range(1, len(seq)))
+    assert result.nll == pytest.approx(expected, rel=1e-5)
+
+
+def test_load_texts(tmp_path):
+    docs = load_texts("python_docs", "validation", max_documents=2)
+    assert len(docs) == 2 and all(isinstance(d, str) and d for d in docs)
+    (tmp_path / "a.jsonl").write_text(json.dumps({"body": "one"}) + "\n\n" + json.dumps({"body": "two"}) + "\n")
+    assert load_texts(str(tmp_path / "a.jsonl"), column="body") == ["one", "two"]
+    (tmp_path / "b.txt").write_text("whole file")
+    assert load_texts(str(tmp_path / "b.txt")) == ["whole file"]
+    with pytest.raises(QattuneError, match="row 0 has no 'text' field"):
+        load_texts(str(tmp_path / "a.jsonl"))
+    with pytest.raises(QattuneError, match="neither 'python_docs' nor an existing file"):
+        load_texts(str(tmp_path / "missing.jsonl"))
