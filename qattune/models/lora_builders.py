@@ -1,0 +1,382 @@
+"""LoRA model builders, usable as `_component_` with torchtune's names and fields (`lora_llama3_2_1b`, ...).
+
+Each returns the base model of the same name with LoRA applied (see `qattune.models.lora.apply_lora`).
+A recipe that must load or quantize the base first calls `split_lora` on the result, then `apply_lora`
+again. Every builder takes torchtune's fields:
+    lora_attn_modules: any of q_proj, k_proj, v_proj, output_proj.
+    apply_lora_to_mlp: adapt gate/up/down projections. apply_lora_to_output: adapt the output head.
+    lora_rank, lora_alpha, lora_dropout: rank r, scale alpha / r, dropout on the adapter's input.
+    use_dora, quantize_base: accepted for torchtune configs; only False is supported (QLoRA in qattune is
+        the recipe's quantizer with scheme nf4).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+from qattune.errors import QattuneError
+from qattune.models import builders
+from qattune.models.lora import apply_lora
+from qattune.models.transformer import Transformer
+
+
+def _with_lora(
+    build: Callable[[], Transformer],
+    lora_attn_modules: list[str],
+    apply_lora_to_mlp: bool,
+    apply_lora_to_output: bool,
+    lora_rank: int,
+    lora_alpha: float,
+    lora_dropout: float,
+    use_dora: bool,
+    quantize_base: bool,
+) -> Transformer:
+    if use_dora:
+        raise QattuneError("use_dora=true: DoRA is not supported by qattune; set use_dora: false")
+    if quantize_base:
+        raise QattuneError(
+            "quantize_base=true: qattune quantizes the frozen base through the recipe's quantizer; set "
+            "quantize_base: false and quantizer._component_: qattune.quant.PTQQuantizer with scheme: nf4 (QLoRA)"
+        )
+    model = build()
+    apply_lora(
+        model, lora_attn_modules=lora_attn_modules, apply_lora_to_mlp=apply_lora_to_mlp,
+        apply_lora_to_output=apply_lora_to_output, lora_rank=lora_rank, lora_alpha=lora_alpha,
+        lora_dropout=lora_dropout,
+    )  # fmt: skip
+    return model
+
+
+def lora_llama(
+    vocab_size: int,
+    num_layers: int,
+    num_heads: int,
+    num_kv_heads: int,
+    embed_dim: int,
+    intermediate_dim: int,
+    max_seq_len: int,
+    lora_attn_modules: list[str],
+    apply_lora_to_mlp: bool = False,
+    apply_lora_to_output: bool = False,
+    lora_rank: int = 8,
+    lora_alpha: float = 16.0,
+    lora_dropout: float = 0.0,
+    head_dim: Optional[int] = None,
+    norm_eps: float = 1e-5,
+    rope_base: float = 10000.0,
+    rope_scaling_factor: Optional[float] = None,
+    rope_low_freq_factor: float = 1.0,
+    rope_high_freq_factor: float = 4.0,
+    rope_original_max_seq_len: int = 8192,
+    tie_embeddings: bool = False,
+    qkv_bias: bool = False,
+    use_dora: bool = False,
+    quantize_base: bool = False,
+) -> Transformer:
+    """`qattune.models.llama(...)` (every dimension given, e.g. tiny test models) with LoRA applied."""
+
+    def build() -> Transformer:
+        return builders.llama(
+            vocab_size, num_layers, num_heads, num_kv_heads, embed_dim, intermediate_dim, max_seq_len,
+            head_dim=head_dim, norm_eps=norm_eps, rope_base=rope_base, rope_scaling_factor=rope_scaling_factor,
+            rope_low_freq_factor=rope_low_freq_factor, rope_high_freq_factor=rope_high_freq_factor,
+            rope_original_max_seq_len=rope_original_max_seq_len, tie_embeddings=tie_embeddings, qkv_bias=qkv_bias,
+        )  # fmt: skip
+
+    return _with_lora(
+        build, lora_attn_modules, apply_lora_to_mlp, apply_lora_to_output, lora_rank, lora_alpha,
+        lora_dropout, use_dora, quantize_base,
+    )
+
+
+def lora_llama2_7b(
+    lora_attn_modules: list[str],
+    apply_lora_to_mlp: bool = False,
+    apply_lora_to_output: bool = False,
+    lora_rank: int = 8,
+    lora_alpha: float = 16.0,
+    lora_dropout: float = 0.0,
+    use_dora: bool = False,
+    quantize_base: bool = False,
+) -> Transformer:
+    """Llama 2 7B with LoRA applied."""
+    return _with_lora(
+        builders.llama2_7b, lora_attn_modules, apply_lora_to_mlp, apply_lora_to_output, lora_rank, lora_alpha,
+        lora_dropout, use_dora, quantize_base,
+    )
+
+
+def lora_llama3_8b(
+    lora_attn_modules: list[str],
+    apply_lora_to_mlp: bool = False,
+    apply_lora_to_output: bool = False,
+    lora_rank: int = 8,
+    lora_alpha: float = 16.0,
+    lora_dropout: float = 0.0,
+    use_dora: bool = False,
+    quantize_base: bool = False,
+) -> Transformer:
+    """Llama 3 8B with LoRA applied."""
+    return _with_lora(
+        builders.llama3_8b, lora_attn_modules, apply_lora_to_mlp, apply_lora_to_output, lora_rank, lora_alpha,
+        lora_dropout, use_dora, quantize_base,
+    )
+
+
+def lora_llama3_1_8b(
+    lora_attn_modules: list[str],
+    apply_lora_to_mlp: bool = False,
+    apply_lora_to_output: bool = False,
+    lora_rank: int = 8,
+    lora_alpha: float = 16.0,
+    lora_dropout: float = 0.0,
+    use_dora: bool = False,
+    quantize_base: bool = False,
+) -> Transformer:
+    """Llama 3.1 8B with LoRA applied."""
+    return _with_lora(
+        builders.llama3_1_8b, lora_attn_modules, apply_lora_to_mlp, apply_lora_to_output, lora_rank, lora_alpha,
+        lora_dropout, use_dora, quantize_base,
+    )
+
+
+def lora_llama3_2_1b(
+    lora_attn_modules: list[str],
+    apply_lora_to_mlp: bool = False,
+    apply_lora_to_output: bool = False,
+    lora_rank: int = 8,
+    lora_alpha: float = 16.0,
+    lora_dropout: float = 0.0,
+    use_dora: bool = False,
+    quantize_base: bool = False,
+) -> Transformer:
+    """Llama 3.2 1B (tied output head: apply_lora_to_output is refused) with LoRA applied."""
+    return _with_lora(
+        builders.llama3_2_1b, lora_attn_modules, apply_lora_to_mlp, apply_lora_to_output, lora_rank, lora_alpha,
+        lora_dropout, use_dora, quantize_base,
+    )
+
+
+def lora_llama3_2_3b(
+    lora_attn_modules: list[str],
+    apply_lora_to_mlp: bool = False,
+    apply_lora_to_output: bool = False,
+    lora_rank: int = 8,
+    lora_alpha: float = 16.0,
+    lora_dropout: float = 0.0,
+    use_dora: bool = False,
+    quantize_base: bool = False,
+) -> Transformer:
+    """Llama 3.2 3B (tied output head: apply_lora_to_output is refused) with LoRA applied."""
+    return _with_lora(
+        builders.llama3_2_3b, lora_attn_modules, apply_lora_to_mlp, apply_lora_to_output, lora_rank, lora_alpha,
+        lora_dropout, use_dora, quantize_base,
+    )
+
+
+def lora_smollm2_135m(
+    lora_attn_modules: list[str],
+    apply_lora_to_mlp: bool = False,
+    apply_lora_to_output: bool = False,
+    lora_rank: int = 8,
+    lora_alpha: float = 16.0,
+    lora_dropout: float = 0.0,
+    use_dora: bool = False,
+    quantize_base: bool = False,
+) -> Transformer:
+    """SmolLM2 135M (tied output head) with LoRA applied."""
+    return _with_lora(
+        builders.smollm2_135m, lora_attn_modules, apply_lora_to_mlp, apply_lora_to_output, lora_rank, lora_alpha,
+        lora_dropout, use_dora, quantize_base,
+    )
+
+
+def lora_smollm2_360m(
+    lora_attn_modules: list[str],
+    apply_lora_to_mlp: bool = False,
+    apply_lora_to_output: bool = False,
+    lora_rank: int = 8,
+    lora_alpha: float = 16.0,
+    lora_dropout: float = 0.0,
+    use_dora: bool = False,
+    quantize_base: bool = False,
+) -> Transformer:
+    """SmolLM2 360M (tied output head) with LoRA applied."""
+    return _with_lora(
+        builders.smollm2_360m, lora_attn_modules, apply_lora_to_mlp, apply_lora_to_output, lora_rank, lora_alpha,
+        lora_dropout, use_dora, quantize_base,
+    )
+
+
+def lora_smollm2_1_7b(
+    lora_attn_modules: list[str],
+    apply_lora_to_mlp: bool = False,
+    apply_lora_to_output: bool = False,
+    lora_rank: int = 8,
+    lora_alpha: float = 16.0,
+    lora_dropout: float = 0.0,
+    use_dora: bool = False,
+    quantize_base: bool = False,
+) -> Transformer:
+    """SmolLM2 1.7B (tied output head) with LoRA applied."""
+    return _with_lora(
+        builders.smollm2_1_7b, lora_attn_modules, apply_lora_to_mlp, apply_lora_to_output, lora_rank, lora_alpha,
+        lora_dropout, use_dora, quantize_base,
+    )
+
+
+def lora_qwen2_5_0_5b(
+    lora_attn_modules: list[str],
+    apply_lora_to_mlp: bool = False,
+    apply_lora_to_output: bool = False,
+    lora_rank: int = 8,
+    lora_alpha: float = 16.0,
+    lora_dropout: float = 0.0,
+    use_dora: bool = False,
+    quantize_base: bool = False,
+) -> Transformer:
+    """Qwen2.5 0.5B (tied output head) with LoRA applied."""
+    return _with_lora(
+        builders.qwen2_5_0_5b, lora_attn_modules, apply_lora_to_mlp, apply_lora_to_output, lora_rank, lora_alpha,
+        lora_dropout, use_dora, quantize_base,
+    )
+
+
+def lora_qwen2_5_1_5b(
+    lora_attn_modules: list[str],
+    apply_lora_to_mlp: bool = False,
+    apply_lora_to_output: bool = False,
+    lora_rank: int = 8,
+    lora_alpha: float = 16.0,
+    lora_dropout: float = 0.0,
+    use_dora: bool = False,
+    quantize_base: bool = False,
+) -> Transformer:
+    """Qwen2.5 1.5B (tied output head) with LoRA applied."""
+    return _with_lora(
+        builders.qwen2_5_1_5b, lora_attn_modules, apply_lora_to_mlp, apply_lora_to_output, lora_rank, lora_alpha,
+        lora_dropout, use_dora, quantize_base,
+    )
+
+
+def lora_qwen2_5_3b(
+    lora_attn_modules: list[str],
+    apply_lora_to_mlp: bool = False,
+    apply_lora_to_output: bool = False,
+    lora_rank: int = 8,
+    lora_alpha: float = 16.0,
+    lora_dropout: float = 0.0,
+    use_dora: bool = False,
+    quantize_base: bool = False,
+) -> Transformer:
+    """Qwen2.5 3B (tied output head) with LoRA applied."""
+    return _with_lora(
+        builders.qwen2_5_3b, lora_attn_modules, apply_lora_to_mlp, apply_lora_to_output, lora_rank, lora_alpha,
+        lora_dropout, use_dora, quantize_base,
+    )
+
+
+def lora_qwen2_5_7b(
+    lora_attn_modules: list[str],
+    apply_lora_to_mlp: bool = False,
+    apply_lora_to_output: bool = False,
+    lora_rank: int = 8,
+    lora_alpha: float = 16.0,
+    lora_dropout: float = 0.0,
+    use_dora: bool = False,
+    quantize_base: bool = False,
+) -> Transformer:
+    """Qwen2.5 7B with LoRA applied."""
+    return _with_lora(
+        builders.qwen2_5_7b, lora_attn_modules, apply_lora_to_mlp, apply_lora_to_output, lora_rank, lora_alpha,
+        lora_dropout, use_dora, quantize_base,
+    )
+
+
+def lora_qwen2_5_1_5b_base(
+    lora_attn_modules: list[str],
+    apply_lora_to_mlp: bool = False,
+    apply_lora_to_output: bool = False,
+    lora_rank: int = 8,
+    lora_alpha: float = 16.0,
+    lora_dropout: float = 0.0,
+    use_dora: bool = False,
+    quantize_base: bool = False,
+) -> Transformer:
+    """Qwen2.5 1.5B base (torchtune's name; same model as lora_qwen2_5_1_5b)."""
+    return _with_lora(
+        builders.qwen2_5_1_5b, lora_attn_modules, apply_lora_to_mlp, apply_lora_to_output, lora_rank, lora_alpha,
+        lora_dropout, use_dora, quantize_base,
+    )
+
+
+def lora_qwen2_5_1_5b_instruct(
+    lora_attn_modules: list[str],
+    apply_lora_to_mlp: bool = False,
+    apply_lora_to_output: bool = False,
+    lora_rank: int = 8,
+    lora_alpha: float = 16.0,
+    lora_dropout: float = 0.0,
+    use_dora: bool = False,
+    quantize_base: bool = False,
+) -> Transformer:
+    """Qwen2.5 1.5B instruct (torchtune's name; same model as lora_qwen2_5_1_5b)."""
+    return _with_lora(
+        builders.qwen2_5_1_5b, lora_attn_modules, apply_lora_to_mlp, apply_lora_to_output, lora_rank, lora_alpha,
+        lora_dropout, use_dora, quantize_base,
+    )
+
+
+def lora_qwen2_5_7b_base(
+    lora_attn_modules: list[str],
+    apply_lora_to_mlp: bool = False,
+    apply_lora_to_output: bool = False,
+    lora_rank: int = 8,
+    lora_alpha: float = 16.0,
+    lora_dropout: float = 0.0,
+    use_dora: bool = False,
+    quantize_base: bool = False,
+) -> Transformer:
+    """Qwen2.5 7B base (torchtune's name; same model as lora_qwen2_5_7b)."""
+    return _with_lora(
+        builders.qwen2_5_7b, lora_attn_modules, apply_lora_to_mlp, apply_lora_to_output, lora_rank, lora_alpha,
+        lora_dropout, use_dora, quantize_base,
+    )
+
+
+def lora_qwen2_5_7b_instruct(
+    lora_attn_modules: list[str],
+    apply_lora_to_mlp: bool = False,
+    apply_lora_to_output: bool = False,
+    lora_rank: int = 8,
+    lora_alpha: float = 16.0,
+    lora_dropout: float = 0.0,
+    use_dora: bool = False,
+    quantize_base: bool = False,
+) -> Transformer:
+    """Qwen2.5 7B instruct (torchtune's name; same model as lora_qwen2_5_7b)."""
+    return _with_lora(
+        builders.qwen2_5_7b, lora_attn_modules, apply_lora_to_mlp, apply_lora_to_output, lora_rank, lora_alpha,
+        lora_dropout, use_dora, quantize_base,
+    )
+
+
+__all__ = [
+    "lora_llama",
+    "lora_llama2_7b",
+    "lora_llama3_8b",
+    "lora_llama3_1_8b",
+    "lora_llama3_2_1b",
+    "lora_llama3_2_3b",
+    "lora_smollm2_135m",
+    "lora_smollm2_360m",
+    "lora_smollm2_1_7b",
+    "lora_qwen2_5_0_5b",
+    "lora_qwen2_5_1_5b",
+    "lora_qwen2_5_3b",
+    "lora_qwen2_5_7b",
+    "lora_qwen2_5_1_5b_base",
+    "lora_qwen2_5_1_5b_instruct",
+    "lora_qwen2_5_7b_base",
+    "lora_qwen2_5_7b_instruct",
+]
