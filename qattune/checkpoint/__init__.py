@@ -6,6 +6,10 @@ from qattune.checkpoint.gguf import GGUFCheckpointer, smollm2_135m_gguf_path
 from qattune.checkpoint.hf import HFCheckpointer, write_hf_checkpoint
 from qattune.checkpoint.loading import build_model_from_checkpoint, check_model_matches, load_into
 from qattune.checkpoint.meta import MetaCheckpointer
+from qattune.checkpoint.peft import load_peft_adapter
+from qattune.checkpoint.peft import read_peft_config
+from qattune.checkpoint.peft import save_peft_adapter
+from qattune.checkpoint.peft import write_peft_adapter
 
 __all__ = [
     "Checkpointer",
@@ -17,6 +21,10 @@ __all__ = [
     "check_model_matches",
     "expected_shapes",
     "load_into",
+    "load_peft_adapter",
+    "read_peft_config",
+    "save_peft_adapter",
     "smollm2_135m_gguf_path",
     "write_hf_checkpoint",
+    "write_peft_adapter",
 ]
