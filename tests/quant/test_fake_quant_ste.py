@@ -51,6 +51,16 @@ def test_fake_quantize_equals_dequantize_of_quantize(fmt, dtype):
     assert not torch.equal(fake, x)  # it did quantize
 
 
+@pytest.mark.parametrize("fmt", ALL_FORMATS, ids=lambda f: f.name)
+def test_empty_and_non_contiguous_inputs(fmt):
+    empty = torch.zeros(0, 128, requires_grad=True)
+    fmt.fake_quantize(empty).sum().backward()
+    assert fmt.dequantize(fmt.quantize(empty.detach())).shape == (0, 128)
+    wide = torch.randn(128, 128).t()
+    assert not wide.is_contiguous()
+    assert torch.equal(fmt.fake_quantize(wide), fmt.fake_quantize(wide.contiguous()))
+
+
 def test_int_gradient_is_one_in_range_and_zero_where_clipped():
     # per row int4 symmetric: scale = 7.5 / 7.5 = 1; 7.5 rounds (half to even) to 8 and clips to 7
     x = torch.tensor([[0.0, 1.0, -2.0, 7.5, -7.5, 3.4]], requires_grad=True)

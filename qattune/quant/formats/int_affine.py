@@ -79,7 +79,11 @@ class IntAffine(NumericFormat):
         """
         dtype = x.dtype
         eps = torch.finfo(dtype).eps if self.eps is None else self.eps
-        lo, hi = torch.aminmax(self.blocks(x.detach()), dim=-1)
+        xb = self.blocks(x.detach())
+        if xb.shape[-1] == 0:  # an empty tensor (per-tensor scale): any scale will do
+            lo = hi = torch.zeros(xb.shape[:-1], device=x.device)
+        else:
+            lo, hi = torch.aminmax(xb, dim=-1)
         lo, hi = lo.float().clamp(max=0.0), hi.float().clamp(min=0.0)
         levels = float(self.qmax - self.qmin)
         if self.symmetric:

@@ -5,7 +5,9 @@ Shared exponent `floor(log2(amax)) - emax_elem` (8 for E4M3, 2 for E2M1), clampe
 even in the element format and saturate at its largest finite value.
 
 Storage: `QuantizedTensor.scale` holds the E8M0 scale as its uint8 BIASED EXPONENT (code = e + 127,
-as MX hardware stores it); `codes` is float8_e4m3fn (mxfp8) or uint8 E2M1 codes 0..15 (mxfp4).
+as MX hardware stores it; `scale.view(torch.float8_e8m0fnu)` is the same bytes as torch's E8M0 dtype);
+`codes` is float8_e4m3fn (mxfp8) or uint8 E2M1 codes 0..15 (mxfp4). Codes and scales equal torchao's
+`prototype.mx_formats.to_mx(..., ScaleCalculationMode.FLOOR)` bit for bit.
 """
 
 from __future__ import annotations

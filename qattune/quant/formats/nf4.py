@@ -42,7 +42,7 @@ class NF4(NumericFormat):
         xb = to_blocks(x, self.block_size).float()
         absmax = xb.abs().amax(dim=-1, keepdim=True)
         v = xb / torch.where(absmax > 0, absmax, torch.ones_like(absmax))
-        return torch.bucketize(v, constant_tensor(_MIDPOINTS, x.device), right=False), absmax
+        return torch.bucketize(v.contiguous(), constant_tensor(_MIDPOINTS, x.device), right=False), absmax
 
     def quantize(self, x: Tensor) -> QuantizedTensor:
         codes, absmax = self._encode(x)

@@ -5,7 +5,8 @@
 elements `e2m1(clamp(x / (s_b * s_t), -6, 6))`; `x_hat = e * (s_b * s_t)`.
 
 Storage: `codes` uint8 E2M1 codes 0..15, `scale` the float8_e4m3fn block scales, `global_scale` the
-float32 tensor scale of shape (1,).
+float32 tensor scale of shape (1,). Codes and scales equal torchao's `nvfp4_quantize` with
+`per_tensor_amax_to_scale(amax)` bit for bit.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ class NVFP4(NumericFormat):
         """Blocked elements in units of the total scale, block scales (e4m3), tensor scale, total scale."""
         xb = to_blocks(x, self.block_size).float()
         block_amax = xb.abs().amax(dim=-1, keepdim=True)
-        tensor_amax = block_amax.amax().reshape(1)
+        tensor_amax = block_amax.amax().reshape(1) if block_amax.numel() else block_amax.new_zeros(1)
         global_scale = torch.where(tensor_amax > 0, tensor_amax / (E4M3_MAX * E2M1_MAX), 1.0)
         block_scale = ((block_amax / E2M1_MAX) / global_scale).clamp(E4M3_MIN_NORMAL, E4M3_MAX)
         block_scale = block_scale.to(torch.float8_e4m3fn)
