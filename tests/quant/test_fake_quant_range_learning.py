@@ -107,3 +107,41 @@ def test_wrong_shape_and_non_integer_formats_are_errors():
         LearnedRangeFakeQuantizer(NF4(), (4, 64))
     with pytest.raises(QattuneError, match="never run or loaded"):
         LearnedRangeFakeQuantizer(IntAffine(8, True, None), (4, 32)).quantize(torch.randn(4, 32))
+
+
+def test_per_group_gradients_equal_autograd_through_the_lsq_formula():
+    """Reference: LSQ written with plain autograd (straight-through round via detach, gradient scaling
+    via the `s * g + (s - s * g).detach()` trick of the LSQ paper)."""
+    torch.manual_seed(0)
+    w = torch.randn(4, 64) * 0.1
+    w[0, 3] = 2.0  # pushes its group's range
+    fmt = IntAffine(4, False, 32)  # int4 [-8, 7], asymmetric
+    fq = LearnedRangeFakeQuantizer(fmt, w.shape)
+    fq.initialize(w)
+    with torch.no_grad():
+        fq.scale.mul_(0.7)  # force some clipping
+        fq.zero_point.add_(0.3)
+    upstream = torch.randn(4, 64)
+    x = w.clone().requires_grad_(True)
+    fq(x).backward(upstream)
+
+    g = fq.grad_factor
+    s0 = fq.scale.detach().clone().requires_grad_(True)
+    z0 = fq.zero_point.detach().clone().requires_grad_(True)
+    xr = w.clone().requires_grad_(True)
+
+    def ste_round(t):
+        return t + (torch.round(t) - t).detach()
+
+    s = (s0 * g + (s0 - s0 * g).detach()).reshape(4, 2, 1)
+    z = ste_round((z0 * g + (z0 - z0 * g).detach()).clamp(-8, 7)).reshape(4, 2, 1)
+    q = torch.clamp(ste_round(xr.reshape(4, 2, 32) * (1.0 / s)) + z, -8, 7)
+    reference = ((q - z) * s).reshape(4, 64)
+    reference.backward(upstream)
+
+    assert torch.equal(fq(w), reference.detach())
+    assert torch.equal(x.grad == 0, xr.grad == 0) and (x.grad == 0).any()  # same clipped elements
+    torch.testing.assert_close(x.grad, xr.grad)  # the reference multiplies by (1 / s) * s
+    torch.testing.assert_close(fq.scale.grad, s0.grad, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(fq.zero_point.grad, z0.grad, rtol=1e-5, atol=1e-7)
+    assert (fq.zero_point.grad != 0).any()
