@@ -74,10 +74,10 @@ def _float_payload(tensor: Tensor, float_type: FloatType) -> tuple[np.ndarray, g
 
 
 def _add_metadata(writer: gguf.GGUFWriter, key: str, value: Any) -> None:
-    """Add one key: (value, GGUFValueType) as given; else int -> uint32 (int32 if negative),
-    float -> float32, bool, str, list -> array (element type from the first element)."""
-    if isinstance(value, tuple) and len(value) == 2 and isinstance(value[1], gguf.GGUFValueType):
-        writer.add_key_value(key, value[0], value[1])
+    """Add one key: (value, GGUFValueType[, array element GGUFValueType]) as given; else int -> uint32
+    (int32 if negative), float -> float32, bool, str, list -> array (element type from the first element)."""
+    if isinstance(value, tuple) and len(value) in (2, 3) and isinstance(value[1], gguf.GGUFValueType):
+        writer.add_key_value(key, value[0], *value[1:])
     elif isinstance(value, bool):
         writer.add_bool(key, value)
     elif isinstance(value, int):
@@ -125,6 +125,11 @@ def write_gguf(
     writer.add_file_type(int(file_type))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     for key, value in {**metadata, **tokenizer_metadata}.items():
+        if key == "general.architecture":  # written by GGUFWriter itself
+            if value != architecture:
+                raise QattuneError(f"GGUF export: metadata general.architecture={value!r} contradicts "
+                                   f"architecture={architecture!r}")
+            continue
         _add_metadata(writer, key, value)
     for name, (data, qtype) in payloads.items():
         raw = qtype not in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16)

@@ -32,14 +32,19 @@ CONFIG_FILE = "quantization_config.json"
 CONFIG_FORMAT = "qattune.quantized/1"
 
 
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
 def _layer_entry(module: nn.Module) -> dict:
     if isinstance(module, QuantizedLinear):
         return {"kind": "Linear", "in_features": module.in_features, "out_features": module.out_features,
                 "bias": module.bias is not None, "weight_format": module.weight_format.name,
-                "activation_format": None if module.activation_format is None else module.activation_format.name}
+                "activation_format": None if module.activation_format is None else module.activation_format.name,
+                "weight_dtype": _dtype_name(module.weight_dtype)}
     return {"kind": "Embedding", "num_embeddings": module.num_embeddings, "embedding_dim": module.embedding_dim,
             "padding_idx": module.padding_idx, "weight_format": module.weight_format.name,
-            "output_dtype": str(module.output_dtype).removeprefix("torch.")}
+            "weight_dtype": _dtype_name(module.weight_dtype)}
 
 
 def quantization_config(model: nn.Module) -> dict:
@@ -97,11 +102,12 @@ def _build_layer(name: str, entry: dict, scheme: SchemeConfig, tensors: dict[str
     if entry["kind"] == "Embedding":
         fmt = scheme.weight_format("Embedding", False)
         return QuantizedEmbedding(entry["num_embeddings"], entry["embedding_dim"], fmt, packed,
-                                  entry["padding_idx"], getattr(torch, entry["output_dtype"]))
+                                  entry["padding_idx"], getattr(torch, entry["weight_dtype"]))
     fmt = _linear_weight_format(name, entry, scheme)
     act = scheme.activation_format() if entry["activation_format"] is not None else None
     bias = tensors[f"{name}.bias"] if entry["bias"] else None
-    return QuantizedLinear(entry["in_features"], entry["out_features"], fmt, act, packed, bias)
+    return QuantizedLinear(entry["in_features"], entry["out_features"], fmt, act, packed, bias,
+                           getattr(torch, entry["weight_dtype"]))
 
 
 def load_quantized(model: nn.Module, checkpoint_dir: Union[str, os.PathLike],

@@ -156,7 +156,7 @@ def test_convert_report_and_saved_config(tmp_path):
     assert config["skipped_layers"] == [{"name": "layers.1.w2", "kind": "Linear", "reason": r"matched exclude 'layers\.1\.w2'"}]
     assert config["quantized_layers"]["output"] == {
         "kind": "Linear", "in_features": 64, "out_features": 128, "bias": False,
-        "weight_format": "q8_0", "activation_format": None}
+        "weight_format": "q8_0", "activation_format": None, "weight_dtype": "float32"}
     assert config["quantized_layers"]["tok_embeddings"]["weight_format"] == "q8_0"
 
 
@@ -182,3 +182,22 @@ def test_quantized_embedding_reads_only_looked_up_rows():
     embedding = model.tok_embeddings
     full = embedding.dequantized_weight()
     assert torch.equal(embedding(IDS), full[IDS])
+
+
+@pytest.mark.parametrize("scheme", sorted(SCHEMES))
+def test_convert_equals_fake_quant_in_bfloat16(scheme):
+    model = tiny_lm().to(torch.bfloat16)
+    quantizer = QATQuantizer(scheme, **options(scheme))
+    quantizer.prepare(model)
+    with torch.no_grad():
+        fake_logits = model(IDS)
+        fake_weights = {n: m.fake_quantized_weight().clone() for n, m in model.named_modules()
+                        if isinstance(m, (FakeQuantLinear, FakeQuantEmbedding))}
+    quantizer.convert(model)
+    converted = dict(model.named_modules())
+    for name, fake_weight in fake_weights.items():
+        assert fake_weight.dtype == torch.bfloat16
+        assert torch.equal(converted[name].dequantized_weight(torch.bfloat16), fake_weight), name
+    with torch.no_grad():
+        logits = without_kernels(model)(IDS)
+    assert logits.dtype == torch.bfloat16 and torch.equal(logits, fake_logits)

@@ -31,9 +31,11 @@ class _PackedWeightModule(nn.Module):
     weight_format: NumericFormat
     weight_shape: tuple[int, int]
 
-    def _init_packed(self, weight_format: NumericFormat, shape: tuple[int, int], packed: dict[str, Tensor]) -> None:
+    def _init_packed(self, weight_format: NumericFormat, shape: tuple[int, int], packed: dict[str, Tensor],
+                     weight_dtype: torch.dtype) -> None:
         self.weight_format = weight_format
         self.weight_shape = tuple(shape)  # type: ignore[assignment]
+        self.weight_dtype = weight_dtype
         for name in BUFFER_NAMES:
             self.register_buffer(name, packed.get(name))
 
@@ -47,9 +49,16 @@ class _PackedWeightModule(nn.Module):
         return quantized_tensor(self.weight_format, pick(self.weight_packed), pick(self.weight_scale),
                                 pick(self.weight_zero), self.weight_global_scale)
 
-    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> Tensor:
-        """The float weight this module computes with: bit-exactly the fake-quantized weight."""
-        return self.weight_format.dequantize(self.quantized_weight(), dtype)
+    def dequantized_weight(self, dtype: Optional[torch.dtype] = None) -> Tensor:
+        """The float weight this module computes with (bit-exactly the fake-quantized weight), in `dtype`
+        (default: the dtype of the float weight it was converted from)."""
+        return self.weight_format.dequantize(self.quantized_weight(), dtype or self.weight_dtype)
+
+    @property
+    def weight(self) -> Tensor:
+        """The dequantized weight, computed on each access (a read-only view for code that inspects a
+        layer's `.weight` shape, dtype or device); the module stores only the packed form."""
+        return self.dequantized_weight()
 
 
 class QuantizedLinear(_PackedWeightModule):
@@ -63,11 +72,12 @@ class QuantizedLinear(_PackedWeightModule):
         activation_format: Optional[NumericFormat],
         packed: dict[str, Tensor],
         bias: Optional[Tensor] = None,
+        weight_dtype: torch.dtype = torch.float32,
     ) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.activation_format = activation_format
-        self._init_packed(weight_format, (out_features, in_features), packed)
+        self._init_packed(weight_format, (out_features, in_features), packed, weight_dtype)
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
         self.use_kernels = True
         self._kernel_weight: Optional[tuple[torch.device, Tensor]] = None
@@ -87,7 +97,18 @@ class QuantizedLinear(_PackedWeightModule):
             bias = None if bias is None else bias.detach().clone()
         out_features, in_features = weight.shape
         return cls(in_features, out_features, weight_format, activation_format,
-                   packed_tensors(q, weight_format), bias)
+                   packed_tensors(q, weight_format), bias, weight.dtype)
+
+    def with_rows(self, order: Tensor) -> "QuantizedLinear":
+        """The same layer with output rows reordered (`order[i]` = old row of new row i), losslessly:
+        packed codes, scales and zeros are per row (e.g. llama.cpp's interleaved q/k rotary layout)."""
+        if sorted(order.tolist()) != list(range(self.out_features)):
+            raise ValueError(f"order must be a permutation of range({self.out_features})")
+        packed = {name: (t if t.dim() < 2 else t[order]) for name in BUFFER_NAMES
+                  if (t := getattr(self, name)) is not None}
+        bias = None if self.bias is None else self.bias.detach()[order]
+        return QuantizedLinear(self.in_features, self.out_features, self.weight_format, self.activation_format,
+                               packed, bias, self.weight_dtype)
 
     # -- kernels -------------------------------------------------------------------------------
     def _int4_kernel_weight(self) -> Optional[Tensor]:
@@ -145,12 +166,11 @@ class QuantizedEmbedding(_PackedWeightModule):
         weight_format: NumericFormat,
         packed: dict[str, Tensor],
         padding_idx: Optional[int] = None,
-        output_dtype: torch.dtype = torch.float32,
+        weight_dtype: torch.dtype = torch.float32,
     ) -> None:
         super().__init__()
         self.num_embeddings, self.embedding_dim, self.padding_idx = num_embeddings, embedding_dim, padding_idx
-        self.output_dtype = output_dtype
-        self._init_packed(weight_format, (num_embeddings, embedding_dim), packed)
+        self._init_packed(weight_format, (num_embeddings, embedding_dim), packed, weight_dtype)
 
     @classmethod
     def from_embedding(
@@ -162,7 +182,7 @@ class QuantizedEmbedding(_PackedWeightModule):
                    packed_tensors(q, weight_format), embedding.padding_idx, embedding.weight.dtype)
 
     def forward(self, ids: Tensor) -> Tensor:
-        rows = self.weight_format.dequantize(self.quantized_weight(ids.reshape(-1)), self.output_dtype)
+        rows = self.weight_format.dequantize(self.quantized_weight(ids.reshape(-1)), self.weight_dtype)
         return rows.reshape(*ids.shape, self.embedding_dim)
 
     def extra_repr(self) -> str:
