@@ -42,6 +42,8 @@ class ByteChatTokenizer(Tokenizer):
         names = {v: k for k, v in SPECIALS.items()}
         out, pending = [], bytearray()
         for i in ids:
+            if i >= self.vocab_size:  # the model's padding ids (its vocabulary is larger): no text
+                continue
             if i >= BYTE_OFFSET:
                 pending.append(i - BYTE_OFFSET)
                 continue
