@@ -4,6 +4,10 @@
 logits as qattune's LoRA model; `load_peft_adapter` reads adapters PEFT (or torchtune) wrote. Tensor names are
 PEFT's: `base_model.model.<Hugging Face module>.lora_A.weight` ([rank, in]) and `.lora_B.weight` ([out, rank]),
 e.g. `base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`. The scale is `lora_alpha / r`.
+
+Keep an adapter out of a model folder: transformers' `from_pretrained(folder)` applies an adapter_config.json
+it finds there on top of the folder's weights, so a merged model would get its adapter twice. Beside a merged
+checkpoint, write the adapter to a subfolder (`step_N/adapter/`); `write_peft_adapter` refuses otherwise.
 """
 
 from __future__ import annotations
@@ -123,8 +127,15 @@ def write_peft_adapter(
     model_type: str = "llama",
     dtype: Optional[torch.dtype] = None,
 ) -> None:
-    """Write the two adapter files into an existing `directory` (e.g. inside a checkpoint's atomic save)."""
+    """Write the two adapter files into `directory` (created if needed; e.g. a subfolder inside a checkpoint's
+    atomic save). A folder holding a model (config.json) is refused: see the module docstring."""
     directory = Path(directory)
+    if (directory / "config.json").exists():
+        raise QattuneError(
+            f"{directory} holds a model (config.json): transformers would apply an adapter saved there on top of "
+            "that model's weights; write the adapter to a subfolder such as 'adapter'"
+        )
+    directory.mkdir(parents=True, exist_ok=True)
     config = peft_adapter_config(model, base_model_name_or_path=base_model_name_or_path, model_type=model_type)
     save_file(peft_adapter_tensors(model, model_type=model_type, dtype=dtype), directory / ADAPTER_WEIGHTS_NAME,
               metadata={"format": "pt"})  # fmt: skip
