@@ -47,7 +47,7 @@ def _refresh_weight_caches(model: nn.Module, args: tuple) -> None:
     """Forward pre-hook on the root: bring every cached fake-quantized weight up to date in eager code,
     so compiled layers (which skip the per-layer check) read current caches."""
     for module in fake_quant_modules(model):
-        module.refresh_weight_cache()
+        module.refresh_for_forward()
 
 
 def set_fake_quant(model: nn.Module, enabled: bool) -> None:

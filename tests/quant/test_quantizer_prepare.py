@@ -251,3 +251,22 @@ def test_qkv_reading_one_input_quantize_it_once_with_exact_gradients(monkeypatch
         x.mul_(2)  # an in-place change of the input is seen
     attn["wq"](x)
     assert len(calls) == 3
+
+
+def test_compiled_model_reads_the_cache_refreshed_by_the_root_hook():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 32))
+    QATQuantizer("8da4w").prepare(model)
+    compiled = torch.compile(model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.05, fused=True)
+    x = torch.randn(8, 64)
+    for _ in range(3):
+        out = compiled(x)
+        assert model[0]._compiled_reads_cache and model[2]._compiled_reads_cache
+        with torch.no_grad():  # eager, recomputed from the current weights
+            h = torch.relu(torchao_8da4w_reference(x, model[0].weight.detach()) + model[0].bias)
+            expected = torchao_8da4w_reference(h, model[2].weight.detach()) + model[2].bias
+        torch.testing.assert_close(out, expected, rtol=0, atol=1e-4)
+        out.square().sum().backward()
+        optimizer.step()
+        optimizer.zero_grad()

@@ -2,8 +2,13 @@
 
 They subclass nn.Linear / nn.Embedding and share the original Parameters, so state-dict keys, optimizer
 references and `isinstance` checks are unchanged. `fake_quant_enabled = False` makes them exact float modules.
-The weight's fake quantization is cached per optimizer step (see `weight_cache`); with range learning the
-weight goes through a learnable-scale quantizer in every forward instead (its scale is a parameter).
+
+The weight's fake quantization is cached per optimizer step (see `weight_cache`), with two exceptions
+where it is computed in every forward instead: range learning (the weight goes through a learnable-scale
+quantizer whose scale is a parameter), and weights sharded by FSDP2 (a cache would hold the full
+unsharded weight on every rank). Under torch.compile the compiled code does not check the cache: the
+prepared model's forward pre-hook (`refresh_for_forward`, eager) brings every cache up to date first,
+and layers it has not vouched for compute their fake-quantized weight inline, which is always exact.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from qattune.quant.formats import NumericFormat
 from qattune.quant.modules.activation_cache import SharedActivationFakeQuant
@@ -36,18 +42,35 @@ class _WeightFakeQuant:
         self.weight_range_learner = range_learner
         self.fake_quant_enabled = True
         self._weight_cache = WeightFakeQuantCache()
+        self._cache_weight = True  # False while the weight is sharded (FSDP2)
+        self._compiled_reads_cache = False  # set by refresh_for_forward once it keeps the cache current
 
     def refresh_weight_cache(self) -> None:
         """Recompute the cached fake-quantized weight if the weight changed (called in eager code)."""
-        if self.fake_quant_enabled and self.weight_range_learner is None:
+        if self.fake_quant_enabled and self.weight_range_learner is None and self._cache_weight:
             self._weight_cache.refresh(self.weight, self.weight_format)
+
+    def refresh_for_forward(self) -> None:
+        """Called (eagerly) at the start of the prepared model's forward: decide whether the weight is
+        cached (not when FSDP2 holds it sharded) and bring the cache up to date for compiled code."""
+        sharded = isinstance(self.weight, DTensor)
+        self._cache_weight = not sharded
+        if sharded:
+            self._weight_cache.clear()
+        self.refresh_weight_cache()
+        self._compiled_reads_cache = self._cache_weight
 
     def fake_quantized_weight(self) -> torch.Tensor:
         """The weight as the forward sees it with fake quantization on."""
         if self.weight_range_learner is not None:
             return self.weight_range_learner(self.weight)
-        if not torch.compiler.is_compiling():
+        if torch.compiler.is_compiling():
+            use_cache = self._compiled_reads_cache
+        else:
+            use_cache = self._cache_weight
             self.refresh_weight_cache()
+        if not use_cache:
+            return self.weight_format.fake_quantize(self.weight)
         return self._weight_cache.apply(self.weight)
 
     def _forward_weight(self) -> torch.Tensor:
