@@ -33,7 +33,9 @@ MIN_LEARNED_SCALE = 1e-9
 
 class _LSQFakeQuantize(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: Tensor, scale: Tensor, zero: Optional[Tensor], fmt: IntAffine, grad_factor: float):  # type: ignore[override]
+    def forward(  # type: ignore[override]
+        ctx, x: Tensor, scale: Tensor, zero: Optional[Tensor], fmt: IntAffine, grad_factor: float
+    ) -> Tensor:
         s = scale.float().clamp(min=MIN_LEARNED_SCALE)
         z = None if zero is None else zero.float().clamp(fmt.qmin, fmt.qmax).round()
         x_hat, _ = fmt.fake_quantize_with_qparams(x, s, z)

@@ -30,7 +30,8 @@ def test_8da4w_weight_and_activation_fake_quant_match_torchao(dtype):
     a[0, 1] = a[0, 1].abs()
     a[1, 3] = -a[1, 3].abs()
     weight_fq, act_fq = _fake_quantizers()
-    for theirs, ours, x in ((weight_fq, IntAffine(4, True, 32), w.to(dtype)), (act_fq, IntAffine(8, False, None), a.to(dtype))):
+    cases = ((weight_fq, IntAffine(4, True, 32), w.to(dtype)), (act_fq, IntAffine(8, False, None), a.to(dtype)))
+    for theirs, ours, x in cases:
         x_theirs = x.clone().requires_grad_(True)
         x_ours = x.clone().requires_grad_(True)
         y_theirs, y_ours = theirs(x_theirs), ours.fake_quantize(x_ours)

@@ -63,7 +63,8 @@ def test_grids_match_the_spec():
 
 def _probe_values(maxval):
     torch.manual_seed(0)
-    v = torch.cat([torch.randn(3000) * maxval / 3, torch.randn(500) * maxval * 0.01, torch.tensor([maxval * 1.5, -maxval * 9])])
+    beyond = torch.tensor([maxval * 1.5, -maxval * 9])
+    v = torch.cat([torch.randn(3000) * maxval / 3, torch.randn(500) * maxval * 0.01, beyond])
     return v.float()
 
 

@@ -88,7 +88,8 @@ def test_quantizes_along_rows_of_any_rank():
     x = torch.randn(2, 3, 64)
     q = GGUFQ4_0().quantize(x)
     assert q.codes.shape == (2, 3, 64) and q.scale.shape == (2, 3, 2)
-    ref = quants.dequantize(quants.quantize(x.reshape(6, 64).numpy(), GGMLQuantizationType.Q4_0), GGMLQuantizationType.Q4_0)
+    q4_0 = GGMLQuantizationType.Q4_0
+    ref = quants.dequantize(quants.quantize(x.reshape(6, 64).numpy(), q4_0), q4_0)
     assert torch.equal(GGUFQ4_0().dequantize(q).reshape(6, 64), torch.from_numpy(ref))
 
 

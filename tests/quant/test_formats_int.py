@@ -42,7 +42,14 @@ def _edge_weight(dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize(
     "bits,symmetric,group,signed",
-    [(4, True, 32, True), (8, False, 32, True), (8, True, 64, True), (4, False, 32, False), (4, True, 16, False), (2, True, 32, True)],
+    [
+        (4, True, 32, True),
+        (8, False, 32, True),
+        (8, True, 64, True),
+        (4, False, 32, False),
+        (4, True, 16, False),
+        (2, True, 32, True),
+    ],
 )
 def test_int_affine_matches_torchao_formulas(dtype, bits, symmetric, group, signed):
     w = _edge_weight(dtype)

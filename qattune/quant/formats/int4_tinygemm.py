@@ -47,7 +47,8 @@ class Int4Tinygemm(NumericFormat):
     def quantize(self, x: Tensor) -> QuantizedTensor:
         q, scale, zero = self._encode(x)
         codes = q.to(torch.uint8).reshape(x.shape)
-        return QuantizedTensor(codes=codes, scale=scale[..., 0].to(torch.bfloat16), zero=zero[..., 0].to(torch.bfloat16))
+        bf16 = torch.bfloat16
+        return QuantizedTensor(codes=codes, scale=scale[..., 0].to(bf16), zero=zero[..., 0].to(bf16))
 
     def dequantize(self, q: QuantizedTensor, dtype: torch.dtype = torch.float32) -> Tensor:
         qb = to_blocks(q.codes, self.block_size).float()
