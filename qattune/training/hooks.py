@@ -10,7 +10,10 @@ from qattune.errors import QattuneError
 
 
 class StepHook(Protocol):
-    """Anything with `on_step_start(step)`; `step` = optimizer steps already completed (0 first)."""
+    """Anything with `on_step_start(step)`; `step` = optimizer steps already completed (0 first).
+
+    A hook may also have `metrics() -> dict[str, float]`, merged into the step's logged metrics.
+    """
 
     def on_step_start(self, step: int) -> None: ...
 
@@ -46,3 +49,9 @@ class FakeQuantAfterNSteps:
         if wanted != self.applied:
             self.quantizer.set_fake_quant(self.model, wanted)
             self.applied = wanted
+
+    def metrics(self) -> dict[str, float]:
+        """`fake_quant_enabled`: 1.0 when every fake-quantized module of the model has it on, read from
+        the modules themselves (not from this hook's memory)."""
+        states = [m.fake_quant_enabled for m in self.model.modules() if hasattr(m, "fake_quant_enabled")]
+        return {"fake_quant_enabled": float(all(states))} if states else {}

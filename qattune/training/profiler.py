@@ -28,24 +28,30 @@ def setup_profiler(
     record_shapes: bool = False,
     profile_memory: bool = False,
     with_stack: bool = False,
+    with_flops: bool = False,
+    num_cycles: int = 1,
+    cpu: bool = True,
+    cuda: bool = True,
 ) -> AbstractContextManager:
     """A context manager whose `step()` the trainer calls after each optimizer step.
 
-    When enabled, profiles CPU (and CUDA when present) for `active_steps` steps after `wait_steps` +
-    `warmup_steps`, and writes one trace per rank under `output_dir`.
+    When enabled, profiles CPU (`cpu`) and CUDA when present (`cuda`) for `active_steps` steps after
+    `wait_steps` + `warmup_steps`, `num_cycles` times, and writes one trace per rank under `output_dir`.
+    The arguments are torchtune's `setup_torch_profiler` fields.
     """
     if not enabled:
         return NoProfiler()
     os.makedirs(output_dir, exist_ok=True)
-    activities = [torch.profiler.ProfilerActivity.CPU]
-    if torch.cuda.is_available():
+    activities = [torch.profiler.ProfilerActivity.CPU] if cpu else []
+    if cuda and torch.cuda.is_available():
         activities.append(torch.profiler.ProfilerActivity.CUDA)
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     return torch.profiler.profile(
         activities=activities,
-        schedule=torch.profiler.schedule(wait=wait_steps, warmup=warmup_steps, active=active_steps, repeat=1),
+        schedule=torch.profiler.schedule(wait=wait_steps, warmup=warmup_steps, active=active_steps, repeat=num_cycles),
         on_trace_ready=torch.profiler.tensorboard_trace_handler(output_dir, worker_name=f"rank{rank}"),
         record_shapes=record_shapes,
         profile_memory=profile_memory,
         with_stack=with_stack,
+        with_flops=with_flops,
     )

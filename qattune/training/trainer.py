@@ -193,6 +193,8 @@ class Trainer:
         trained_tokens, processed_tokens = counts.tolist()
         metrics["trained_tokens"] = float(trained_tokens)
         metrics["processed_tokens"] = float(processed_tokens)
+        for hook in self.step_hooks:
+            metrics.update(getattr(hook, "metrics", dict)())
         return metrics
 
     # ----- validation ---------------------------------------------------------------------------
