@@ -175,7 +175,13 @@ def test_qattune_loads_peft_adapter_with_same_logits(tmp_path, peft, llama_dir):
         assert torch.equal(again.eval()(tokens()), actual)
 
 
-def test_merged_checkpoint_and_adapter_in_one_save(tmp_path, peft, llama_dir):
+def save_merged_with_adapter(model, base_dir, output_dir, step):
+    checkpointer = HFCheckpointer(str(base_dir), output_dir=str(output_dir))
+    return checkpointer.save(merged_state_dict(model), step,
+                             write_extra=lambda d: write_peft_adapter(model, d / "adapter"))  # fmt: skip
+
+
+def test_merged_checkpoint_and_adapter_in_one_save(tmp_path, llama_dir):
     model = trained_lora(llama_dir, lora_attn_modules=["q_proj", "output_proj"], apply_lora_to_mlp=True,
                          apply_lora_to_output=True, lora_rank=4, lora_alpha=8.0)  # fmt: skip
     with torch.no_grad():
@@ -188,16 +194,24 @@ def test_merged_checkpoint_and_adapter_in_one_save(tmp_path, peft, llama_dir):
                                    "'adapter'")  # fmt: skip
     assert not (tmp_path / "step_1").exists()
 
-    step = checkpointer.save(merged_state_dict(model), "step_2",
-                             write_extra=lambda d: write_peft_adapter(model, d / "adapter"))  # fmt: skip
+    step = save_merged_with_adapter(model, llama_dir, tmp_path, "step_2")
     assert sorted(p.name for p in (step / "adapter").iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
     merged = transformers.AutoModelForCausalLM.from_pretrained(step).eval()
     # merged weights round differently from base + adapter: float32 rounding on logits of magnitude ~7
     assert torch.allclose(hf_logits(merged), expected, atol=1e-4, rtol=0), (hf_logits(merged) - expected).abs().max()
+    base = transformers.AutoModelForCausalLM.from_pretrained(llama_dir).eval()
+    assert (hf_logits(merged) - hf_logits(base)).abs().max() > 0.5  # the merged adapters matter
+    assert isinstance(model.layers[0].attn.q_proj, LoRALinear)  # the training model is unchanged
+
+
+def test_peft_loads_adapter_subfolder_of_a_checkpoint(tmp_path, peft, llama_dir):
+    model = trained_lora(llama_dir, lora_attn_modules=["k_proj"], apply_lora_to_mlp=True, lora_rank=2,
+                         lora_alpha=2.0)  # fmt: skip
+    step = save_merged_with_adapter(model, llama_dir, tmp_path, "step_3")
     base = transformers.AutoModelForCausalLM.from_pretrained(llama_dir)
     adapted = peft.PeftModel.from_pretrained(base, step / "adapter").eval()
-    assert torch.allclose(hf_logits(adapted), expected, atol=1e-5, rtol=0)
-    assert isinstance(model.layers[0].attn.q_proj, LoRALinear)  # the training model is unchanged
+    with torch.no_grad():
+        assert torch.allclose(hf_logits(adapted), model(tokens()), atol=1e-5, rtol=0)
 
 
 def test_load_errors(tmp_path, llama_dir):
