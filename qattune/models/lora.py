@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, Literal, Optional
 
 import torch
 import torch.nn.functional as F
@@ -204,7 +204,7 @@ def lora_modules(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
 def apply_lora(
     model: nn.Module,
     *,
-    lora_attn_modules: list[str],
+    lora_attn_modules: list[Literal["q_proj", "k_proj", "v_proj", "output_proj"]],
     apply_lora_to_mlp: bool = False,
     apply_lora_to_output: bool = False,
     lora_rank: int = 8,

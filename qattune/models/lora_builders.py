@@ -12,7 +12,7 @@ again. Every builder takes torchtune's fields:
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, Literal, Optional
 
 from qattune.errors import QattuneError
 from qattune.models import builders
@@ -22,7 +22,7 @@ from qattune.models.transformer import Transformer
 
 def _with_lora(
     build: Callable[[], Transformer],
-    lora_attn_modules: list[str],
+    lora_attn_modules: list[Literal["q_proj", "k_proj", "v_proj", "output_proj"]],
     apply_lora_to_mlp: bool,
     apply_lora_to_output: bool,
     lora_rank: int,
@@ -55,7 +55,7 @@ def lora_llama(
     embed_dim: int,
     intermediate_dim: int,
     max_seq_len: int,
-    lora_attn_modules: list[str],
+    lora_attn_modules: list[Literal["q_proj", "k_proj", "v_proj", "output_proj"]],
     apply_lora_to_mlp: bool = False,
     apply_lora_to_output: bool = False,
     lora_rank: int = 8,
@@ -90,7 +90,7 @@ def lora_llama(
 
 
 def lora_llama2_7b(
-    lora_attn_modules: list[str],
+    lora_attn_modules: list[Literal["q_proj", "k_proj", "v_proj", "output_proj"]],
     apply_lora_to_mlp: bool = False,
     apply_lora_to_output: bool = False,
     lora_rank: int = 8,
@@ -107,7 +107,7 @@ def lora_llama2_7b(
 
 
 def lora_llama3_8b(
-    lora_attn_modules: list[str],
+    lora_attn_modules: list[Literal["q_proj", "k_proj", "v_proj", "output_proj"]],
     apply_lora_to_mlp: bool = False,
     apply_lora_to_output: bool = False,
     lora_rank: int = 8,
@@ -124,7 +124,7 @@ def lora_llama3_8b(
 
 
 def lora_llama3_1_8b(
-    lora_attn_modules: list[str],
+    lora_attn_modules: list[Literal["q_proj", "k_proj", "v_proj", "output_proj"]],
     apply_lora_to_mlp: bool = False,
     apply_lora_to_output: bool = False,
     lora_rank: int = 8,
@@ -141,7 +141,7 @@ def lora_llama3_1_8b(
 
 
 def lora_llama3_2_1b(
-    lora_attn_modules: list[str],
+    lora_attn_modules: list[Literal["q_proj", "k_proj", "v_proj", "output_proj"]],
     apply_lora_to_mlp: bool = False,
     apply_lora_to_output: bool = False,
     lora_rank: int = 8,
@@ -158,7 +158,7 @@ def lora_llama3_2_1b(
 
 
 def lora_llama3_2_3b(
-    lora_attn_modules: list[str],
+    lora_attn_modules: list[Literal["q_proj", "k_proj", "v_proj", "output_proj"]],
     apply_lora_to_mlp: bool = False,
     apply_lora_to_output: bool = False,
     lora_rank: int = 8,
@@ -175,7 +175,7 @@ def lora_llama3_2_3b(
 
 
 def lora_smollm2_135m(
-    lora_attn_modules: list[str],
+    lora_attn_modules: list[Literal["q_proj", "k_proj", "v_proj", "output_proj"]],
     apply_lora_to_mlp: bool = False,
     apply_lora_to_output: bool = False,
     lora_rank: int = 8,
@@ -192,7 +192,7 @@ def lora_smollm2_135m(
 
 
 def lora_smollm2_360m(
-    lora_attn_modules: list[str],
+    lora_attn_modules: list[Literal["q_proj", "k_proj", "v_proj", "output_proj"]],
     apply_lora_to_mlp: bool = False,
     apply_lora_to_output: bool = False,
     lora_rank: int = 8,
@@ -209,7 +209,7 @@ def lora_smollm2_360m(
 
 
 def lora_smollm2_1_7b(
-    lora_attn_modules: list[str],
+    lora_attn_modules: list[Literal["q_proj", "k_proj", "v_proj", "output_proj"]],
     apply_lora_to_mlp: bool = False,
     apply_lora_to_output: bool = False,
     lora_rank: int = 8,
@@ -226,7 +226,7 @@ def lora_smollm2_1_7b(
 
 
 def lora_qwen2_5_0_5b(
-    lora_attn_modules: list[str],
+    lora_attn_modules: list[Literal["q_proj", "k_proj", "v_proj", "output_proj"]],
     apply_lora_to_mlp: bool = False,
     apply_lora_to_output: bool = False,
     lora_rank: int = 8,
@@ -243,7 +243,7 @@ def lora_qwen2_5_0_5b(
 
 
 def lora_qwen2_5_1_5b(
-    lora_attn_modules: list[str],
+    lora_attn_modules: list[Literal["q_proj", "k_proj", "v_proj", "output_proj"]],
     apply_lora_to_mlp: bool = False,
     apply_lora_to_output: bool = False,
     lora_rank: int = 8,
@@ -260,7 +260,7 @@ def lora_qwen2_5_1_5b(
 
 
 def lora_qwen2_5_3b(
-    lora_attn_modules: list[str],
+    lora_attn_modules: list[Literal["q_proj", "k_proj", "v_proj", "output_proj"]],
     apply_lora_to_mlp: bool = False,
     apply_lora_to_output: bool = False,
     lora_rank: int = 8,
@@ -277,7 +277,7 @@ def lora_qwen2_5_3b(
 
 
 def lora_qwen2_5_7b(
-    lora_attn_modules: list[str],
+    lora_attn_modules: list[Literal["q_proj", "k_proj", "v_proj", "output_proj"]],
     apply_lora_to_mlp: bool = False,
     apply_lora_to_output: bool = False,
     lora_rank: int = 8,
@@ -294,7 +294,7 @@ def lora_qwen2_5_7b(
 
 
 def lora_qwen2_5_1_5b_base(
-    lora_attn_modules: list[str],
+    lora_attn_modules: list[Literal["q_proj", "k_proj", "v_proj", "output_proj"]],
     apply_lora_to_mlp: bool = False,
     apply_lora_to_output: bool = False,
     lora_rank: int = 8,
@@ -311,7 +311,7 @@ def lora_qwen2_5_1_5b_base(
 
 
 def lora_qwen2_5_1_5b_instruct(
-    lora_attn_modules: list[str],
+    lora_attn_modules: list[Literal["q_proj", "k_proj", "v_proj", "output_proj"]],
     apply_lora_to_mlp: bool = False,
     apply_lora_to_output: bool = False,
     lora_rank: int = 8,
@@ -328,7 +328,7 @@ def lora_qwen2_5_1_5b_instruct(
 
 
 def lora_qwen2_5_7b_base(
-    lora_attn_modules: list[str],
+    lora_attn_modules: list[Literal["q_proj", "k_proj", "v_proj", "output_proj"]],
     apply_lora_to_mlp: bool = False,
     apply_lora_to_output: bool = False,
     lora_rank: int = 8,
@@ -345,7 +345,7 @@ def lora_qwen2_5_7b_base(
 
 
 def lora_qwen2_5_7b_instruct(
-    lora_attn_modules: list[str],
+    lora_attn_modules: list[Literal["q_proj", "k_proj", "v_proj", "output_proj"]],
     apply_lora_to_mlp: bool = False,
     apply_lora_to_output: bool = False,
     lora_rank: int = 8,

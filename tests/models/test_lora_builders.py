@@ -98,3 +98,13 @@ def test_torchtune_component_path_resolves_to_builder():
     assert model.config.num_layers == 16 and model.weights_tied()
     assert sorted({n.split(".")[-1] for n, m in model.named_modules() if isinstance(m, LoRALinear)}) == [
         "q_proj", "v_proj"]
+
+
+def test_validate_catches_unknown_module_name_before_building():
+    from qattune.config.validate import validate_config
+
+    cfg = OmegaConf.create({"model": {"_component_": "qattune.models.lora_llama3_8b",
+                                      "lora_attn_modules": ["q_proj", "o_proj"], "lora_rank": 8}})  # fmt: skip
+    problems = [str(p) for p in validate_config(cfg)]
+    assert problems == ["model.lora_attn_modules: expected a list of one of 'q_proj', 'k_proj', 'v_proj', "
+                        "'output_proj', got ['q_proj', 'o_proj']"]  # fmt: skip
