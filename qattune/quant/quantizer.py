@@ -87,6 +87,8 @@ class _SchemeQuantizer:
     def prepare(self, model: nn.Module) -> nn.Module:
         """Swap the scheme's Linear/Embedding layers for fake-quantized ones (in place; returns `model`)."""
         plans = self.plan(model, _FLOAT_TYPES)
+        if self.config.range_learning:
+            self._check_range_learning(plans)
         shared_activations: dict[str, SharedActivationFakeQuant] = {}
         for plan in plans:
             if plan.quantized:
@@ -114,15 +116,19 @@ class _SchemeQuantizer:
         return model
 
     # -- module builders -------------------------------------------------------------------------
+    def _check_range_learning(self, plans: list[LayerPlan]) -> None:
+        """Range learning needs integer weight formats; refuse before any module is swapped."""
+        for plan in plans:
+            if plan.quantized and not isinstance(plan.weight_format, IntAffine):
+                raise QattuneError(
+                    f"range_learning=true: scheme {self.config.scheme!r} quantizes layer {plan.name!r} with "
+                    f"{plan.weight_format.name}, but range learning supports integer formats only "
+                    "(schemes 8da4w, 8w, 8da8w); set range_learning=false or pick one of those schemes"
+                )
+
     def _range_learner(self, plan: LayerPlan) -> Optional[nn.Module]:
         if not self.config.range_learning:
             return None
-        if not isinstance(plan.weight_format, IntAffine):
-            raise QattuneError(
-                f"range_learning=true: scheme {self.config.scheme!r} quantizes layer {plan.name!r} with "
-                f"{plan.weight_format.name}, but range learning supports integer formats only "
-                "(schemes 8da4w, 8w, 8da8w); set range_learning=false or pick one of those schemes"
-            )
         weight = plan.module.weight
         learner = LearnedRangeFakeQuantizer(plan.weight_format, tuple(weight.shape))
         return learner.to(weight.device)

@@ -270,3 +270,16 @@ def test_compiled_model_reads_the_cache_refreshed_by_the_root_hook():
         out.square().sum().backward()
         optimizer.step()
         optimizer.zero_grad()
+
+
+def test_the_same_input_tensor_across_training_steps():
+    """A shared activation result is never reused after backward consumed its graph."""
+    model = nn.Sequential(nn.Linear(64, 32))
+    QATQuantizer("8da8w").prepare(model)
+    x = torch.randn(4, 64, requires_grad=True)
+    for _ in range(3):
+        model[0](x).sum().backward()  # the sub-module directly: no root hook
+    grads = x.grad.clone()
+    x.grad = None
+    model[0](x).sum().backward()
+    torch.testing.assert_close(grads, 3 * x.grad)

@@ -4,7 +4,8 @@ Layers that read one tensor (the attention's q, k and v projections; the MLP's g
 would fake-quantize it two or three times. A `SharedActivationFakeQuant` remembers its last input (by
 weak reference) and its last output: when the very same tensor (same object, same version, same grad
 mode) comes again, the result is reused — one quantize-dequantize and one autograd node for all
-readers, which is exact. It holds at most one activation (its last output; one per activation format
+readers, which is exact. A result is forgotten as soon as backward reaches its autograd node (its
+saved tensors are freed then), so a tensor fed again after a backward pass is quantized afresh. It holds at most one activation (its last output; one per activation format
 per model, since a quantizer gives all layers with one format the same instance). Eager mode only:
 under torch.compile the compiler's common-subexpression elimination does the same.
 """
@@ -37,7 +38,14 @@ class SharedActivationFakeQuant:
             return self._output
         out = self.format.fake_quantize(x)
         self._input, self._output, self._state = weakref.ref(x), out, state
+        if out.grad_fn is not None:  # once backward consumes its graph, the result must not be reused
+            node = out.grad_fn
+            node.register_prehook(lambda grad_outputs: self._forget(node))
         return out
+
+    def _forget(self, node: torch.autograd.graph.Node) -> None:
+        if self._output is not None and self._output.grad_fn is node:
+            self.clear()
 
     def __getstate__(self) -> dict:  # copies and pickles carry the format, not the remembered tensors
         return {"format": self.format}
