@@ -29,7 +29,7 @@ from lm_eval.api.model import LM
 from torch import nn
 from tqdm import tqdm
 
-from qattune.eval.perplexity import default_prefix_token
+from qattune.eval.perplexity import DEFAULT_MAX_SEQ_LEN, default_prefix_token
 from qattune.eval.scoring import score_windows
 from qattune.generation.decode import generate, model_dtype_and_device
 
@@ -41,7 +41,8 @@ class QattuneLM(LM):
         model: a `Transformer` (or any module with its interface), in eval mode.
         tokenizer: a qattune tokenizer.
         batch_size: windows or prompts per forward pass.
-        max_length: longest model input; default the model's `config.max_seq_len`.
+        max_length: longest model input; default the model's `config.max_seq_len`, at most
+            `DEFAULT_MAX_SEQ_LEN` (2048).
         max_gen_toks: default limit of generated tokens for `generate_until`.
         add_bos: put the tokenizer's bos (if any) before every context.
         prefix_token_id: token to condition empty contexts and rolling windows on; default bos, else eos.
@@ -61,7 +62,7 @@ class QattuneLM(LM):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.batch_size = batch_size
-        self.max_length = max_length or model.config.max_seq_len
+        self.max_length = max_length or min(model.config.max_seq_len, DEFAULT_MAX_SEQ_LEN)
         self.max_gen_toks = max_gen_toks
         self.add_bos = add_bos
         self.prefix_token_id = default_prefix_token(tokenizer) if prefix_token_id is None else prefix_token_id

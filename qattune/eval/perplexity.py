@@ -26,6 +26,8 @@ from torch import nn
 from qattune.errors import QattuneError
 from qattune.eval.scoring import score_windows
 
+DEFAULT_MAX_SEQ_LEN = 2048
+
 
 @dataclass(frozen=True)
 class PerplexityResult:
@@ -35,6 +37,8 @@ class PerplexityResult:
     tokens: int
     bytes: int
     nll: float
+    max_seq_len: int
+    stride: int
 
     @property
     def nll_per_token(self) -> float:
@@ -59,7 +63,7 @@ class PerplexityResult:
 
     def to_dict(self) -> dict[str, Any]:
         return {"documents": self.documents, "tokens": self.tokens, "bytes": self.bytes, "nll": self.nll,
-                **self.metrics()}
+                "max_seq_len": self.max_seq_len, "stride": self.stride, **self.metrics()}
 
 
 def perplexity_windows(tokens: Sequence[int], prefix_token: int, max_seq_len: int,
@@ -95,15 +99,20 @@ def perplexity(
     stride: Optional[int] = None,
     batch_size: int = 8,
     prefix_token_id: Optional[int] = None,
+    max_batch_tokens: int = 4096,
 ) -> PerplexityResult:
     """Perplexity and bits per byte of `model` on `texts` (empty texts are skipped).
 
-    max_seq_len: window length; default the model's `config.max_seq_len`. stride: default max_seq_len.
+    max_seq_len: window length; default the model's `config.max_seq_len`, at most DEFAULT_MAX_SEQ_LEN
+    (attention and logits memory grow with it). stride: default max_seq_len (disjoint chunks).
+    batch_size, max_batch_tokens: at most this many windows and padded tokens per forward pass.
     """
     if max_seq_len is None:
-        max_seq_len = getattr(getattr(model, "config", None), "max_seq_len", None)
-        if max_seq_len is None:
+        model_limit = getattr(getattr(model, "config", None), "max_seq_len", None)
+        if model_limit is None:
             raise QattuneError(f"{type(model).__name__} has no config.max_seq_len; pass max_seq_len to perplexity")
+        max_seq_len = min(model_limit, DEFAULT_MAX_SEQ_LEN)
+    stride = max_seq_len if stride is None else stride
     prefix = default_prefix_token(tokenizer) if prefix_token_id is None else prefix_token_id
     windows, documents, tokens, size = [], 0, 0, 0
     for text in texts:
@@ -114,8 +123,8 @@ def perplexity(
         windows += perplexity_windows(ids, prefix, max_seq_len, stride)
     if not documents:
         raise QattuneError("perplexity got no text to score: every document was empty")
-    scores = score_windows(model, windows, batch_size)
-    return PerplexityResult(documents, tokens, size, -math.fsum(s.logprob for s in scores))
+    scores = score_windows(model, windows, batch_size, max_batch_tokens)
+    return PerplexityResult(documents, tokens, size, -math.fsum(s.logprob for s in scores), max_seq_len, stride)
 
 
 def load_texts(source: str, split: str = "validation", column: str = "text",

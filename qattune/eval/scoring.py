@@ -37,15 +37,31 @@ def _check_window(index: int, window: Window) -> None:
         raise QattuneError(f"scoring window {index} has an empty continuation; there is nothing to score")
 
 
+def _batches(order: list[int], lengths: list[int], batch_size: int, max_batch_tokens: int) -> list[list[int]]:
+    """Consecutive groups of `order` (longest first) with at most `batch_size` rows and, beyond one row,
+    at most `max_batch_tokens` padded tokens (the logits of a batch are rows x width x vocab)."""
+    batches: list[list[int]] = []
+    for index in order:
+        current = batches[-1] if batches else None
+        if current is not None and len(current) < batch_size and \
+                (len(current) + 1) * lengths[current[0]] <= max_batch_tokens:
+            current.append(index)
+        else:
+            batches.append([index])
+    return batches
+
+
 @torch.inference_mode()
-def score_windows(model: nn.Module, windows: Sequence[Window], batch_size: int = 8) -> list[WindowScore]:
-    """Score every window (see module docs) in batches of `batch_size`, longest first.
+def score_windows(model: nn.Module, windows: Sequence[Window], batch_size: int = 8,
+                  max_batch_tokens: int = 4096) -> list[WindowScore]:
+    """Score every window (see module docs) in batches of up to `batch_size` rows and `max_batch_tokens`
+    padded tokens, longest first.
 
     Rows of a batch are padded on the right; causal attention keeps padding out of every scored position.
     Log-softmax is taken in float32.
     """
-    if batch_size < 1:
-        raise QattuneError(f"batch_size={batch_size} must be at least 1")
+    if batch_size < 1 or max_batch_tokens < 1:
+        raise QattuneError(f"batch_size={batch_size} and max_batch_tokens={max_batch_tokens} must be at least 1")
     if getattr(model, "caches_are_enabled", lambda: False)():
         raise QattuneError("the model has KV caches set up; remove them (model.remove_caches()) before scoring")
     for index, window in enumerate(windows):
@@ -54,8 +70,7 @@ def score_windows(model: nn.Module, windows: Sequence[Window], batch_size: int =
     inputs = [list(ctx) + list(cont[:-1]) for ctx, cont in windows]
     order = sorted(range(len(windows)), key=lambda i: -len(inputs[i]))
     scores: list[WindowScore] = [WindowScore(0.0, True)] * len(windows)
-    for start in range(0, len(order), batch_size):
-        chunk = order[start : start + batch_size]
+    for chunk in _batches(order, [len(x) for x in inputs], batch_size, max_batch_tokens):
         width = len(inputs[chunk[0]])
         batch = torch.zeros((len(chunk), width), dtype=torch.long)
         for row, index in enumerate(chunk):

@@ -66,6 +66,22 @@ def test_perplexity_equals_exp_mean_nll_by_hand(model, max_seq_len, stride):
     assert result.to_dict()["byte_perplexity"] == pytest.approx(2 ** (nll / size / math.log(2)), rel=1e-5)
 
 
+def test_batches_under_a_token_budget_give_the_same_result(model):
+    tokenizer = ByteChatTokenizer()
+    calls = []
+    handle = model.register_forward_hook(lambda module, args, out: calls.append(args[0].shape))
+    try:
+        wide = perplexity(model, tokenizer, TEXTS, max_seq_len=8, batch_size=16)
+        narrow = perplexity(model, tokenizer, TEXTS, max_seq_len=8, batch_size=16, max_batch_tokens=9)
+    finally:
+        handle.remove()
+    windows = sum(len(perplexity_windows(tokenizer.encode(t, False, False), 1, 8)) for t in TEXTS if t)
+    assert calls[0] == (windows, 8)  # one batch of all windows, then batches of at most 9 padded tokens
+    assert len(calls) - 1 >= windows // 2 and all(rows == 1 or rows * width <= 9 for rows, width in calls[1:])
+    assert narrow.nll == pytest.approx(wide.nll, rel=1e-6)
+    assert (narrow.max_seq_len, narrow.stride) == (8, 8)
+
+
 def test_context_matters_so_the_window_rule_is_checked(model):
     tokenizer = ByteChatTokenizer()
     short = perplexity(model, tokenizer, TEXTS, max_seq_len=4).nll
