@@ -283,3 +283,16 @@ def test_the_same_input_tensor_across_training_steps():
     x.grad = None
     model[0](x).sum().backward()
     torch.testing.assert_close(grads, 3 * x.grad)
+
+
+def test_fake_quant_model_runs_under_inference_mode():
+    model = tiny_model()
+    QATQuantizer("8da4w").prepare(model)
+    x = torch.randn(2, 64)
+    expected = model["layers"][0]["attn"]["wq"](x)
+    model = tiny_model()
+    QATQuantizer("8da4w").prepare(model)
+    with torch.inference_mode():  # evaluation first fills the weight cache...
+        assert torch.equal(model["layers"][0]["attn"]["wq"](x.clone()), expected)
+    model["layers"][0]["attn"]["wq"](x).sum().backward()  # ...which training then reuses
+    assert model["layers"][0]["attn"]["wq"].weight.grad is not None

@@ -76,7 +76,8 @@ class WeightFakeQuantCache:
         """Recompute the cache if `weight` changed since the last call."""
         key = self._key_of(weight)
         if key != self.key:
-            with torch.no_grad():
+            # normal tensors even under inference_mode, so training can reuse what evaluation cached
+            with torch.inference_mode(False), torch.no_grad():
                 self.fake_quantized, self.in_range = fmt.fake_quantize_with_mask(weight.detach())
             self.key = key
 
