@@ -10,11 +10,13 @@ A and B are plain Parameters (not nn.Linear), so a quantizer never mistakes them
 The adapter reads the unquantized input; the base applies its own (fake) quantization.
 
 Order of use (what the `qat_lora` recipe does): build the base, load its weights, `quantizer.prepare(base)`
-(fake-quantize it) or convert it for real (QLoRA), then `apply_lora(base, ...)`. The LoRA builders return a
-model with adapters already applied; `split_lora` takes them off again and returns the settings, so a recipe
-can load and quantize the base first. `merge_lora` / `merged_state_dict` give a plain float model with the
-state-dict names of a model without LoRA (base + scaled B @ A folded into each weight; quantized bases
-dequantized, fake-quantized ones back to float), ready for the Hugging Face checkpointer and `quantize`.
+(fake-quantize it) or convert it for real (QLoRA), then `apply_lora(base, ...)`. Not the other way round:
+after apply_lora the bases sit under `<layer>.base`, where the quantizer's name filters (its output-head
+pattern, include/exclude) no longer match. The LoRA builders return a model with adapters applied;
+`split_lora` takes them off again and returns the settings, so a recipe can load and quantize the base
+first. `merge_lora` / `merged_state_dict` give a plain float model with the state-dict names of a model
+without LoRA (base + scaled B @ A folded into each weight; quantized bases dequantized, fake-quantized
+ones back to float), ready for the Hugging Face checkpointer and `quantize`.
 """
 
 from __future__ import annotations
@@ -40,6 +42,10 @@ _NAME_HINTS = {"o_proj": "Hugging Face's name; torchtune's and qattune's is outp
                "w1": _MLP_HINT, "w2": _MLP_HINT, "w3": _MLP_HINT,
                "output": _OUTPUT_HINT, "lm_head": _OUTPUT_HINT}  # fmt: skip
 _CONFIG_ATTR = "qattune_lora_config"  # set on a model by apply_lora
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 @dataclass(frozen=True)
@@ -70,10 +76,12 @@ class LoRAConfig:
             )
         if isinstance(self.lora_rank, bool) or not isinstance(self.lora_rank, int) or self.lora_rank < 1:
             raise QattuneError(f"lora_rank must be a positive integer, got {self.lora_rank!r}")
-        if not math.isfinite(self.lora_alpha) or self.lora_alpha <= 0:
+        if not _is_number(self.lora_alpha) or not math.isfinite(self.lora_alpha) or self.lora_alpha <= 0:
             raise QattuneError(f"lora_alpha must be a positive number, got {self.lora_alpha!r}")
-        if not 0.0 <= self.lora_dropout < 1.0:
+        if not _is_number(self.lora_dropout) or not 0.0 <= self.lora_dropout < 1.0:
             raise QattuneError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
+        object.__setattr__(self, "lora_alpha", float(self.lora_alpha))
+        object.__setattr__(self, "lora_dropout", float(self.lora_dropout))
 
     def target_suffixes(self) -> tuple[str, ...]:
         """Module-name suffixes (qattune names) of the layers this config adapts."""

@@ -166,6 +166,7 @@ def test_lora_state_dict_round_trip_and_errors():
          "are false; list e.g. lora_attn_modules: [q_proj, v_proj]"),
         (dict(lora_attn_modules=["q_proj"], lora_rank=0), "lora_rank must be a positive integer, got 0"),
         (dict(lora_attn_modules=["q_proj"], lora_alpha=-1.0), "lora_alpha must be a positive number, got -1.0"),
+        (dict(lora_attn_modules=["q_proj"], lora_alpha="big"), "lora_alpha must be a positive number, got 'big'"),
         (dict(lora_attn_modules=["q_proj"], lora_dropout=1.0), "lora_dropout must be in [0, 1), got 1.0"),
     ],
 )  # fmt: skip
