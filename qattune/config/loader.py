@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
+from typing import Collection
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
@@ -94,9 +95,12 @@ def compose(path: Path, _chain: tuple[Path, ...] = ()) -> DictConfig:
     return merged
 
 
-def load_config(name: str, overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
-    """A config by shipped name or path, composed, with `overrides` (hydra grammar) applied."""
+def load_config(name: str, overrides: list[str] | tuple[str, ...] = (), known_keys: Collection[str] = ()) -> DictConfig:
+    """A config by shipped name or path, composed, with `overrides` (hydra grammar) applied.
+
+    `known_keys` (the recipe's keys) may be set with plain `key=value` even when the file omits them.
+    """
     cfg = compose(find_config(name))
     if overrides:
-        apply_overrides(cfg, list(overrides))
+        apply_overrides(cfg, list(overrides), known_keys)
     return cfg

@@ -13,7 +13,7 @@ Parsing is hydra-core's (`OverridesParser`); this module only applies the parsed
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Collection
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -73,8 +73,12 @@ def _delete(cfg: DictConfig, key: str) -> None:
     del parent[leaf]
 
 
-def apply_override(cfg: DictConfig, text: str) -> None:
-    """Apply one override string to `cfg` in place."""
+def apply_override(cfg: DictConfig, text: str, known_keys: Collection[str] = ()) -> None:
+    """Apply one override string to `cfg` in place.
+
+    `known_keys` are keys the recipe reads: `key=value` may set one even when the config leaves it out
+    (the recipe's default applies otherwise), without the `+` that adding an unknown key needs.
+    """
     override = _parse(text)
     key = override.key_or_group
     existing = _select(cfg, key)
@@ -88,19 +92,19 @@ def apply_override(cfg: DictConfig, text: str) -> None:
         raise QattuneError(
             f"cannot add '{key}' ({text}): the key already exists; write {key}=... to change it or ++{text[1:]} to force"
         )
-    if not override.is_add() and not override.is_force_add() and existing is _MISSING:
+    if not override.is_add() and not override.is_force_add() and existing is _MISSING and key not in known_keys:
         raise _no_such_key(cfg, key, text)
     if isinstance(existing, DictConfig) and COMPONENT_KEY in existing and isinstance(value, str):
         key, value = f"{key}.{COMPONENT_KEY}", value
     OmegaConf.update(cfg, key, value, merge=False, force_add=True)
 
 
-def apply_overrides(cfg: DictConfig, overrides: list[str]) -> DictConfig:
+def apply_overrides(cfg: DictConfig, overrides: list[str], known_keys: Collection[str] = ()) -> DictConfig:
     """Apply overrides in order; every bad override is reported, not only the first."""
     problems = []
     for text in overrides:
         try:
-            apply_override(cfg, text)
+            apply_override(cfg, text, known_keys)
         except QattuneError as err:
             problems.append(str(err))
     if problems:

@@ -41,8 +41,8 @@ def parse_recipe_args(argv: Sequence[str]) -> tuple[str, list[str]]:
 
 def load_and_validate(config: str, overrides: Sequence[str], recipe_file: str | Path | None) -> DictConfig:
     """The composed config with overrides, raising one QattuneError that lists every problem found."""
-    cfg = load_config(config, list(overrides))
     schema = read_schema(Path(recipe_file)) if recipe_file else None
+    cfg = load_config(config, list(overrides), known_keys=schema.fields if schema else ())
     problems = validate_config(cfg, schema)
     if problems:
         against = f" for recipe '{schema.recipe}'" if schema else ""

@@ -86,3 +86,10 @@ def test_all_bad_overrides_reported_together():
     with pytest.raises(QattuneError) as err:
         apply_overrides(_cfg(), ["batch_sise=1", "nothing", "+tags=[]"])
     assert len(str(err.value).splitlines()) == 3
+
+
+def test_recipe_keys_can_be_set_without_plus():
+    cfg = apply_overrides(_cfg(), ["epochs=3"], known_keys={"epochs", "seed"})
+    assert cfg.epochs == 3
+    with pytest.raises(QattuneError, match="cannot override 'epoch': the config has no such key"):
+        apply_overrides(_cfg(), ["epoch=3"], known_keys={"epochs"})
