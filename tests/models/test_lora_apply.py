@@ -280,3 +280,19 @@ def test_qlora_over_nf4_base():
     assert torch.allclose(merged.layers[0].attn.q_proj.weight, expected_q, atol=1e-6, rtol=0)
     assert torch.equal(merged.layers[0].attn.k_proj.weight, nf4_dequantize(tiny().layers[0].attn.k_proj.weight))
     assert torch.allclose(merged(x), unmerged, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("base_kind", ["fake_quant_8da4w", "nf4"])
+def test_bf16_model_gets_bf16_adapters_and_merges_to_bf16(base_kind):
+    model = tiny().to(torch.bfloat16)
+    if base_kind == "nf4":
+        PTQQuantizer("nf4").convert(model)
+    else:
+        QATQuantizer("8da4w").prepare(model)
+    apply_lora(model, lora_attn_modules=["q_proj"], apply_lora_to_mlp=True, lora_rank=4, lora_alpha=8.0)
+    q = model.layers[0].attn.q_proj
+    out = model(tokens())
+    out.float().square().mean().backward()
+    assert q.lora_a.dtype == q.lora_b.dtype == q.lora_a.grad.dtype == out.dtype == torch.bfloat16
+    merged = merge_lora(model)
+    assert {p.dtype for p in merged.parameters()} == {torch.bfloat16}
