@@ -91,7 +91,13 @@ def main(argv: Sequence[str] | None = None) -> None:
                 return
             run_command(rest)
             return
-        args = _parser().parse_args(argv)
+        parser = _parser()
+        args, extra = parser.parse_known_args(argv)
+        # Overrides may come after flags (`qattune cat cfg --resolve a=1`); anything else unknown is an error.
+        if extra and getattr(args, "overrides", None) is not None and not any(e.startswith("-") for e in extra):
+            args.overrides += extra
+        elif extra:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
         if args.verb is None:
             _parser().print_help()
             return

@@ -49,6 +49,10 @@ def load_and_validate(config: str, overrides: Sequence[str], recipe_file: str | 
         count = f"{len(problems)} problem{'s' if len(problems) > 1 else ''}"
         lines = [f"{count} in config '{config}'{against}:"] + [str(p) for p in problems]
         raise QattuneError("\n".join(lines))
+    if schema is not None:
+        for name, field in schema.fields.items():
+            if not field.required and name not in cfg:
+                cfg[name] = field.default  # the recipe's default, so recipes read cfg.key directly
     return cfg
 
 

@@ -16,6 +16,7 @@ import ast
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 from qattune.config import typespec
 from qattune.config.typespec import TypeSpec
@@ -46,6 +47,7 @@ class SchemaField:
     spec: TypeSpec
     required: bool
     provided: tuple[str, ...]  # call-time arguments of a component field
+    default: Any = None  # the literal default of an optional field
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,16 @@ def _provided(annotation: ast.expr) -> tuple[str, ...]:
         if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "Component":
             return tuple(a.value for a in node.args if isinstance(a, ast.Constant) and isinstance(a.value, str))
     return ()
+
+
+def _literal(node: ast.expr | None) -> Any:
+    """A field's default when it is a literal (None, numbers, strings, lists...); None otherwise."""
+    if node is None:
+        return None
+    try:
+        return ast.literal_eval(node)
+    except ValueError:
+        return None
 
 
 def _imported_names(tree: ast.Module) -> dict[str, str]:
@@ -90,7 +102,7 @@ def _class_fields(cls: ast.ClassDef, resolve_base) -> dict[str, SchemaField] | N
         if isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name):
             name = stmt.target.id
             fields[name] = SchemaField(name, typespec.from_ast(stmt.annotation), stmt.value is None,
-                                       _provided(stmt.annotation))
+                                       _provided(stmt.annotation), _literal(stmt.value))
     return fields
 
 

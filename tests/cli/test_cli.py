@@ -167,8 +167,8 @@ def test_run_validates_before_running(tmp_path):
     assert code == 2
     assert err.splitlines() == [
         f"error: 2 problems in config '{cfg}' for recipe 'sum_recipe':",
-        "  bogus: unknown key for recipe 'sum_recipe'.",
         "  value: expected an int, got 'five'",
+        "  bogus: unknown key for recipe 'sum_recipe'.",
     ]
     assert not (tmp_path / "o").exists()
 
@@ -227,3 +227,25 @@ def test_bad_yaml_through_the_cli(tmp_path, capsys):
     cfg.write_text("a: 1\n  b: 2\n")
     code, _, err = run_main(capsys, "validate", str(cfg))
     assert code == 2 and err.startswith(f"error: cannot read YAML in {cfg}, line 2, column ")
+
+
+def test_a_torchtune_config_validates_unchanged(capsys):
+    config = FIXTURES / "torchtune_3B_qat_full.yaml"
+    code, out, err = run_main(capsys, "validate", str(config), "--recipe", "qat_distributed")
+    assert (code, err) == (0, "")
+    assert out.strip() == f"Config '{config}' is valid for recipe 'qat_distributed'."
+
+
+def test_torchtune_components_build_qattune_objects(tmp_path):
+    from omegaconf import OmegaConf
+
+    from qattune.config import instantiate
+    from qattune.quant import QATQuantizer
+    from qattune.training import JSONLLogger
+
+    cfg = OmegaConf.load(FIXTURES / "torchtune_3B_qat_full.yaml")
+    quantizer = instantiate(cfg.quantizer)
+    assert isinstance(quantizer, QATQuantizer)
+    assert (quantizer.config.scheme, quantizer.config.group_size) == ("8da4w", 256)
+    cfg.output_dir = str(tmp_path)
+    assert isinstance(instantiate(cfg.metric_logger), JSONLLogger)

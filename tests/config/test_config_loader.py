@@ -72,4 +72,4 @@ def test_unknown_config_name_suggests_closest():
     with pytest.raises(QattuneError) as err:
         load_config("tiny/qat_ful")
     assert str(err.value) == ("unknown config 'tiny/qat_ful': neither a shipped config nor a file. "
-                              "Did you mean 'tiny/qat_full'? Run `qattune ls` to list shipped configs")
+                              "Did you mean 'tiny/qat_full' or 'tiny/full'? Run `qattune ls` to list shipped configs")
