@@ -247,3 +247,15 @@ def test_torchtune_components_build_qattune_objects(tmp_path):
     assert (quantizer.config.scheme, quantizer.config.group_size) == ("8da4w", 256)
     cfg.output_dir = str(tmp_path)
     assert isinstance(instantiate(cfg.metric_logger), JSONLLogger)
+
+
+def test_a_copied_config_that_extends_another_still_validates(tmp_path, capsys):
+    assert run_main(capsys, "cp", "tiny/qat_full", str(tmp_path / "mine.yaml"))[0] == 0
+    code, out, err = run_main(capsys, "validate", str(tmp_path / "mine.yaml"))
+    assert (code, err) == (0, "") and "valid for recipe 'qat_distributed'" in out
+
+
+@pytest.mark.parametrize("config", [c.name for c in list_configs()])
+def test_every_shipped_config_validates(capsys, config):
+    code, out, err = run_main(capsys, "validate", config)
+    assert (code, err) == (0, ""), err
