@@ -128,7 +128,8 @@ def generate(
     batch, stops = len(rows), set(int(t) for t in stop_tokens)
     lengths = [len(r) for r in rows]
     if max_new_tokens == 0:
-        return GenerationOutput([[] for _ in rows], ["length"] * batch, GenerationStats(batch, sum(lengths), 0, 0.0, 0.0))
+        empty = GenerationStats(batch, sum(lengths), 0, 0.0, 0.0)
+        return GenerationOutput([[] for _ in rows], ["length"] * batch, empty)
     dtype, device = model_dtype_and_device(model)
     if generator is None and seed is not None and temperature > 0:
         generator = torch.Generator(device=device).manual_seed(seed)

@@ -39,7 +39,8 @@ def test_table_json_and_recovered_per_checkpoint(tmp_path):
     assert comparison.recovered["qat_plain"]["mc/acc_norm"] is None  # value missing
 
     lines = comparison.table().splitlines()
-    assert lines[0].split() == ["metric", "bf16", "ptq", "qat", "qat_plain", "qat", "recovered", "qat_plain", "recovered"]
+    assert lines[0].split() == ["metric", "bf16", "ptq", "qat", "qat_plain",
+                                "qat", "recovered", "qat_plain", "recovered"]
     assert lines[2].split() == ["python_docs/perplexity", "↓", "10", "14", "11", "16", "75.0%", "-50.0%"]
     assert lines[3].split() == ["mc/acc", "↑", "0.6", "0.5", "0.45", "0.58", "-50.0%", "80.0%"]
     assert lines[4].split() == ["mc/acc_norm", "↑", "0.5", "0.55", "0.52", "-", "n/a", "n/a"]
@@ -53,6 +54,7 @@ def test_table_json_and_recovered_per_checkpoint(tmp_path):
 
 
 def test_png_bar_chart(tmp_path):
+    pytest.importorskip("matplotlib")
     path = plot_comparison(compare_checkpoints(RESULTS), tmp_path / "chart.png")
     data = path.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
