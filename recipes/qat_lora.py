@@ -1,9 +1,86 @@
 """Quantization-aware LoRA fine-tuning on a fake-quantized (or truly quantized) frozen base.
 
-Not available yet: running it exits with code 2 and says so.
+    qattune run qat_lora --config llama3_2/1B_qat_lora
+    qattune run --nproc_per_node 2 qat_lora --config llama3_2/3B_qat_lora
+
+`model` is a LoRA builder (e.g. `qattune.models.lora_llama3_2_1b`). The frozen base is loaded from the
+checkpoint, then either fake-quantized by `quantizer` (QAT: the adapters learn to correct the
+quantization error the served model will have) or quantized for real by `base_quantizer` (QLoRA with
+scheme nf4, to save memory); then the adapters are added. Each checkpoint holds the merged float model
+in the Hugging Face layout and the adapter alone, PEFT-compatible, in `adapter/`.
 """
 
-from qattune.config import recipe_not_available
+from typing import Optional
+
+from qattune.config import Component, recipe_main
+from qattune.training.session import TrainingConfig
+
+ADAPTER_DIR = "adapter"
+
+
+class Config(TrainingConfig):
+    quantizer: Optional[Component] = None  # fake-quantizes the frozen base during training
+    base_quantizer: Optional[Component] = None  # converts the frozen base to real quantized weights
+    fake_quant_after_n_steps: Optional[int] = None
+    save_adapter_weights_only: bool = False  # accepted for torchtune configs: the adapter is always saved
+
+
+def recipe(cfg) -> None:
+    import copy
+    from pathlib import Path
+
+    from qattune.checkpoint import load_peft_adapter, write_peft_adapter
+    from qattune.config import instantiate
+    from qattune.errors import QattuneError
+    from qattune.models import apply_lora, merged_state_dict, split_lora
+    from qattune.training import FakeQuantAfterNSteps
+    from qattune.training.session import TrainingSession
+
+    if cfg.quantizer is not None and cfg.base_quantizer is not None:
+        raise QattuneError("set either quantizer (QAT of the frozen base) or base_quantizer (QLoRA), not both")
+    lora = {}
+
+    def base_builder():
+        base, lora_config = split_lora(instantiate(cfg.model))
+        lora.update(lora_config.to_dict())
+        return base
+
+    session = TrainingSession(cfg, model_builder=base_builder, weights_from_resume=False)
+    try:
+        hooks = []
+        if cfg.quantizer is not None:
+            quantizer = instantiate(cfg.quantizer)
+            quantizer.prepare(session.model)
+            session.record_quantizer(quantizer)
+            hooks.append(FakeQuantAfterNSteps(quantizer, session.model, cfg.fake_quant_after_n_steps))
+        elif cfg.base_quantizer is not None:
+            base_quantizer = instantiate(cfg.base_quantizer)
+            base_quantizer.convert(session.model)
+            session.record_quantizer(base_quantizer)
+        apply_lora(session.model, **lora)
+        if session.resume_dir is not None:
+            load_peft_adapter(session.model, Path(session.resume_dir) / ADAPTER_DIR)
+        # FSDP shards the trained model: saving merges the adapters on an unsharded replica on rank 0.
+        replica = copy.deepcopy(session.model).to("meta") if session.dist.is_distributed else None
+
+        def merged_weights():
+            if replica is None:
+                return merged_state_dict(session.model)
+            full = session.float_state_dict()  # collective: every rank takes part
+            if not session.dist.is_main:
+                return {}
+            replica.load_state_dict(full, assign=True)
+            return merged_state_dict(replica)
+
+        session.state_dict_fn = merged_weights
+        session.extra_writers.append(
+            lambda out: write_peft_adapter(replica if replica is not None else session.model, out / ADAPTER_DIR))
+        session.extra_info["lora"] = lora
+        session.build_trainer(step_hooks=hooks)
+        session.train()
+    finally:
+        session.close()
+
 
 if __name__ == "__main__":
-    recipe_not_available("qat_lora", "QAT + LoRA lands with the shared training loop")
+    recipe_main(recipe, __file__)

@@ -92,7 +92,11 @@ def _accepts(fn: Callable, name: str) -> bool:
 class TrainingSession:
     """Builds the pieces of a training run from `cfg`; see the module docstring for the order."""
 
-    def __init__(self, cfg: Any) -> None:
+    def __init__(self, cfg: Any, *, model_builder: Optional[Callable[[], nn.Module]] = None,
+                 weights_from_resume: bool = True) -> None:
+        """`model_builder` builds the module the checkpoint loads into (default: `cfg.model`);
+        `weights_from_resume=False` keeps loading the starting checkpoint when resuming (a frozen base
+        whose trained state is restored separately, as with LoRA)."""
         from qattune.training.distributed import init_distributed
 
         _unsupported_options(cfg)
@@ -107,7 +111,7 @@ class TrainingSession:
         self.tokenizer = instantiate(cfg.tokenizer)
         self.checkpointer = instantiate(cfg.checkpointer) if cfg.get("checkpointer") is not None else None
         self.resume_dir = self._resume_dir()
-        self.model = self._build_model()
+        self.model = self._build_model(model_builder or (lambda: instantiate(cfg.model)), weights_from_resume)
         self.base_keys = frozenset(self.model.state_dict())
         self.trainer = None
         # What a recipe customises about saving: the state dict to write, extra facts for the training
@@ -135,13 +139,12 @@ class TrainingSession:
             )
         return steps[-1][1]
 
-    def _build_model(self) -> nn.Module:
+    def _build_model(self, builder: Callable[[], nn.Module], weights_from_resume: bool) -> nn.Module:
         """The model with its starting weights, in the training dtype, on the training device."""
         from qattune.checkpoint import HFCheckpointer, build_model_from_checkpoint
 
-        builder = lambda: instantiate(self.cfg.model)  # noqa: E731
         target = self.device
-        if self.resume_dir is not None:
+        if self.resume_dir is not None and weights_from_resume:
             model = build_model_from_checkpoint(HFCheckpointer(self.resume_dir), builder, device=target, dtype=self.dtype)
         elif self.checkpointer is not None:
             model = build_model_from_checkpoint(self.checkpointer, builder, device=target, dtype=self.dtype)

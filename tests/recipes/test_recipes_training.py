@@ -99,3 +99,27 @@ def test_two_processes_match_one_with_the_same_global_batch(qat_run, tmp_path):
     # weight across an int4 rounding boundary, so the fake-quantized steps agree a little less tightly.
     assert two[:4] == pytest.approx(one[:4], abs=1e-4)
     assert two[4:] == pytest.approx(one[4:], abs=3e-3)
+
+
+def test_qat_lora_trains_adapters_saves_peft_and_resumes(tmp_path):
+    out = tmp_path / "lora"
+    small = [o for o in SMALL if not o.startswith("save_every")] + ["save_every_n_steps=4"]
+    run_cli("qat_lora", "--config", "tiny/qat_lora", f"output_dir={out}", *small)
+    rows = metrics(out)
+    assert len(rows) == 8 and rows[-1]["loss"] < rows[0]["loss"] - 0.5
+    step = out / "step_8"
+    config = json.loads((step / "adapter" / "adapter_config.json").read_text())
+    assert (config["peft_type"], config["r"], config["lora_alpha"]) == ("LORA", 8, 16)
+    assert set(config["target_modules"]) == {"q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"}
+    from safetensors import safe_open
+
+    with safe_open(str(step / "model.safetensors"), "pt") as f:  # the merged model has plain names
+        assert not [k for k in f.keys() if "lora" in k]
+    info = json.loads((step / "qattune_training.json").read_text())
+    assert info["quantizer"]["scheme"] == "8da4w" and info["lora"]["lora_rank"] == 8
+
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(out / "step_4", resumed / "step_4")
+    run_cli("qat_lora", "--config", "tiny/qat_lora", f"output_dir={resumed}", "resume_from_checkpoint=true", *small)
+    assert [r["loss"] for r in metrics(resumed)] == [r["loss"] for r in rows[4:]]
