@@ -123,3 +123,14 @@ def test_qat_lora_trains_adapters_saves_peft_and_resumes(tmp_path):
     shutil.copytree(out / "step_4", resumed / "step_4")
     run_cli("qat_lora", "--config", "tiny/qat_lora", f"output_dir={resumed}", "resume_from_checkpoint=true", *small)
     assert [r["loss"] for r in metrics(resumed)] == [r["loss"] for r in rows[4:]]
+
+
+def test_qlora_trains_over_a_real_nf4_base(tmp_path):
+    out = tmp_path / "qlora"
+    small = [o for o in SMALL if not o.startswith(("save_every", "max_steps"))]
+    run_cli("qat_lora", "--config", "tiny/qat_lora", f"output_dir={out}", "~quantizer", "max_steps_per_epoch=3",
+            "base_quantizer={_component_: qattune.quant.PTQQuantizer, scheme: nf4}", *small)
+    assert len(metrics(out)) == 3
+    info = json.loads((out / "step_3" / "qattune_training.json").read_text())
+    assert info["quantizer"]["scheme"] == "nf4"
+    assert (out / "step_3" / "adapter" / "adapter_model.safetensors").is_file()
