@@ -51,7 +51,7 @@ def _batches(order: list[int], lengths: list[int], batch_size: int, max_batch_to
     return batches
 
 
-@torch.inference_mode()
+@torch.no_grad()
 def score_windows(model: nn.Module, windows: Sequence[Window], batch_size: int = 8,
                   max_batch_tokens: int = 4096) -> list[WindowScore]:
     """Score every window (see module docs) in batches of up to `batch_size` rows and `max_batch_tokens`

@@ -8,7 +8,7 @@ import torch
 from gen_tiny import ByteChatTokenizer, tiny_model
 from qattune.errors import QattuneError
 from qattune.generation import generate, generate_text
-from qattune.quant import PTQQuantizer
+from qattune.quant import PTQQuantizer, QATQuantizer
 
 PROMPTS = [[1, 40, 41, 42], [1, 77], [1, 9, 8, 7, 6, 5, 4, 3, 2, 100, 101, 102], [1, 200, 201, 202, 203, 204, 205]]
 
@@ -94,6 +94,17 @@ def test_quantized_models_decode_like_their_no_cache_loop(model, scheme, options
     quantized = PTQQuantizer(scheme, **options).convert(copy.deepcopy(model))
     out = generate(quantized, PROMPTS, 6)
     assert out.tokens == [greedy_without_cache(quantized, p, 6) for p in PROMPTS]
+
+
+def test_fake_quantized_model_decodes_and_still_trains_afterwards(model):
+    """A QAT-prepared model (sample generation during training) decodes exactly and can train on afterwards."""
+    prepared = QATQuantizer("8da4w").prepare(copy.deepcopy(model))
+    out = generate(prepared, PROMPTS[:2], 4)
+    assert out.tokens == [greedy_without_cache(prepared, p, 4) for p in PROMPTS[:2]]
+    prepared.train()
+    logits = prepared(torch.tensor([PROMPTS[0]]))
+    logits.float().logsumexp(-1).mean().backward()
+    assert prepared.layers[0].attn.q_proj.weight.grad is not None
 
 
 def test_chat_prompt_goes_through_the_chat_format(model):
