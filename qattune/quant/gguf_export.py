@@ -51,7 +51,9 @@ def q4_0_blocks(codes: Tensor, d16: Tensor) -> np.ndarray:
     return torch.cat((d, nibbles), dim=-1).reshape(rows, -1).numpy()
 
 
-def _quantized_payload(name: str, module: Union[QuantizedLinear, QuantizedEmbedding]) -> tuple[np.ndarray, gguf.GGMLQuantizationType]:
+def _quantized_payload(
+    name: str, module: Union[QuantizedLinear, QuantizedEmbedding]
+) -> tuple[np.ndarray, gguf.GGMLQuantizationType]:
     q = module.quantized_weight()
     codes, d16 = q.codes.detach().cpu(), q.scale.detach().cpu()
     if isinstance(module.weight_format, GGUFQ4_0):

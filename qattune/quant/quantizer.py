@@ -133,7 +133,9 @@ class _SchemeQuantizer:
         learner = LearnedRangeFakeQuantizer(plan.weight_format, tuple(weight.shape))
         return learner.to(weight.device)
 
-    def _fake_quant_module(self, plan: LayerPlan, shared_activations: dict[str, SharedActivationFakeQuant]) -> nn.Module:
+    def _fake_quant_module(
+        self, plan: LayerPlan, shared_activations: dict[str, SharedActivationFakeQuant]
+    ) -> nn.Module:
         """The fake-quant module of one layer; Linear layers with the same activation format share one
         activation fake quantizer, which reuses its result when they read the same tensor."""
         learner = self._range_learner(plan)

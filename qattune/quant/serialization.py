@@ -134,7 +134,8 @@ def load_quantized(model: nn.Module, checkpoint_dir: Union[str, os.PathLike],
     missing = [k for k in result.missing_keys if k not in quantized_keys]
     if missing or result.unexpected_keys:
         problem = f"missing tensor {missing[0]!r}" if missing else f"unexpected tensor {result.unexpected_keys[0]!r}"
-        raise QattuneError(f"{weights}: {problem} for this model; the checkpoint was saved from a different architecture")
+        raise QattuneError(f"{weights}: {problem} for this model; the checkpoint was saved from a different "
+                           "architecture")
     records = [LayerRecord(name, e["kind"], (), True, e["weight_format"], e.get("activation_format"))
                for name, e in config["quantized_layers"].items()]
     records += [LayerRecord(s["name"], s["kind"], (), False, reason=s["reason"]) for s in config["skipped_layers"]]

@@ -92,7 +92,8 @@ def test_convert_equals_fake_quant_and_save_load_reproduces_it(scheme, tmp_path)
                         if isinstance(m, (FakeQuantLinear, FakeQuantEmbedding))}
     quantizer.convert(model)
     converted = dict(model.named_modules())
-    assert set(fake_weights) == {n for n, m in converted.items() if isinstance(m, (QuantizedLinear, QuantizedEmbedding))}
+    quantized = {n for n, m in converted.items() if isinstance(m, (QuantizedLinear, QuantizedEmbedding))}
+    assert set(fake_weights) == quantized
     assert not any(isinstance(p, nn.Parameter) and p.dim() == 2 for p in model.parameters())  # no float weights left
     for name, fake_weight in fake_weights.items():
         assert torch.equal(converted[name].dequantized_weight(), fake_weight), name  # bit-exact
@@ -153,7 +154,8 @@ def test_convert_report_and_saved_config(tmp_path):
     save_quantized(model, tmp_path)
     config = read_quantization_config(tmp_path)
     assert config["quantization"]["scheme"] == "q4_0" and config["quantization"]["group_size"] is None
-    assert config["skipped_layers"] == [{"name": "layers.1.w2", "kind": "Linear", "reason": r"matched exclude 'layers\.1\.w2'"}]
+    assert config["skipped_layers"] == [
+        {"name": "layers.1.w2", "kind": "Linear", "reason": r"matched exclude 'layers\.1\.w2'"}]
     assert config["quantized_layers"]["output"] == {
         "kind": "Linear", "in_features": 64, "out_features": 128, "bias": False,
         "weight_format": "q8_0", "activation_format": None, "weight_dtype": "float32"}

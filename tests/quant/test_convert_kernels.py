@@ -69,7 +69,8 @@ def test_fp8_scaled_mm_kernel(device):
         out, reference = both_paths(layer, x)
     except RuntimeError as err:  # a build without an FP8 GEMM for this device
         pytest.skip(f"torch._scaled_mm unavailable here: {err}")
-    torch.testing.assert_close(out, reference, rtol=1e-2 if device == "cuda" else 1e-5, atol=1e-2 if device == "cuda" else 1e-5)
+    tolerance = 1e-2 if device == "cuda" else 1e-5  # CUDA's kernel rounds its output to bf16
+    torch.testing.assert_close(out, reference, rtol=tolerance, atol=tolerance)
 
 
 def test_kernels_decline_unsupported_inputs():

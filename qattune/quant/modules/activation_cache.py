@@ -3,11 +3,12 @@
 Layers that read one tensor (the attention's q, k and v projections; the MLP's gate and up projections)
 would fake-quantize it two or three times. A `SharedActivationFakeQuant` remembers its last input (by
 weak reference) and its last output: when the very same tensor (same object, same version, same grad
-mode) comes again, the result is reused — one quantize-dequantize and one autograd node for all
-readers, which is exact. A result is forgotten as soon as backward reaches its autograd node (its
-saved tensors are freed then), so a tensor fed again after a backward pass is quantized afresh. It holds at most one activation (its last output; one per activation format
-per model, since a quantizer gives all layers with one format the same instance). Eager mode only:
-under torch.compile the compiler's common-subexpression elimination does the same.
+mode) comes again, the result is reused — one quantize-dequantize and one autograd node for all readers,
+which is exact. A result is forgotten as soon as backward reaches its autograd node (its saved tensors
+are freed then), so a tensor fed again after a backward pass is quantized afresh. It holds at most one
+activation (its last output; one per activation format per model, since a quantizer gives all layers
+with one format the same instance). Eager mode only: under torch.compile the compiler's
+common-subexpression elimination does the same.
 """
 
 from __future__ import annotations

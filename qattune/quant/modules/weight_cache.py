@@ -2,11 +2,13 @@
 
 The weight only changes at the optimizer step, so its fake quantization is recomputed only when the
 parameter may have changed: after any optimizer step (a process-wide optimizer step hook counts them;
-fused AdamW updates parameters without bumping their version counters), or when its version counter
-(any other in-place update, e.g. `load_state_dict`), storage, dtype or device changed. Between updates every forward (gradient-accumulation micro-batches, activation
-checkpointing recomputes, evaluation) reads the cache. Gradients stay exact: `CachedSTE` returns the
-cached tensor in the forward and, in the backward, passes the gradient to the float weight where the
-straight-through estimator lets it through (the format's bool not-clipped mask, one byte per weight, none for formats that never clip) and zero where it clipped.
+fused AdamW updates parameters without bumping their version counters), or when its version counter (any
+other in-place update, e.g. `load_state_dict`), storage, dtype or device changed. Between updates every
+forward (gradient-accumulation micro-batches, activation checkpointing recomputes, evaluation) reads the
+cache. Gradients stay exact: `CachedSTE` returns the cached tensor in the forward and, in the backward,
+passes the gradient to the float weight where the straight-through estimator lets it through (the
+format's bool not-clipped mask, one byte per weight, none for formats that never clip) and zero where it
+clipped.
 """
 
 from __future__ import annotations
@@ -45,7 +47,9 @@ class CachedSTE(torch.autograd.Function):
     """forward: the precomputed fake-quantized weight; backward: the gradient where not clipped."""
 
     @staticmethod
-    def forward(ctx, weight: Tensor, fake_quantized: Tensor, in_range: Optional[Tensor]) -> Tensor:  # type: ignore[override]
+    def forward(  # type: ignore[override]
+        ctx, weight: Tensor, fake_quantized: Tensor, in_range: Optional[Tensor]
+    ) -> Tensor:
         ctx.has_mask = in_range is not None
         if in_range is not None:
             ctx.save_for_backward(in_range)
