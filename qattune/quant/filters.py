@@ -52,5 +52,7 @@ class ModuleNameFilter:
 
 
 def is_output_head(name: str, pattern: str = DEFAULT_OUTPUT_HEAD_PATTERN) -> bool:
-    """True if the Linear called `name` is the model's output head (by name)."""
-    return re.search(pattern, name) is not None
+    """True if the Linear called `name` is the model's output head, or the layer a wrapper around the
+    head holds (e.g. LoRA's `output.base`): its name or its parent's name matches `pattern`."""
+    parent = name.rpartition(".")[0]
+    return re.search(pattern, name) is not None or (parent != "" and re.search(pattern, parent) is not None)

@@ -296,3 +296,20 @@ def test_fake_quant_model_runs_under_inference_mode():
         assert torch.equal(model["layers"][0]["attn"]["wq"](x.clone()), expected)
     model["layers"][0]["attn"]["wq"](x).sum().backward()  # ...which training then reuses
     assert model["layers"][0]["attn"]["wq"].weight.grad is not None
+
+
+def test_output_head_inside_a_wrapper_is_still_the_output_head():
+    class Wrapper(nn.Module):  # e.g. a LoRA adapter holding the frozen head as `base`
+        def __init__(self, base):
+            super().__init__()
+            self.base = base
+
+        def forward(self, x):
+            return self.base(x)
+
+    model = tiny_model()
+    model["output"] = Wrapper(model["output"])
+    quantizer = QATQuantizer("nf4")  # keeps the output head in float by default
+    quantizer.prepare(model)
+    assert type(model["output"].base) is nn.Linear
+    assert {r.name: r.reason for r in quantizer.report.skipped}["output.base"] == "output head (quantize_output=false)"
