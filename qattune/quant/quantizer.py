@@ -8,7 +8,7 @@ and swap modules in place. Each call leaves a `QuantReport` in `quantizer.report
 from __future__ import annotations
 
 import logging
-from typing import Optional
+from typing import Literal, Optional
 
 import torch
 from torch import nn
@@ -180,7 +180,7 @@ class QATQuantizer(_SchemeQuantizer):
 
     def __init__(
         self,
-        scheme: str,
+        scheme: Literal["8da4w", "4w", "8w", "8da8w", "fp8", "mxfp8", "mxfp4", "nvfp4", "q4_0", "q8_0", "nf4"],
         group_size: Optional[int] = None,
         quantize_activations: Optional[bool] = None,
         quantize_embedding: Optional[bool] = None,
@@ -205,7 +205,7 @@ class PTQQuantizer(_SchemeQuantizer):
 
     def __init__(
         self,
-        scheme: str,
+        scheme: Literal["8da4w", "4w", "8w", "8da8w", "fp8", "mxfp8", "mxfp4", "nvfp4", "q4_0", "q8_0", "nf4"],
         group_size: Optional[int] = None,
         quantize_activations: Optional[bool] = None,
         quantize_embedding: Optional[bool] = None,

@@ -86,3 +86,13 @@ def test_unknown_scheme_lists_valid_names():
 def test_config_round_trips_through_dict():
     config = resolve_scheme_config("8da4w", group_size=64, exclude=["output"], include=["layers"])
     assert type(config).from_dict(config.to_dict()) == config
+
+
+def test_quantizer_signatures_list_every_scheme_for_static_config_validation():
+    import typing
+
+    from qattune.quant import PTQQuantizer, QATQuantizer
+
+    for quantizer in (QATQuantizer, PTQQuantizer):
+        annotation = typing.get_type_hints(quantizer.__init__)["scheme"]
+        assert list(typing.get_args(annotation)) == list(SCHEMES)
