@@ -1,9 +1,190 @@
-"""Convert a float or QAT-trained checkpoint to a real quantized model (and GGUF for q4_0/q8_0).
+"""Convert a float or QAT-trained checkpoint to a real quantized model (and a GGUF file for q4_0/q8_0).
 
-Not available yet: running it exits with code 2 and says so.
+    qattune run quantize --config quantization checkpointer.checkpoint_dir=out/step_1000
+
+The checkpoint (Hugging Face folder, Meta, GGUF, or a qattune training output `step_N`) is loaded through
+`checkpointer`; `quantizer.convert` replaces its layers by packed quantized ones. A QAT run's learned
+ranges (`extra_state.safetensors`) are loaded into a range-learning `prepare` first, so `convert` uses
+them. The scheme must be the one the checkpoint was trained with (`qattune_training.json` says which).
+Writes `output_dir/quantized/`: model.safetensors + quantization_config.json (qattune's eval and
+generate load it), config.json and tokenizer files, and for q4_0/q8_0 `model-<scheme>.gguf`.
 """
 
-from qattune.config import recipe_not_available
+from typing import Literal, Optional
+
+from qattune.config import Component, RecipeConfig, recipe_main
+
+QUANTIZED_DIR = "quantized"
+
+
+class Config(RecipeConfig):
+    output_dir: str
+    checkpoint_dir: Optional[str] = None  # the shipped configs read it in checkpointer.checkpoint_dir
+    checkpointer: Component
+    quantizer: Component
+    model: Optional[Component] = None  # default: the model the checkpoint's own config describes
+    tokenizer: Optional[Component] = None  # for the tokenizer files and the GGUF tokenizer metadata
+    device: Optional[str] = None  # default cpu
+    dtype: Literal["fp32", "float32", "bf16", "bfloat16"] = "fp32"
+    gguf: Optional[bool] = None  # default: true for q4_0 / q8_0
+    gguf_float_type: Literal["f32", "f16", "bf16"] = "f16"  # tensors GGUF keeps in float (not norms)
+
+
+def _megabytes(n: int) -> str:
+    return f"{n / 1e6:.2f} MB"
+
+
+def _source_files(checkpointer) -> list:
+    """The weight files the checkpoint is read from."""
+    if hasattr(checkpointer, "weight_files"):
+        return checkpointer.weight_files()
+    return [checkpointer.path]
+
+
+def _check_input(source, quantizer) -> Optional[dict]:
+    """Refuse a quantized checkpoint or one trained with another scheme; the training info, if any."""
+    import json
+
+    from qattune.errors import QattuneError
+    from qattune.quant.serialization import CONFIG_FILE
+    from qattune.training.session import TRAINING_INFO_FILE
+
+    if not source.is_dir():
+        return None
+    if (source / CONFIG_FILE).is_file():
+        raise QattuneError(f"{source} is already a quantized checkpoint ({CONFIG_FILE}); quantize the float "
+                           "checkpoint it came from (a training output_dir/step_N or a float model folder)")
+    info_path = source / TRAINING_INFO_FILE
+    if not info_path.is_file():
+        return None
+    trained = json.loads(info_path.read_text()).get("quantizer")
+    ours = getattr(quantizer, "config", None)
+    if trained is None or ours is None or "scheme" not in trained:
+        return trained
+    if (trained["scheme"], trained.get("group_size")) != (ours.scheme, ours.group_size):
+        group = f" with group size {trained.get('group_size')}" if trained.get("group_size") else ""
+        raise QattuneError(
+            f"{source} was trained with scheme {trained['scheme']!r}{group} ({TRAINING_INFO_FILE}); quantize with "
+            f"the same scheme: quantizer.scheme={trained['scheme']}"
+            + (f" quantizer.group_size={trained['group_size']}" if trained.get("group_size") else "")
+        )
+    return trained
+
+
+def _apply_learned_ranges(model, quantizer, extra_state_path, device) -> None:
+    """Prepare with range learning and load the QAT run's learned ranges, so `convert` uses them."""
+    import dataclasses
+
+    from safetensors.torch import load_file
+
+    from qattune.errors import QattuneError
+
+    quantizer.config = dataclasses.replace(quantizer.config, range_learning=True)
+    quantizer.prepare(model)
+    ranges = load_file(str(extra_state_path), device=str(device))
+    unknown = sorted(set(ranges) - set(model.state_dict()))
+    if unknown:
+        raise QattuneError(f"{extra_state_path} holds {unknown[0]}, which the prepared model lacks; quantize with "
+                           "the quantizer options (include/exclude, embedding, output) the run was trained with")
+    model.load_state_dict(ranges, strict=False)
+
+
+def _tokenizer_gguf_file(cfg, checkpointer):
+    """The GGUF file holding the model's tokenizer: the tokenizer's own path, else a GGUF checkpoint."""
+    from pathlib import Path
+
+    path = (cfg.tokenizer or {}).get("path")
+    if path is not None and str(path).endswith(".gguf") and Path(path).is_file():
+        return Path(path)
+    return getattr(checkpointer, "path", None) if checkpointer.format == "gguf" else None
+
+
+def _write_tokenizer_files(cfg, checkpointer, out) -> None:
+    """The tokenizer files a loader needs beside the weights: the source folder's, or made from the GGUF."""
+    import shutil
+    from pathlib import Path
+
+    from qattune.checkpoint.hf import TOKENIZER_FILES
+    from qattune.tokenizers import write_hf_tokenizer_files
+
+    source = checkpointer.checkpoint_dir
+    if source.is_dir():
+        for name in TOKENIZER_FILES:
+            if (source / name).is_file():
+                (out / name).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(source / name, out / name)
+    gguf_file = _tokenizer_gguf_file(cfg, checkpointer)
+    path = (cfg.tokenizer or {}).get("path")
+    if gguf_file is not None and not (out / "tokenizer.json").is_file():
+        write_hf_tokenizer_files(str(gguf_file), str(out))
+    elif path is not None and Path(path).is_file() and not (out / Path(path).name).exists():
+        shutil.copy2(path, out / Path(path).name)
+
+
+def _print_layers(report) -> None:
+    print(f"{'layer':<40} {'shape':<14} {'weights':<10} {'activations':<11}")
+    for r in report.layers:
+        shape = "x".join(str(d) for d in r.shape)
+        formats = f"{r.weight_format:<10} {r.activation_format or '-':<11}" if r.quantized else f"skipped: {r.reason}"
+        print(f"{r.name:<40} {shape:<14} {formats}")
+    print(report)
+
+
+def recipe(cfg) -> None:
+    from pathlib import Path
+
+    from qattune.checkpoint import build_model_from_checkpoint, check_gguf_scheme, export_gguf, gguf_tokenizer_metadata
+    from qattune.checkpoint.atomic import atomic_directory
+    from qattune.checkpoint.hf import write_json
+    from qattune.config import instantiate
+    from qattune.quant import save_quantized
+    from qattune.quant.serialization import WEIGHTS_FILE
+    from qattune.training.session import DTYPES, EXTRA_STATE_FILE
+
+    quantizer = instantiate(cfg.quantizer)
+    scheme = getattr(getattr(quantizer, "config", None), "scheme", None)
+    want_gguf = cfg.gguf if cfg.gguf is not None else scheme in ("q4_0", "q8_0")
+    if want_gguf:
+        check_gguf_scheme(str(scheme))
+    checkpointer = instantiate(cfg.checkpointer)
+    source = checkpointer.checkpoint_dir
+    _check_input(source, quantizer)
+    device, dtype = cfg.device or "cpu", DTYPES[cfg.dtype]
+    builder = (lambda: instantiate(cfg.model)) if cfg.model is not None else None
+    model = build_model_from_checkpoint(checkpointer, builder, device=device, dtype=dtype)
+    model.eval()
+    config, adapter = checkpointer.config, checkpointer.adapter
+    extra_state = source / EXTRA_STATE_FILE if source.is_dir() else None
+    if extra_state is not None and extra_state.is_file():
+        print(f"Loading learned quantization ranges from {extra_state}")
+        _apply_learned_ranges(model, quantizer, extra_state, device)
+    quantizer.convert(model)
+    if getattr(quantizer, "report", None) is not None:
+        _print_layers(quantizer.report)
+
+    out = Path(cfg.output_dir) / QUANTIZED_DIR
+    gguf_name = f"model-{scheme}.gguf"
+    with atomic_directory(out) as tmp:
+        save_quantized(model, tmp)
+        base = getattr(checkpointer, "hf_config", None) if checkpointer.format == "hf" else None
+        write_json(tmp / "config.json", adapter.config_to_hf(config, dtype, base))
+        _write_tokenizer_files(cfg, checkpointer, tmp)
+        if want_gguf:
+            gguf_source = _tokenizer_gguf_file(cfg, checkpointer)
+            tokenizer = instantiate(cfg.tokenizer) if cfg.tokenizer is not None and gguf_source is None else None
+            metadata = gguf_tokenizer_metadata(tokenizer, config.vocab_size, gguf_source)
+            export_gguf(model, config, adapter, tmp / gguf_name, metadata, cfg.gguf_float_type,
+                        name=Path(cfg.output_dir).name)
+
+    before = sum(Path(f).stat().st_size for f in _source_files(checkpointer))
+    after = (out / WEIGHTS_FILE).stat().st_size
+    print(f"Size on disk: {_megabytes(before)} ({source}) -> {_megabytes(after)} "
+          f"({out / WEIGHTS_FILE}): {before / after:.2f}x")
+    if want_gguf:
+        size = (out / gguf_name).stat().st_size
+        print(f"GGUF: {out / gguf_name} ({_megabytes(size)}: {before / size:.2f}x)")
+    print(f"Quantized model ({scheme}) saved in {out}")
+
 
 if __name__ == "__main__":
-    recipe_not_available("quantize", "it will convert trained checkpoints to real quantized models")
+    recipe_main(recipe, __file__)

@@ -3,6 +3,7 @@
 from qattune.checkpoint.atomic import atomic_directory
 from qattune.checkpoint.base import Checkpointer, expected_shapes
 from qattune.checkpoint.gguf import GGUFCheckpointer, smollm2_135m_gguf_path
+from qattune.checkpoint.gguf_export import check_gguf_scheme, export_gguf, gguf_tensor_sources, gguf_tokenizer_metadata
 from qattune.checkpoint.hf import HFCheckpointer, write_hf_checkpoint
 from qattune.checkpoint.loading import build_model_from_checkpoint, check_model_matches, load_into
 from qattune.checkpoint.meta import MetaCheckpointer
