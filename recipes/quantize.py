@@ -41,6 +41,12 @@ def _source_files(checkpointer) -> list:
     return [checkpointer.path]
 
 
+def _float_bytes(model) -> int:
+    """Bytes of the float model's tensors (a tied weight counted once)."""
+    unique = {t.data_ptr(): t.numel() * t.element_size() for t in model.state_dict().values()}
+    return sum(unique.values())
+
+
 def _check_input(source, quantizer) -> Optional[dict]:
     """Refuse a quantized checkpoint or one trained with another scheme; the training info, if any."""
     import json
@@ -154,6 +160,7 @@ def recipe(cfg) -> None:
     model = build_model_from_checkpoint(checkpointer, builder, device=device, dtype=dtype)
     model.eval()
     config, adapter = checkpointer.config, checkpointer.adapter
+    float_bytes = _float_bytes(model)
     extra_state = source / EXTRA_STATE_FILE if source.is_dir() else None
     if extra_state is not None and extra_state.is_file():
         print(f"Loading learned quantization ranges from {extra_state}")
@@ -176,13 +183,16 @@ def recipe(cfg) -> None:
             export_gguf(model, config, adapter, tmp / gguf_name, metadata, cfg.gguf_float_type,
                         name=Path(cfg.output_dir).name)
 
-    before = sum(Path(f).stat().st_size for f in _source_files(checkpointer))
+    on_disk = sum(Path(f).stat().st_size for f in _source_files(checkpointer))
     after = (out / WEIGHTS_FILE).stat().st_size
-    print(f"Size on disk: {_megabytes(before)} ({source}) -> {_megabytes(after)} "
-          f"({out / WEIGHTS_FILE}): {before / after:.2f}x")
+    print(f"Size before: {_megabytes(on_disk)} checkpoint on disk ({source}), "
+          f"{_megabytes(float_bytes)} float weights ({cfg.dtype})")
+    print(f"Size after:  {_megabytes(after)} on disk ({out / WEIGHTS_FILE}); before/after: "
+          f"checkpoint {on_disk / after:.2f}x, float weights {float_bytes / after:.2f}x")
     if want_gguf:
         size = (out / gguf_name).stat().st_size
-        print(f"GGUF: {out / gguf_name} ({_megabytes(size)}: {before / size:.2f}x)")
+        print(f"GGUF:        {_megabytes(size)} on disk ({out / gguf_name}); before/after: "
+              f"checkpoint {on_disk / size:.2f}x, float weights {float_bytes / size:.2f}x")
     print(f"Quantized model ({scheme}) saved in {out}")
 
 

@@ -1,0 +1,209 @@
+"""The quantize recipe through the real CLI: a tiny QAT run (learned ranges) converted to 8da4w, a tiny float
+HF checkpoint converted to GGUF Q4_0, and the one-line refusals."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from qattune.checkpoint import GGUFCheckpointer, HFCheckpointer, build_model_from_checkpoint, write_hf_checkpoint
+from qattune.models import get_adapter, llama
+from qattune.models.adapters import half_split_to_interleaved
+from qattune.models.transformer import Transformer
+from qattune.quant import PTQQuantizer, QATQuantizer, QuantizedLinear, load_quantized, read_quantization_config
+
+TRAIN = ["max_steps_per_epoch=4", "batch_size=4", "dataset.max_seq_len=64", "dataset_val.max_seq_len=64",
+         "run_val_every_n_steps=null", "progress_bar=false", "fake_quant_after_n_steps=0",
+         "+quantizer.range_learning=true"]
+TOKENS = torch.tensor([[72, 101, 108, 108, 111, 44, 32, 119, 111, 114, 108, 100, 33, 10, 257, 3]])
+
+
+def run_cli(*args: str, ok: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", "qattune.cli.main", "run", *args], capture_output=True, text=True,
+                          timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    if ok:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    else:
+        assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    return proc
+
+
+def one_error_line(proc: subprocess.CompletedProcess) -> str:
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    return lines[0]
+
+
+def quantized_model(directory: Path) -> Transformer:
+    """The saved quantized model, loaded as eval/generate would: structure on meta, packed tensors assigned."""
+    config = HFCheckpointer(str(directory)).config
+    with torch.device("meta"):
+        model = Transformer(config)
+    load_quantized(model, directory)
+    for module in model.modules():
+        if isinstance(module, QuantizedLinear):
+            module.use_kernels = False
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def qat_quantized(tmp_path_factory):
+    """tiny/qat_full for 4 steps with learned ranges, then `quantize --config tiny/quantize`."""
+    out = tmp_path_factory.mktemp("quantize") / "qat"
+    run_cli("qat_distributed", "--config", "tiny/qat_full", f"output_dir={out}", *TRAIN)
+    proc = run_cli("quantize", "--config", "tiny/quantize", f"output_dir={out}", f"checkpoint_dir={out / 'step_4'}")
+    return out, proc.stdout
+
+
+def test_converted_model_computes_what_the_fake_quantized_model_trained(qat_quantized):
+    out, _ = qat_quantized
+    step = out / "step_4"
+    fake = build_model_from_checkpoint(HFCheckpointer(str(step)))
+    QATQuantizer("8da4w", group_size=32, range_learning=True).prepare(fake)
+    fake.load_state_dict(load_file(str(step / "extra_state.safetensors")), strict=False)
+    converted = quantized_model(out / "quantized")
+    with torch.no_grad():
+        expected, got = fake.eval()(TOKENS), converted(TOKENS)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    assert read_quantization_config(out / "quantized")["quantization"]["scheme"] == "8da4w"
+
+
+def test_learned_scales_are_the_ones_used(qat_quantized):
+    """q_proj's int4 weights: round(w / s) clamped to [-8, 7] with the learned (not the dynamic) scale s."""
+    out, _ = qat_quantized
+    learned = load_file(str(out / "step_4" / "extra_state.safetensors"))["layers.0.attn.q_proj.weight_range_learner.scale"]
+    float_w = load_file(str(out / "step_4" / "model.safetensors"))["model.layers.0.self_attn.q_proj.weight"]
+    groups = float_w.reshape(64, 2, 32)
+    dynamic = groups.abs().amax(-1) / 7.5
+    assert not torch.allclose(learned, dynamic, rtol=1e-3)  # training moved the ranges
+    expected = (torch.clamp(torch.round(groups / learned.unsqueeze(-1)), -8, 7) * learned.unsqueeze(-1)).reshape(64, 64)
+    got = quantized_model(out / "quantized").layers[0].attn.q_proj.dequantized_weight()
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+
+
+def test_sizes_printed_are_the_files(qat_quantized):
+    out, stdout = qat_quantized
+    before = re.search(r"Size before: ([\d.]+) MB checkpoint on disk", stdout)
+    after = re.search(r"Size after: +([\d.]+) MB on disk .*checkpoint ([\d.]+)x", stdout)
+    assert before and after, stdout
+    source = (out / "step_4" / "model.safetensors").stat().st_size
+    quantized = (out / "quantized" / "model.safetensors").stat().st_size
+    assert float(before.group(1)) == pytest.approx(source / 1e6, abs=0.006)
+    assert float(after.group(1)) == pytest.approx(quantized / 1e6, abs=0.006)
+    assert float(after.group(2)) == pytest.approx(source / quantized, abs=0.006)
+    assert "layers.1.mlp.down_proj" in stdout and "int4_sym" in stdout  # the per-layer report
+    assert json.loads((out / "quantized" / "config.json").read_text())["num_hidden_layers"] == 2
+    assert not (out / "quantized" / "model-8da4w.gguf").exists()
+
+
+@pytest.mark.parametrize("override, trained", [
+    (["quantizer.scheme=4w", "quantizer.group_size=128"], "'8da4w' with group size 32"),
+    (["quantizer.group_size=64"], "'8da4w' with group size 32"),
+])
+def test_scheme_mismatch_names_the_trained_scheme(qat_quantized, override, trained):
+    out, _ = qat_quantized
+    proc = run_cli("quantize", "--config", "tiny/quantize", f"output_dir={out}", f"checkpoint_dir={out / 'step_4'}",
+                   *override, ok=False)
+    line = one_error_line(proc)
+    assert f"was trained with scheme {trained}" in line and "quantizer.scheme=8da4w" in line
+
+
+def test_quantized_checkpoint_as_input_is_refused(qat_quantized, tmp_path):
+    out, _ = qat_quantized
+    proc = run_cli("quantize", "--config", "tiny/quantize", f"output_dir={tmp_path}",
+                   f"checkpoint_dir={out / 'quantized'}", ok=False)
+    assert "is already a quantized checkpoint" in one_error_line(proc)
+
+
+def test_gguf_for_a_scheme_gguf_cannot_hold_is_refused(tmp_path):
+    proc = run_cli("quantize", "--config", "tiny/quantize", f"output_dir={tmp_path}", "gguf=true", ok=False)
+    line = one_error_line(proc)
+    assert "scheme '8da4w' cannot be stored in a GGUF file" in line and "gguf=false" in line
+
+
+# --- GGUF Q4_0 from a float HF checkpoint ------------------------------------------------------------------
+
+def write_tokenizer_gguf(path: Path) -> None:
+    """A 260-token byte-level BPE tokenizer as GGUF metadata: 256 bytes, 2 merges, 2 control tokens."""
+    from qattune.tokenizers.byte_level import byte_to_char
+
+    table = byte_to_char()
+    tokens = [table[b] for b in range(256)] + ["he", "hel", "<|endoftext|>", "<|pad|>"]
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("gpt2")
+    writer.add_token_list(tokens)
+    writer.add_token_types([1] * 258 + [3, 3])
+    writer.add_token_merges(["h e", "he l"])
+    writer.add_eos_token_id(258)
+    writer.add_pad_token_id(259)
+    writer.add_add_bos_token(False)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def q4_0_reference(w: torch.Tensor) -> torch.Tensor:
+    """GGUF Q4_0 quantize-dequantize (NUMERICS.md): d = signed absmax / -8, q = min(15, trunc(x/d + 8.5))."""
+    blocks = w.float().reshape(-1, 32)
+    index = blocks.abs().argmax(-1, keepdim=True)
+    d = blocks.gather(-1, index) / -8
+    inv = torch.where(d == 0, torch.zeros_like(d), 1 / d)
+    q = torch.clamp(torch.trunc(blocks * inv + 8.5), max=15)
+    return ((q - 8) * d.half().float()).reshape(w.shape)
+
+
+def test_q4_0_gguf_reads_back_with_the_same_weights_and_logits(tmp_path):
+    torch.manual_seed(0)
+    model = llama(260, 2, 4, 2, 64, 192, 256)
+    source = tmp_path / "float"
+    source.mkdir()
+    write_hf_checkpoint(model.state_dict(), model.config, get_adapter("llama"), source, 1 << 30)
+    tokenizer_file = tmp_path / "tokenizer.gguf"
+    write_tokenizer_gguf(tokenizer_file)
+    out = tmp_path / "out"
+    proc = run_cli("quantize", "--config", "tiny/quantize", f"output_dir={out}", f"checkpoint_dir={source}",
+                   "quantizer._component_=qattune.quant.PTQQuantizer", "quantizer.scheme=q4_0", "~quantizer.group_size",
+                   "tokenizer._component_=qattune.tokenizers.gguf_tokenizer", f"+tokenizer.path={tokenizer_file}")
+    path = out / "quantized" / "model-q4_0.gguf"
+    assert re.search(r"GGUF: +[\d.]+ MB on disk", proc.stdout)
+
+    reader = gguf.GGUFReader(str(path))
+    types = {t.name: t.tensor_type for t in reader.tensors}
+    assert types["blk.0.attn_q.weight"] == types["blk.1.ffn_down.weight"] == gguf.GGMLQuantizationType.Q4_0
+    assert types["token_embd.weight"] == types["output.weight"] == gguf.GGMLQuantizationType.Q8_0
+    assert types["output_norm.weight"] == gguf.GGMLQuantizationType.F32
+    source_tokens = gguf.GGUFReader(str(tokenizer_file)).fields["tokenizer.ggml.tokens"].contents()
+    assert reader.fields["tokenizer.ggml.tokens"].contents() == source_tokens
+    assert reader.fields["tokenizer.ggml.merges"].contents() == ["h e", "he l"]
+
+    def read(name: str) -> torch.Tensor:
+        t = next(t for t in reader.tensors if t.name == name)
+        return torch.from_numpy(np.array(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32))
+
+    float_sd = model.state_dict()
+    torch.testing.assert_close(read("blk.1.ffn_down.weight"), q4_0_reference(float_sd["layers.1.mlp.down_proj.weight"]),
+                               rtol=0, atol=0)
+    q_rows = half_split_to_interleaved(float_sd["layers.0.attn.q_proj.weight"], 4)  # llama.cpp's rotary layout
+    torch.testing.assert_close(read("blk.0.attn_q.weight"), q4_0_reference(q_rows), rtol=0, atol=0)
+
+    reimported = build_model_from_checkpoint(GGUFCheckpointer(str(path))).eval()
+    converted = quantized_model(out / "quantized")
+    with torch.no_grad():
+        torch.testing.assert_close(reimported(TOKENS), converted(TOKENS), rtol=1e-5, atol=1e-5)
+    # the saved quantized model is PTQ of the float one: same as converting it here
+    PTQQuantizer("q4_0").convert(model)
+    for module in model.modules():
+        if isinstance(module, QuantizedLinear):
+            module.use_kernels = False
+    with torch.no_grad():
+        torch.testing.assert_close(converted(TOKENS), model.eval()(TOKENS), rtol=0, atol=0)
