@@ -71,5 +71,7 @@ def test_config_file_not_found():
 def test_unknown_config_name_suggests_closest():
     with pytest.raises(QattuneError) as err:
         load_config("tiny/qat_ful")
-    assert str(err.value) == ("unknown config 'tiny/qat_ful': neither a shipped config nor a file. "
-                              "Did you mean 'tiny/qat_full' or 'tiny/full'? Run `qattune ls` to list shipped configs")
+    message = str(err.value)
+    assert message.startswith("unknown config 'tiny/qat_ful': neither a shipped config nor a file. "
+                              "Did you mean 'tiny/qat_full'")  # the closest name first
+    assert message.endswith("? Run `qattune ls` to list shipped configs")
