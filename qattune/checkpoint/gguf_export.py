@@ -213,9 +213,10 @@ def bpe_tokenizer_metadata(tokenizer: Any, vocab_size: int) -> dict[str, Any]:
     meta["tokenizer.ggml.merges"] = (merges, array, string)
     if tokenizer.bos_id is not None:
         meta["tokenizer.ggml.bos_token_id"] = (tokenizer.bos_id, uint32)
-    eot = [i for i in tokenizer.stop_tokens if i != tokenizer.eos_id]
-    if eot:
-        meta["tokenizer.ggml.eot_token_id"] = (eot[0], uint32)
+    turn_end = next(iter(getattr(tokenizer.chat_format, "stop_tokens", ())), None)  # <|im_end|>, <|eot_id|>
+    eot = tokenizer.special_tokens.get(turn_end) if turn_end is not None else None
+    if eot is not None and eot != tokenizer.eos_id:
+        meta["tokenizer.ggml.eot_token_id"] = (eot, uint32)
     template = _chat_template(tokenizer)
     if template is not None:
         meta["tokenizer.chat_template"] = template
