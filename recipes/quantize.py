@@ -155,11 +155,16 @@ def recipe(cfg) -> None:
     checkpointer = instantiate(cfg.checkpointer)
     source = checkpointer.checkpoint_dir
     _check_input(source, quantizer)
+    config, adapter = checkpointer.config, checkpointer.adapter
+    gguf_tokenizer = None
+    if want_gguf:  # before any weight is read: a tokenizer GGUF cannot hold fails here
+        gguf_source = _tokenizer_gguf_file(cfg, checkpointer)
+        tokenizer = instantiate(cfg.tokenizer) if cfg.tokenizer is not None and gguf_source is None else None
+        gguf_tokenizer = gguf_tokenizer_metadata(tokenizer, config.vocab_size, gguf_source)
     device, dtype = cfg.device or "cpu", DTYPES[cfg.dtype]
     builder = (lambda: instantiate(cfg.model)) if cfg.model is not None else None
     model = build_model_from_checkpoint(checkpointer, builder, device=device, dtype=dtype)
     model.eval()
-    config, adapter = checkpointer.config, checkpointer.adapter
     float_bytes = _float_bytes(model)
     extra_state = source / EXTRA_STATE_FILE if source.is_dir() else None
     if extra_state is not None and extra_state.is_file():
@@ -177,10 +182,7 @@ def recipe(cfg) -> None:
         write_json(tmp / "config.json", adapter.config_to_hf(config, dtype, base))
         _write_tokenizer_files(cfg, checkpointer, tmp)
         if want_gguf:
-            gguf_source = _tokenizer_gguf_file(cfg, checkpointer)
-            tokenizer = instantiate(cfg.tokenizer) if cfg.tokenizer is not None and gguf_source is None else None
-            metadata = gguf_tokenizer_metadata(tokenizer, config.vocab_size, gguf_source)
-            export_gguf(model, config, adapter, tmp / gguf_name, metadata, cfg.gguf_float_type,
+            export_gguf(model, config, adapter, tmp / gguf_name, gguf_tokenizer, cfg.gguf_float_type,
                         name=Path(cfg.output_dir).name)
 
     on_disk = sum(Path(f).stat().st_size for f in _source_files(checkpointer))

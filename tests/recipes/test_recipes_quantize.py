@@ -1,6 +1,7 @@
 """The quantize recipe through the real CLI: a tiny QAT run (learned ranges) converted to 8da4w, a tiny float
 HF checkpoint converted to GGUF Q4_0, and the one-line refusals."""
 
+import copy
 import json
 import os
 import re
@@ -162,12 +163,18 @@ def q4_0_reference(w: torch.Tensor) -> torch.Tensor:
     return ((q - 8) * d.half().float()).reshape(w.shape)
 
 
-def test_q4_0_gguf_reads_back_with_the_same_weights_and_logits(tmp_path):
+@pytest.fixture(scope="module")
+def float_checkpoint(tmp_path_factory):
+    """A tiny float Llama (seeded random weights) saved as a Hugging Face folder."""
     torch.manual_seed(0)
     model = llama(260, 2, 4, 2, 64, 192, 256)
-    source = tmp_path / "float"
-    source.mkdir()
+    source = tmp_path_factory.mktemp("float")
     write_hf_checkpoint(model.state_dict(), model.config, get_adapter("llama"), source, 1 << 30)
+    return model, source
+
+
+def test_q4_0_gguf_reads_back_with_the_same_weights_and_logits(tmp_path, float_checkpoint):
+    model, source = float_checkpoint
     tokenizer_file = tmp_path / "tokenizer.gguf"
     write_tokenizer_gguf(tokenizer_file)
     out = tmp_path / "out"
@@ -201,9 +208,17 @@ def test_q4_0_gguf_reads_back_with_the_same_weights_and_logits(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(reimported(TOKENS), converted(TOKENS), rtol=1e-5, atol=1e-5)
     # the saved quantized model is PTQ of the float one: same as converting it here
+    model = copy.deepcopy(model)
     PTQQuantizer("q4_0").convert(model)
     for module in model.modules():
         if isinstance(module, QuantizedLinear):
             module.use_kernels = False
     with torch.no_grad():
         torch.testing.assert_close(converted(TOKENS), model.eval()(TOKENS), rtol=0, atol=0)
+
+
+def test_gguf_with_a_tokenizer_gguf_cannot_hold_is_refused_before_loading(tmp_path, float_checkpoint):
+    proc = run_cli("quantize", "--config", "tiny/quantize", f"output_dir={tmp_path}", "quantizer.scheme=q4_0",
+                   "~quantizer.group_size", f"checkpoint_dir={float_checkpoint[1]}", ok=False)
+    assert "ByteTokenizer has no GGUF tokenizer form" in one_error_line(proc)
+    assert not (tmp_path / "quantized").exists()
