@@ -1,6 +1,7 @@
 """qattune.checkpoint: read and write Hugging Face, Meta and GGUF checkpoints; build models from them."""
 
 from qattune.checkpoint.atomic import atomic_directory
+from qattune.checkpoint.auto import is_quantized_checkpoint, load_model
 from qattune.checkpoint.base import Checkpointer, expected_shapes
 from qattune.checkpoint.gguf import GGUFCheckpointer, smollm2_135m_gguf_path
 from qattune.checkpoint.gguf_export import check_gguf_scheme, export_gguf, gguf_tensor_sources, gguf_tokenizer_metadata
@@ -21,6 +22,8 @@ __all__ = [
     "build_model_from_checkpoint",
     "check_model_matches",
     "expected_shapes",
+    "is_quantized_checkpoint",
+    "load_model",
     "load_into",
     "load_peft_adapter",
     "read_peft_config",
