@@ -1,0 +1,60 @@
+"""QAT train -> quantize -> eval -> generate through the CLI on tiny configs, with a PTQ baseline beside it."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+TINY = ["max_steps_per_epoch=6", "batch_size=4", "dataset.max_seq_len=64", "dataset_val.max_seq_len=64",
+        "run_val_every_n_steps=null", "progress_bar=false"]
+BYTES = "tokenizer={_component_: qattune.tokenizers.byte_tokenizer}"
+
+
+def run_cli(*args: str) -> str:
+    proc = subprocess.run([sys.executable, "-m", "qattune.cli.main", "run", *args], capture_output=True, text=True,
+                          timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("e2e")
+    qat, float_run = root / "qat", root / "float"
+    run_cli("qat_distributed", "--config", "tiny/qat_full", f"output_dir={qat}", "fake_quant_after_n_steps=3", *TINY)
+    run_cli("full_finetune", "--config", "tiny/full", f"output_dir={float_run}", *TINY)
+    quantize_qat = run_cli("quantize", "--config", "tiny/quantize", f"output_dir={qat}", f"checkpoint_dir={qat}/step_6")
+    run_cli("quantize", "--config", "tiny/quantize", f"output_dir={float_run}", f"checkpoint_dir={float_run}/step_6",
+            "quantizer._component_=qattune.quant.PTQQuantizer")
+    return root, quantize_qat
+
+
+def test_quantize_reports_layers_and_sizes(runs):
+    _, out = runs
+    assert "8da4w" in out and "quantized" in out.lower()
+
+
+def test_eval_compares_bf16_ptq_and_qat(runs):
+    root, _ = runs
+    checkpoints = (f"checkpoints={{bf16: {root}/float/step_6, ptq: {root}/float/quantized, "
+                   f"qat: {root}/qat/quantized}}")
+    out = run_cli("eval", "--config", "eval", f"output_dir={root}/eval", "~checkpoint_dir", checkpoints, BYTES,
+                  "perplexity.max_documents=1", "perplexity.max_seq_len=64")
+    header = next(line for line in out.splitlines() if line.startswith("metric"))
+    assert header.split()[:4] == ["metric", "bf16", "ptq", "qat"]
+    results = json.loads((root / "eval" / "eval_results.json").read_text())
+    assert set(results["checkpoints"]) == {"bf16", "ptq", "qat"}
+    ppl = {name: results["checkpoints"][name]["perplexity"] for name in ("bf16", "ptq", "qat")}
+    assert all(1.0 < value < 300.0 for value in ppl.values())
+    assert set(results["recovered_share"]) == {"qat"} and "perplexity" in results["recovered_share"]["qat"]
+    assert (root / "eval" / "eval_comparison.png").stat().st_size > 1000
+
+
+def test_generate_from_the_quantized_model(runs):
+    root, _ = runs
+    out = run_cli("generate", "--config", "generation", f"checkpoint_dir={root}/qat/quantized", BYTES,
+                  "chat=false", "prompt='def f'", "max_new_tokens=8")
+    assert out.startswith("> def f\n")
+    assert "tokens/s" in out.splitlines()[-1]
