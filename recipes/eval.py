@@ -28,6 +28,7 @@ class Config(RecipeConfig):
     batch_size: int = 8
     device: Optional[str] = None  # default cpu
     dtype: Literal["fp32", "float32", "bf16", "bfloat16"] = "fp32"
+    keep_dequantized: bool = True  # quantized layers without a kernel keep their dequantized weight (speed)
     plot: bool = True
 
 
@@ -77,7 +78,8 @@ def recipe(cfg) -> None:
     directions: dict[str, bool] = {}
     for name, path in _checkpoints(cfg).items():
         print(f"Evaluating {name}: {path}")
-        model = load_model(path, device=cfg.device or "cpu", dtype=DTYPES[cfg.dtype])
+        model = load_model(path, device=cfg.device or "cpu", dtype=DTYPES[cfg.dtype],
+                       keep_dequantized=cfg.keep_dequantized)
         metrics: dict[str, float] = {}
         if texts is not None:
             result = perplexity(model, tokenizer, texts, batch_size=cfg.batch_size, **ppl)

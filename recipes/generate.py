@@ -26,6 +26,7 @@ class Config(RecipeConfig):
     seed: Optional[int] = None
     device: Optional[str] = None  # default cpu
     dtype: Literal["fp32", "float32", "bf16", "bfloat16"] = "fp32"
+    keep_dequantized: bool = True  # quantized layers without a kernel keep their dequantized weight (speed)
     compile: bool = False
 
 
@@ -40,7 +41,8 @@ def recipe(cfg) -> None:
     if not texts:
         raise QattuneError("nothing to generate from: set prompt=\"...\" or prompts=[...]")
     tokenizer = instantiate(cfg.tokenizer)
-    model = load_model(cfg.checkpoint_dir, device=cfg.device or "cpu", dtype=DTYPES[cfg.dtype])
+    model = load_model(cfg.checkpoint_dir, device=cfg.device or "cpu", dtype=DTYPES[cfg.dtype],
+                       keep_dequantized=cfg.keep_dequantized)
     if cfg.chat:
         system = [{"role": "system", "content": cfg.system_prompt}] if cfg.system_prompt else []
         prompts = [system + [{"role": "user", "content": text}] for text in texts]

@@ -39,9 +39,11 @@ def _float_checkpointer(path: Path):
 
 
 def load_model(path: Union[str, Path], *, device: Union[str, torch.device] = "cpu",
-               dtype: Optional[torch.dtype] = None) -> nn.Module:
+               dtype: Optional[torch.dtype] = None, keep_dequantized: bool = False) -> nn.Module:
     """The model stored at `path`, float or quantized, on `device` in eval mode.
 
+    `keep_dequantized`: quantized layers that no kernel serves dequantize their weight once and keep it
+    (same numerics, float-weight memory; much faster decoding on CPU).
     `dtype` applies to float checkpoints; a quantized model keeps the dtypes it was saved with (its scales'
     dtypes are part of the scheme's numerics).
     """
@@ -58,6 +60,9 @@ def load_model(path: Union[str, Path], *, device: Union[str, torch.device] = "cp
         with torch.device("meta"):
             model = Transformer(config)
         model = load_quantized(model, path, device=device)  # stored dtypes kept: scales are part of the scheme
+        for module in model.modules():
+            if hasattr(module, "keep_dequantized"):
+                module.keep_dequantized = keep_dequantized
     else:
         model = build_model_from_checkpoint(_float_checkpointer(path), device=device, dtype=dtype)
     return model.eval()

@@ -92,3 +92,12 @@ def validate_command(args: argparse.Namespace) -> None:
     load_and_validate(args.config, args.overrides, recipe_file)
     against = f" for recipe '{recipe_file.stem}'" if recipe_file else " (no recipe named: components only)"
     print(f"Config '{args.config}' is valid{against}.")
+
+
+def demo_command(args: argparse.Namespace) -> None:
+    """Run the embedded QAT-vs-PTQ demo (see qattune/demo.py)."""
+    from qattune.demo import run_demo
+
+    if args.steps < 3:
+        raise QattuneError(f"--steps {args.steps} is too few for a float phase and a QAT phase; use at least 3")
+    run_demo(args.output_dir, args.steps, args.eval_documents)

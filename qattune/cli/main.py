@@ -23,6 +23,7 @@ examples:
   qattune cp llama3_2/3B_qat_lora my.yaml
   qattune cat tiny/qat_full optimizer.lr=1e-3
   qattune validate my.yaml
+  qattune demo
   qattune run qat_distributed --config llama3_2/1B_qat_full
   qattune run --nproc_per_node 8 qat_distributed --config llama3/8B_qat_full
 
@@ -76,6 +77,12 @@ def _parser() -> argparse.ArgumentParser:
     validate.add_argument("--recipe", help="recipe to check against (default: the config's `# recipe:` header)")
 
     verbs.add_parser("run", help="run a recipe, in-process or through torchrun", add_help=False)
+
+    demo = verbs.add_parser("demo", help="QAT vs PTQ on SmolLM2-135M end to end, offline (a few minutes on a CPU)")
+    demo.add_argument("--output-dir", default="/tmp/qattune/demo", help="where every stage writes (default: %(default)s)")
+    demo.add_argument("--steps", type=int, default=24, help="optimizer steps of each fine-tune (default: %(default)s)")
+    demo.add_argument("--eval-documents", type=int, default=2,
+                      help="held-out documentation topics to evaluate on (default: %(default)s)")
     return parser
 
 

@@ -58,3 +58,23 @@ def test_generate_from_the_quantized_model(runs):
                   "chat=false", "prompt='def f'", "max_new_tokens=8")
     assert out.startswith("> def f\n")
     assert "tokens/s" in out.splitlines()[-1]
+
+
+def test_load_model_reads_each_kind_and_keep_dequantized_is_exact(runs, tmp_path):
+    import torch
+
+    from qattune.checkpoint import load_model
+    from qattune.errors import QattuneError
+
+    root, _ = runs
+    tokens = torch.arange(0, 40).reshape(2, 20)
+    with torch.no_grad():
+        fresh = load_model(root / "qat" / "quantized")(tokens)
+        kept_model = load_model(root / "qat" / "quantized", keep_dequantized=True)
+        kept = kept_model(tokens)
+        again = kept_model(tokens)
+        float_logits = load_model(root / "float" / "step_6")(tokens)
+    assert torch.equal(fresh, kept) and torch.equal(kept, again)
+    assert not torch.equal(fresh, float_logits)
+    with pytest.raises(QattuneError, match="is not a checkpoint qattune can read"):
+        load_model(tmp_path)

@@ -49,10 +49,21 @@ class _PackedWeightModule(nn.Module):
         return quantized_tensor(self.weight_format, pick(self.weight_packed), pick(self.weight_scale),
                                 pick(self.weight_zero), self.weight_global_scale)
 
+    keep_dequantized: bool = False
+    """Inference speed-up where no kernel serves the format: dequantize once and keep the float weight
+    (costs the float weight's memory; the packed weights never change after conversion)."""
+
     def dequantized_weight(self, dtype: Optional[torch.dtype] = None) -> Tensor:
         """The float weight this module computes with (bit-exactly the fake-quantized weight), in `dtype`
         (default: the dtype of the float weight it was converted from)."""
-        return self.weight_format.dequantize(self.quantized_weight(), dtype or self.weight_dtype)
+        dtype = dtype or self.weight_dtype
+        if not self.keep_dequantized:
+            return self.weight_format.dequantize(self.quantized_weight(), dtype)
+        kept = self.__dict__.get("_kept_weight")
+        if kept is None or kept.dtype != dtype or kept.device != self.weight_packed.device:
+            kept = self.weight_format.dequantize(self.quantized_weight(), dtype)
+            self.__dict__["_kept_weight"] = kept
+        return kept
 
     @property
     def weight(self) -> Tensor:
