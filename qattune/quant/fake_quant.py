@@ -1,6 +1,7 @@
 """Fake quantization with the straight-through estimator (STE).
 
-Forward: the format's quantize-dequantize (`fmt.fake_quantize_with_mask`), computed without autograd.
+Forward: the format's quantize-dequantize (`fmt.fake_quantize_with_mask`), computed without autograd
+(compiled for large tensors in eager mode, with the same numbers: see `modules.fused`).
 Backward: the incoming gradient where the value was inside the format's range, zero where it was
 clipped. Only a boolean mask is saved, and only for formats that can clip with their dynamic scales
 (`fake_quantize_with_mask` returns `None` for the others, which then save nothing).
@@ -19,6 +20,8 @@ from typing import Optional, Protocol
 import torch
 from torch import Tensor
 
+from qattune.quant.modules.fused import fake_quantize_with_mask as fused_fake_quantize_with_mask
+
 
 class MaskedFakeQuantizer(Protocol):
     """What the STE needs from a format: forward values and the not-clipped mask (or None)."""
@@ -29,7 +32,7 @@ class MaskedFakeQuantizer(Protocol):
 class _STEFakeQuantize(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, fmt: MaskedFakeQuantizer) -> Tensor:  # type: ignore[override]
-        x_hat, in_range = fmt.fake_quantize_with_mask(x)
+        x_hat, in_range = fused_fake_quantize_with_mask(fmt, x)
         ctx.has_mask = in_range is not None
         if in_range is not None:
             ctx.save_for_backward(in_range)

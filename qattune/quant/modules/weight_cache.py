@@ -20,6 +20,7 @@ from torch import Tensor
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from qattune.quant.formats import NumericFormat
+from qattune.quant.modules.fused import fake_quantize_with_mask as fused_fake_quantize_with_mask
 
 
 _optimizer_steps = 0
@@ -82,7 +83,7 @@ class WeightFakeQuantCache:
         if key != self.key:
             # normal tensors even under inference_mode, so training can reuse what evaluation cached
             with torch.inference_mode(False), torch.no_grad():
-                self.fake_quantized, self.in_range = fmt.fake_quantize_with_mask(weight.detach())
+                self.fake_quantized, self.in_range = fused_fake_quantize_with_mask(fmt, weight.detach())
             self.key = key
 
     def clear(self) -> None:
