@@ -12,7 +12,10 @@ Method. Round-robin over the variants for `--rounds` rounds (the machine's noise
 alike), after one untimed round (compilation, first-step allocations). Each visit builds the variant
 afresh from the same seed (so only one model lives at a time), runs `--warmup` untimed steps, then
 `--steps` timed steps; tokens/s is batch*seq over the median step time of all rounds, and
-`ratio_to_plain` divides by `plain` in the same mode. Peak memory per variant: on CUDA
+`ratio_to_plain` divides by `plain` in the same mode. Under load from other processes the
+wall-clock samples spread widely, so the JSON also gives the ratio of the fastest steps
+(`ratio_to_plain_best_step`, the least disturbed) and of the process CPU time per step
+(`ratio_to_plain_cpu_time`). Peak memory per variant: on CUDA
 `max_memory_allocated` from the build through the untimed steps; on CPU the process's peak resident set
 over the same span (a sampler thread; freed memory is returned to the OS before each visit), also given
 above the process's resident set before the build.
@@ -184,6 +187,7 @@ class PeakRSS:
 @dataclass
 class Sample:
     step_s: list[float]
+    cpu_s: list[float]
     peak_memory_gib: Optional[float] = None
     memory_above_baseline_gib: Optional[float] = None
 
@@ -205,7 +209,7 @@ def visit(name: str, transform: Callable[[nn.Module], nn.Module], compiled: bool
     state = TrainState(model, *batch)
     for _ in range(warmup):
         state.step()
-    sample = Sample(step_s=[])
+    sample = Sample(step_s=[], cpu_s=[])
     if sampler is not None:
         sampler.__exit__()
         sample.peak_memory_gib = sampler.peak / _GIB
@@ -213,9 +217,10 @@ def visit(name: str, transform: Callable[[nn.Module], nn.Module], compiled: bool
     elif device == "cuda" and measure_memory:
         sample.peak_memory_gib = torch.cuda.max_memory_allocated() / _GIB
     for _ in range(steps):
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         state.step()
         sample.step_s.append(time.perf_counter() - start)
+        sample.cpu_s.append(time.process_time() - cpu_start)
     del state, model
     return sample
 
@@ -228,6 +233,7 @@ def run(shape: ModelShape, device: str, variants: dict[str, Callable], modes: li
     jobs = [(f"{name}{'+compile' if mode == 'compile' else ''}", name, mode == "compile")
             for mode in modes for name in variants]
     step_s: dict[str, list[float]] = {label: [] for label, _, _ in jobs}
+    cpu_s: dict[str, list[float]] = {label: [] for label, _, _ in jobs}
     memory: dict[str, Sample] = {}
     for round_index in range(rounds + 1):  # round 0: untimed (compilation, first allocations), memory
         order = jobs[round_index % len(jobs):] + jobs[:round_index % len(jobs)]
@@ -238,17 +244,22 @@ def run(shape: ModelShape, device: str, variants: dict[str, Callable], modes: li
             if round_index == 0:
                 memory[label] = sample
             step_s[label].extend(sample.step_s)
+            cpu_s[label].extend(sample.cpu_s)
     tokens_per_step = shape.batch_size * shape.seq_len
     results = {}
     for label, name, compiled in jobs:
-        median = statistics.median(step_s[label])
-        plain = statistics.median(step_s["plain+compile" if compiled else "plain"])
+        plain_label = "plain+compile" if compiled else "plain"
+        median, plain = statistics.median(step_s[label]), statistics.median(step_s[plain_label])
+        cpu, plain_cpu = statistics.median(cpu_s[label]), statistics.median(cpu_s[plain_label])
         results[label] = {
             "tokens_per_s": round(tokens_per_step / median, 1),
             "ratio_to_plain": round(plain / median, 3),
+            "ratio_to_plain_best_step": round(min(step_s[plain_label]) / min(step_s[label]), 3),
+            "ratio_to_plain_cpu_time": round(plain_cpu / cpu, 3),
             "step_s_median": round(median, 4),
             "step_s_min": round(min(step_s[label]), 4),
             "step_s_max": round(max(step_s[label]), 4),
+            "cpu_s_median": round(cpu, 4),
             "peak_memory_gib": _round(memory[label].peak_memory_gib),
             "memory_above_baseline_gib": _round(memory[label].memory_above_baseline_gib),
         }

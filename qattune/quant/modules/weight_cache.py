@@ -1,8 +1,9 @@
 """A weight's fake-quantized copy, computed once per optimizer step and reused by every forward.
 
 The weight only changes at the optimizer step, so its fake quantization is recomputed only when the
-parameter may have changed: after any optimizer step (a process-wide optimizer step hook counts them;
-fused AdamW updates parameters without bumping their version counters), or when its version counter (any
+parameter may have changed: after any optimizer step if it requires grad (a process-wide optimizer step
+hook counts them; fused AdamW updates parameters without bumping their version counters; a frozen
+weight, such as LoRA's base, gets no gradient and is not updated by a step), or when its version counter (any
 other in-place update, e.g. `load_state_dict`), storage, dtype or device changed. Between updates every
 forward (gradient-accumulation micro-batches, activation checkpointing recomputes, evaluation) reads the
 cache. Gradients stay exact: `CachedSTE` returns the cached tensor in the forward and, in the backward,
@@ -75,7 +76,9 @@ class WeightFakeQuantCache:
 
     @staticmethod
     def _key_of(weight: Tensor) -> tuple:
-        return (_optimizer_steps, weight._version, weight.data_ptr(), weight.dtype, weight.device, tuple(weight.shape))
+        # a frozen weight (LoRA's base) gets no gradient, so no optimizer step can change it
+        steps = _optimizer_steps if weight.requires_grad else -1
+        return (steps, weight._version, weight.data_ptr(), weight.dtype, weight.device, tuple(weight.shape))
 
     def refresh(self, weight: Tensor, fmt: NumericFormat) -> None:
         """Recompute the cache if `weight` changed since the last call."""
