@@ -62,7 +62,7 @@ class CachedSTE(torch.autograd.Function):
         if not ctx.has_mask:
             return grad, None, None
         (in_range,) = ctx.saved_tensors
-        return grad * in_range, None, None
+        return torch.where(in_range, grad, 0.0), None, None
 
 
 class WeightFakeQuantCache:
