@@ -81,6 +81,17 @@ def _unsupported_options(cfg: Any) -> None:
             raise QattuneError(f"{key}=true is not supported: {why}")
 
 
+def _refuse_quantized(checkpointer: Any) -> None:
+    from qattune.checkpoint import is_quantized_checkpoint
+
+    folder = getattr(checkpointer, "checkpoint_dir", None)
+    if folder is not None and Path(folder).is_dir() and is_quantized_checkpoint(folder):
+        raise QattuneError(
+            f"checkpointer.checkpoint_dir={folder} holds a quantized model (quantization_config.json); training "
+            "needs a float checkpoint: point it at the training step_N or model the quantized one came from"
+        )
+
+
 def _accepts(fn: Callable, name: str) -> bool:
     try:
         params = inspect.signature(fn).parameters
@@ -110,6 +121,7 @@ class TrainingSession:
         torch.manual_seed(self.seed)
         self.tokenizer = instantiate(cfg.tokenizer)
         self.checkpointer = instantiate(cfg.checkpointer) if cfg.get("checkpointer") is not None else None
+        _refuse_quantized(self.checkpointer)
         self.resume_dir = self._resume_dir()
         self.model = self._build_model(model_builder or (lambda: instantiate(cfg.model)), weights_from_resume)
         self.base_keys = frozenset(self.model.state_dict())

@@ -78,3 +78,15 @@ def test_load_model_reads_each_kind_and_keep_dequantized_is_exact(runs, tmp_path
     assert not torch.equal(fresh, float_logits)
     with pytest.raises(QattuneError, match="is not a checkpoint qattune can read"):
         load_model(tmp_path)
+
+
+def test_training_refuses_a_quantized_checkpoint(runs):
+    root, _ = runs
+    proc = subprocess.run(
+        [sys.executable, "-m", "qattune.cli.main", "run", "qat_distributed", "--config", "tiny/qat_full",
+         f"output_dir={root}/again", f"checkpointer={{_component_: qattune.checkpoint.HFCheckpointer, "
+         f"checkpoint_dir: {root}/qat/quantized}}"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == (
+        f"error: checkpointer.checkpoint_dir={root}/qat/quantized holds a quantized model (quantization_config.json); "
+        "training needs a float checkpoint: point it at the training step_N or model the quantized one came from")
