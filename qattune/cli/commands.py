@@ -20,8 +20,7 @@ def ls_command(args: argparse.Namespace) -> None:
     print(f"{'RECIPE':<{width}}CONFIG")
     for recipe in recipes:
         configs = [c.name for c in by_recipe.pop(recipe.name, [])] or ["-"]
-        status = "" if recipe.available else "   (not available yet)"
-        print(f"{recipe.name:<{width}}{configs[0]}{status}")
+        print(f"{recipe.name:<{width}}{configs[0]}")
         for name in configs[1:]:
             print(f"{'':<{width}}{name}")
         if args.verbose and recipe.description:

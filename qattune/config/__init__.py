@@ -7,9 +7,9 @@ from qattune.config.instantiate import instantiate, partial
 from qattune.config.loader import load_config
 from qattune.config.schema import Component, RecipeConfig
 from qattune.config.validate import Problem, validate_config
-from qattune.config.recipe_main import recipe_main, recipe_not_available
+from qattune.config.recipe_main import recipe_main
 
 __all__ = [
     "Component", "Problem", "RecipeConfig", "instantiate", "load_config", "partial", "recipe_main",
-    "recipe_not_available", "validate_config",
+    "validate_config",
 ]

@@ -27,7 +27,6 @@ class RecipeInfo:
     name: str
     path: Path
     description: str
-    available: bool
 
 
 @dataclass(frozen=True)
@@ -52,15 +51,13 @@ def configs_dir() -> Path:
     return _package_dir("qattune.configs")
 
 
-def _describe(path: Path) -> tuple[str, bool]:
-    """(first docstring line, whether the recipe runs) read from the recipe's source."""
+def _describe(path: Path) -> str:
+    """The first line of the recipe's docstring, read from its source."""
     try:
-        tree = ast.parse(path.read_text(encoding="utf-8"))
+        doc = ast.get_docstring(ast.parse(path.read_text(encoding="utf-8")))
     except (OSError, SyntaxError, UnicodeDecodeError):
-        return "", False
-    doc = ast.get_docstring(tree)
-    placeholder = any(isinstance(n, ast.Name) and n.id == "recipe_not_available" for n in ast.walk(tree))
-    return (doc.strip().splitlines()[0] if doc else ""), not placeholder
+        return ""
+    return doc.strip().splitlines()[0] if doc else ""
 
 
 @lru_cache(maxsize=None)
@@ -69,7 +66,7 @@ def list_recipes() -> tuple[RecipeInfo, ...]:
     found = []
     for path in sorted(recipes_dir().glob("*.py")):
         if not path.stem.startswith("_"):
-            found.append(RecipeInfo(path.stem, path, *_describe(path)))
+            found.append(RecipeInfo(path.stem, path, _describe(path)))
     return tuple(found)
 
 

@@ -64,8 +64,3 @@ def recipe_main(recipe: Callable[[DictConfig], Any], recipe_file: str, argv: Seq
         recipe(cfg)
     except QattuneError as err:
         report_and_exit(err)
-
-
-def recipe_not_available(name: str, purpose: str) -> None:
-    """Exit with code 2 saying plainly that a recipe is planned but not built yet."""
-    report_and_exit(QattuneError(f"recipe '{name}' is not available yet in this version of qattune ({purpose})"))
