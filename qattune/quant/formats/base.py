@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 from dataclasses import dataclass
 from typing import Optional
 
@@ -51,7 +53,7 @@ def from_blocks(xb: Tensor) -> Tensor:
     return xb.reshape(*xb.shape[:-2], xb.shape[-2] * xb.shape[-1])
 
 
-class NumericFormat:
+class NumericFormat(ABC):
     """A numeric format that quantizes along the last (reduction) dimension.
 
     Subclasses implement `quantize`, `dequantize` and `fake_quantize_with_mask`; the last returns the
@@ -64,14 +66,17 @@ class NumericFormat:
     block_size: Optional[int] = None
     bits: int = 0
 
+    @abstractmethod
     def quantize(self, x: Tensor) -> QuantizedTensor:
-        raise NotImplementedError
+        """Codes and scales of `x`, quantized along its last dimension."""
 
+    @abstractmethod
     def dequantize(self, q: QuantizedTensor, dtype: torch.dtype = torch.float32) -> Tensor:
-        raise NotImplementedError
+        """The values `q` stands for, in `dtype`."""
 
+    @abstractmethod
     def fake_quantize_with_mask(self, x: Tensor) -> tuple[Tensor, Optional[Tensor]]:
-        raise NotImplementedError
+        """(quantize-dequantize of `x`, mask of the elements not clipped, or None if none can be)."""
 
     def fake_quantize(self, x: Tensor) -> Tensor:
         """Quantize-dequantize `x` with a straight-through gradient (zero where clipped)."""

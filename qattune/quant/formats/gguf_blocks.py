@@ -7,6 +7,7 @@ Q4_0 (GGUF's own byte layout, q[j] | q[j+16] << 4, is the exporter's business).
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from typing import Optional
 
 import torch
@@ -47,12 +48,13 @@ def round_half_away(v: Tensor) -> Tensor:
 class _GGUFBlockFormat(NumericFormat):
     block_size = GGUF_BLOCK_SIZE
 
+    @abstractmethod
     def _encode(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Float codes, float32 d and the not-clipped mask, in blocked layout."""
-        raise NotImplementedError
 
+    @abstractmethod
     def _decode(self, qb: Tensor, d16: Tensor) -> Tensor:
-        raise NotImplementedError
+        """Blocked values from codes and float16 scales."""
 
     def quantize(self, x: Tensor) -> QuantizedTensor:
         qb, d, _ = self._encode(x)
