@@ -66,7 +66,9 @@ def recipe(cfg) -> None:
     from qattune.checkpoint import load_model
     from qattune.config import instantiate
     from qattune.eval import compare_checkpoints, lm_eval_model, load_texts, perplexity, plot_comparison, run_lm_eval
-    from qattune.training.session import DTYPES
+    import torch
+
+    from qattune.training.precision import resolve_dtype
 
     tokenizer = instantiate(cfg.tokenizer)
     ppl = _perplexity_options(cfg)
@@ -78,7 +80,7 @@ def recipe(cfg) -> None:
     directions: dict[str, bool] = {}
     for name, path in _checkpoints(cfg).items():
         print(f"Evaluating {name}: {path}")
-        model = load_model(path, device=cfg.device or "cpu", dtype=DTYPES[cfg.dtype],
+        model = load_model(path, device=cfg.device or "cpu", dtype=resolve_dtype(cfg.dtype, torch.device(cfg.device or "cpu")),
                        keep_dequantized=cfg.keep_dequantized)
         metrics: dict[str, float] = {}
         if texts is not None:

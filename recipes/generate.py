@@ -35,13 +35,15 @@ def recipe(cfg) -> None:
     from qattune.config import instantiate
     from qattune.errors import QattuneError
     from qattune.generation import generate_text
-    from qattune.training.session import DTYPES
+    import torch
+
+    from qattune.training.precision import resolve_dtype
 
     texts = ([cfg.prompt] if cfg.prompt else []) + list(cfg.prompts or [])
     if not texts:
         raise QattuneError("nothing to generate from: set prompt=\"...\" or prompts=[...]")
     tokenizer = instantiate(cfg.tokenizer)
-    model = load_model(cfg.checkpoint_dir, device=cfg.device or "cpu", dtype=DTYPES[cfg.dtype],
+    model = load_model(cfg.checkpoint_dir, device=cfg.device or "cpu", dtype=resolve_dtype(cfg.dtype, torch.device(cfg.device or "cpu")),
                        keep_dequantized=cfg.keep_dequantized)
     if cfg.chat:
         system = [{"role": "system", "content": cfg.system_prompt}] if cfg.system_prompt else []

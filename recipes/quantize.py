@@ -139,13 +139,16 @@ def _print_layers(report) -> None:
 def recipe(cfg) -> None:
     from pathlib import Path
 
+    import torch
+
     from qattune.checkpoint import build_model_from_checkpoint, check_gguf_scheme, export_gguf, gguf_tokenizer_metadata
     from qattune.checkpoint.atomic import atomic_directory
     from qattune.checkpoint.hf import write_json
     from qattune.config import instantiate
     from qattune.quant import save_quantized
     from qattune.quant.serialization import WEIGHTS_FILE
-    from qattune.training.session import DTYPES, EXTRA_STATE_FILE
+    from qattune.training.precision import resolve_dtype
+    from qattune.training.session import EXTRA_STATE_FILE
 
     quantizer = instantiate(cfg.quantizer)
     scheme = getattr(getattr(quantizer, "config", None), "scheme", None)
@@ -161,7 +164,8 @@ def recipe(cfg) -> None:
         gguf_source = _tokenizer_gguf_file(cfg, checkpointer)
         tokenizer = instantiate(cfg.tokenizer) if cfg.tokenizer is not None and gguf_source is None else None
         gguf_tokenizer = gguf_tokenizer_metadata(tokenizer, config.vocab_size, gguf_source)
-    device, dtype = cfg.device or "cpu", DTYPES[cfg.dtype]
+    device = cfg.device or "cpu"
+    dtype = resolve_dtype(cfg.dtype, torch.device(device))
     builder = (lambda: instantiate(cfg.model)) if cfg.model is not None else None
     model = build_model_from_checkpoint(checkpointer, builder, device=device, dtype=dtype)
     model.eval()

@@ -24,7 +24,6 @@ from qattune.errors import QattuneError
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
 TRAINING_INFO_FILE = "qattune_training.json"
 EXTRA_STATE_FILE = "extra_state.safetensors"
 """Model state beyond the plain model's (e.g. learned quantization ranges), saved beside the HF files."""
@@ -109,6 +108,7 @@ class TrainingSession:
         `weights_from_resume=False` keeps loading the starting checkpoint when resuming (a frozen base
         whose trained state is restored separately, as with LoRA)."""
         from qattune.training.distributed import init_distributed
+        from qattune.training.precision import resolve_dtype
 
         _unsupported_options(cfg)
         self.cfg = cfg
@@ -116,7 +116,7 @@ class TrainingSession:
             logging.basicConfig(level=str(cfg.log_level).upper())
         self.dist = init_distributed(cfg.get("device"))
         self.device = self.dist.device
-        self.dtype = DTYPES[cfg.get("dtype", "bf16")]
+        self.dtype = resolve_dtype(cfg.get("dtype", "bf16"), self.device)
         self.seed = cfg.get("seed") if cfg.get("seed") is not None else 0
         torch.manual_seed(self.seed)
         self.tokenizer = instantiate(cfg.tokenizer)
