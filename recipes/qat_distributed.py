@@ -6,12 +6,14 @@
 The quantizer's `prepare` inserts fake quantization before training. `fake_quant_after_n_steps: N`
 trains in float for optimizer steps < N and fake-quantized from step N; the state is derived from the
 global step at every step, so a resumed run is always right. With `loss` set to
-`qattune.training.DistillationLoss`, a frozen float copy of the starting model is the teacher.
+`qattune.training.DistillationLoss`, a frozen float copy of the model is the teacher: the starting model
+(`teacher_snapshot: start`), or the model as it is when fake quantization turns on (`fake_quant_start`),
+which has learnt what the float phase taught (see `qattune.training.distillation`).
 Checkpoints are float models in the Hugging Face layout (plus learned quantization ranges, when range
 learning is on) with the scheme recorded, ready for the `quantize` recipe.
 """
 
-from typing import Optional
+from typing import Literal, Optional
 
 from qattune.config import Component, recipe_main
 from qattune.training.session import TrainingConfig
@@ -20,11 +22,13 @@ from qattune.training.session import TrainingConfig
 class Config(TrainingConfig):
     quantizer: Component
     fake_quant_after_n_steps: Optional[int] = None
+    teacher_snapshot: Literal["start", "fake_quant_start"] = "start"
 
 
 def recipe(cfg) -> None:
     from qattune.config import instantiate
     from qattune.training import FakeQuantAfterNSteps
+    from qattune.training.distillation import TEACHER_STATE_FILE, TeacherSnapshot
     from qattune.training.session import TrainingSession
 
     session = TrainingSession(cfg)
@@ -35,8 +39,16 @@ def recipe(cfg) -> None:
         session.model = quantizer.prepare(session.model)
         session.record_quantizer(quantizer)
         session.load_extra_state()
-        hook = FakeQuantAfterNSteps(quantizer, session.model, cfg.get("fake_quant_after_n_steps"))
-        session.build_trainer(step_hooks=[hook], teacher=teacher, loss_fn=loss_fn)
+        fake_quant_after = cfg.get("fake_quant_after_n_steps")
+        hooks = [FakeQuantAfterNSteps(quantizer, session.model, fake_quant_after)]
+        snapshot = None
+        if teacher is not None and cfg.get("teacher_snapshot") == "fake_quant_start" and fake_quant_after:
+            snapshot = TeacherSnapshot(teacher, session.model, at_step=fake_quant_after)
+            session.extra_tensor_files[TEACHER_STATE_FILE] = snapshot.state_dict
+            hooks.append(snapshot)
+        trainer = session.build_trainer(step_hooks=hooks, teacher=teacher, loss_fn=loss_fn)
+        if snapshot is not None and session.resume_dir is not None:
+            snapshot.resume(session.resume_dir, trainer.global_step)
         session.train()
     finally:
         session.close()

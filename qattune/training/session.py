@@ -99,6 +99,19 @@ def _accepts(fn: Callable, name: str) -> bool:
     return name in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
 
 
+def _unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Contiguous CPU tensors with no two sharing memory (safetensors refuses tied weights)."""
+    seen: set[int] = set()
+    out = {}
+    for key, value in tensors.items():
+        value = value.detach().contiguous().cpu()
+        if value.untyped_storage().data_ptr() in seen:
+            value = value.clone()
+        seen.add(value.untyped_storage().data_ptr())
+        out[key] = value
+    return out
+
+
 class TrainingSession:
     """Builds the pieces of a training run from `cfg`; see the module docstring for the order."""
 
@@ -123,14 +136,17 @@ class TrainingSession:
         self.checkpointer = instantiate(cfg.checkpointer) if cfg.get("checkpointer") is not None else None
         _refuse_quantized(self.checkpointer)
         self.resume_dir = self._resume_dir()
-        self.model = self._build_model(model_builder or (lambda: instantiate(cfg.model)), weights_from_resume)
+        self.model_builder = model_builder or (lambda: instantiate(cfg.model))
+        self.model = self._build_model(self.model_builder, weights_from_resume)
         self.base_keys = frozenset(self.model.state_dict())
         self.trainer = None
         # What a recipe customises about saving: the state dict to write, extra facts for the training
-        # info file, and extra files written inside each checkpoint folder.
+        # info file, extra files written inside each checkpoint folder (by rank 0), and extra tensor
+        # files whose contents every rank helps gather (file name -> state, or None to skip).
         self.state_dict_fn: Callable[[], dict[str, torch.Tensor]] = self.float_state_dict
         self.extra_info: dict[str, Any] = {}
         self.extra_writers: list[Callable[[Path], None]] = []
+        self.extra_tensor_files: dict[str, Callable[[], Optional[dict[str, torch.Tensor]]]] = {}
 
     # ----- model --------------------------------------------------------------------------------
     def _resume_dir(self) -> Optional[str]:
@@ -188,8 +204,14 @@ class TrainingSession:
         self.model.load_state_dict(extra, strict=False)
 
     def frozen_copy(self) -> nn.Module:
-        """A frozen copy of the current model (a distillation teacher), before any quantization."""
-        teacher = copy.deepcopy(self.model)
+        """A frozen copy of the starting model (a distillation teacher), before any quantization. When
+        resuming, it is rebuilt from the starting checkpoint (or the seed), not from the resumed weights."""
+        if self.resume_dir is None:
+            teacher = copy.deepcopy(self.model)
+        else:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(self.seed)  # a randomly initialised model gets the same weights again
+                teacher = self._build_model(self.model_builder, weights_from_resume=False)
         teacher.requires_grad_(False)
         return teacher.eval()
 
@@ -282,6 +304,7 @@ class TrainingSession:
         from safetensors.torch import save_file
 
         state_dict = self.state_dict_fn()
+        tensor_files = {name: state() for name, state in self.extra_tensor_files.items()}
         if not self.dist.is_main:
             return
         out = Path(directory)
@@ -294,6 +317,9 @@ class TrainingSession:
             write_hf_checkpoint(base, self.model_config(), get_adapter("llama"), out, max_shard_bytes=5 << 30)
         if extra:
             save_file(extra, str(out / EXTRA_STATE_FILE))
+        for name, tensors in tensor_files.items():
+            if tensors is not None:
+                save_file(_unshared(tensors), str(out / name))
         info = {"step": step, **self.extra_info}
         (out / TRAINING_INFO_FILE).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
         for write in self.extra_writers:

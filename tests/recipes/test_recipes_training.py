@@ -134,3 +134,61 @@ def test_qlora_trains_over_a_real_nf4_base(tmp_path):
     info = json.loads((out / "step_3" / "qattune_training.json").read_text())
     assert info["quantizer"]["scheme"] == "nf4"
     assert (out / "step_3" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+DISTILL = ["loss={_component_: qattune.training.DistillationLoss, kd_weight: 0.5}", "fake_quant_after_n_steps=4",
+           "teacher_snapshot=fake_quant_start"]
+
+
+def _norms(path: Path) -> list[tuple]:
+    """Every tensor's shape and squared norm, sorted: equal for the same weights under any naming or
+    head permutation (a training checkpoint uses HF names, a teacher snapshot qattune's)."""
+    from safetensors.torch import load_file
+
+    return sorted((tuple(t.shape), round(float(t.double().square().sum()), 6)) for t in load_file(str(path)).values())
+
+
+@pytest.fixture(scope="module")
+def distill_run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("distill") / "run"
+    run_cli("qat_distributed", "--config", "tiny/qat_full", f"output_dir={out}", *DISTILL, *SMALL)
+    return out
+
+
+def test_teacher_snapshot_is_the_float_model_when_fake_quant_turns_on(distill_run):
+    assert not (distill_run / "step_4" / "teacher.safetensors").exists()
+    snapshot = _norms(distill_run / "step_6" / "teacher.safetensors")
+    assert _norms(distill_run / "step_8" / "teacher.safetensors") == snapshot
+    # the teacher is the student after the 4 float steps (tied embedding/head counted once there)
+    student_at_4 = _norms(distill_run / "step_4" / "model.safetensors")
+    assert set(snapshot) == set(student_at_4)
+    assert set(snapshot) != set(_norms(distill_run / "step_8" / "model.safetensors"))
+
+
+@pytest.mark.parametrize("resume_step", [2, 6])
+def test_distillation_resume_restores_the_teacher_snapshot(distill_run, tmp_path, resume_step):
+    out = tmp_path / "resumed"
+    out.mkdir()
+    shutil.copytree(distill_run / f"step_{resume_step}", out / f"step_{resume_step}")
+    run_cli("qat_distributed", "--config", "tiny/qat_full", f"output_dir={out}", *DISTILL, "resume_from_checkpoint=true",
+            *SMALL)
+    assert [r["loss"] for r in metrics(out)] == [r["loss"] for r in metrics(distill_run)[resume_step:]]
+
+
+def test_distillation_from_the_start_differs_and_a_missing_snapshot_is_refused(distill_run, tmp_path):
+    start = tmp_path / "start"
+    run_cli("qat_distributed", "--config", "tiny/qat_full", f"output_dir={start}", *DISTILL[:2], *SMALL)
+    snapshot, from_start = metrics(distill_run), metrics(start)
+    # the same until the snapshot is taken; then the student is pulled towards a different teacher
+    assert [r["loss"] for r in from_start[:4]] == [r["loss"] for r in snapshot[:4]]
+    assert from_start[4]["loss"] != snapshot[4]["loss"]
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    shutil.copytree(start / "step_6", broken / "step_6")
+    proc = subprocess.run([sys.executable, "-m", "qattune.cli.main", "run", "qat_distributed", "--config",
+                           "tiny/qat_full", f"output_dir={broken}", *DISTILL, "resume_from_checkpoint=true", *SMALL],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].endswith(
+        "was saved at step 6, after the teacher snapshot at step 4, but holds no teacher.safetensors; resume with "
+        "the teacher_snapshot the run was started with")

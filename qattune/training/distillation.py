@@ -1,0 +1,69 @@
+"""The frozen float teacher of QAT distillation, and when its weights are taken from the student.
+
+`teacher_snapshot: start` keeps the starting model as the teacher. `fake_quant_start` copies the
+student's float weights into the teacher at the step fake quantization turns on: after a float phase the
+teacher then knows what that phase learnt (the starting model can be far worse on the training data
+than the float fine-tune that PTQ is measured against, and a student pulled towards it cannot beat it).
+The snapshot goes into every later checkpoint (`teacher.safetensors`) and is restored on resume, so a
+resumed run distils from the same teacher as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+
+from qattune.errors import QattuneError
+from qattune.training.distributed import gather_full_state_dict, load_full_state_dict
+
+TEACHER_STATE_FILE = "teacher.safetensors"
+TEACHER_SNAPSHOTS = ("start", "fake_quant_start")
+
+
+class TeacherSnapshot:
+    """Step hook: before optimizer step `at_step` runs, the teacher becomes a copy of the student.
+
+    Parameters and buffers are copied by name (the student may hold more, e.g. learned ranges), shard
+    by shard under FSDP2, so nothing is gathered.
+    """
+
+    def __init__(self, teacher: nn.Module, student: nn.Module, at_step: int) -> None:
+        self.teacher = teacher
+        self.student = student
+        self.at_step = at_step
+        self.taken = False
+
+    def on_step_start(self, step: int) -> None:
+        if not self.taken and step >= self.at_step:
+            self._copy_from_student()
+            self.taken = True
+
+    @torch.no_grad()
+    def _copy_from_student(self) -> None:
+        student = self.student.state_dict()
+        for name, tensor in self.teacher.state_dict().items():
+            tensor.copy_(student[name])
+
+    def state_dict(self) -> Optional[dict[str, torch.Tensor]]:
+        """The teacher's full state once the snapshot is taken (None before); call on every rank."""
+        return gather_full_state_dict(self.teacher) if self.taken else None
+
+    def resume(self, checkpoint_dir: str, global_step: int) -> None:
+        """Restore the snapshot a checkpoint taken after `at_step` holds (earlier ones need none: the
+        hook takes it when the resumed run reaches `at_step`)."""
+        if global_step <= self.at_step:
+            return
+        path = Path(checkpoint_dir, TEACHER_STATE_FILE)
+        if not path.is_file():
+            raise QattuneError(
+                f"{checkpoint_dir} was saved at step {global_step}, after the teacher snapshot at step "
+                f"{self.at_step}, but holds no {TEACHER_STATE_FILE}; resume with the teacher_snapshot the run "
+                "was started with"
+            )
+        from safetensors.torch import load_file
+
+        load_full_state_dict(self.teacher, load_file(str(path)))
+        self.taken = True
