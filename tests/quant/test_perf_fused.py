@@ -16,6 +16,7 @@ def _fused_on():
     fused.set_fused_fake_quant(True)
     yield
     fused.set_fused_fake_quant(True)
+    assert not fused._failed, "a format fell back to the eager path"
 
 
 def _hard_tensor(shape, dtype=torch.float32, seed=0):
@@ -42,7 +43,7 @@ def _assert_same(fmt, x):
     with torch.no_grad():
         y_fused, mask_fused = fused.fake_quantize_with_mask(fmt, x)
         y_eager, mask_eager = fmt.fake_quantize_with_mask(x)
-    assert repr(fmt) in fused._compiled, "the compiled path was not taken"
+    assert f"_fake_quantize_bytes:{fmt!r}" in fused._compiled, "the compiled path was not taken"
     assert y_fused.dtype == y_eager.dtype and y_fused.shape == y_eager.shape
     assert torch.equal(_bits(y_fused), _bits(y_eager))  # bit for bit, signed zeros included
     if mask_eager is None:
@@ -61,10 +62,25 @@ def _formats(scheme):
     return formats
 
 
+def _assert_into_same(fmt, x):
+    """The in-place variant writes the eager values and the negated mask into the given buffers."""
+    out = torch.full_like(x, float("nan"))
+    clipped = torch.ones(x.shape, dtype=torch.bool)
+    with torch.no_grad():
+        y_eager, mask_eager = fmt.fake_quantize_with_mask(x)
+        assert fused.fake_quantize_into(fmt, x, out, None if mask_eager is None else clipped)
+    assert f"_fake_quantize_into:{fmt!r}" in fused._compiled
+    assert torch.equal(_bits(out), _bits(y_eager))
+    if mask_eager is not None:
+        assert torch.equal(clipped, ~mask_eager)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_8da4w_weight_and_activation_compiled_equal_eager(dtype):
     weight_format, activation_format = _formats("8da4w")
     weight_mask = _assert_same(weight_format, _hard_tensor((ROWS, WIDTH), dtype))
+    _assert_into_same(weight_format, _hard_tensor((ROWS, WIDTH), dtype))
+    _assert_into_same(weight_format, _hard_tensor((2 * ROWS, WIDTH), dtype, seed=4))  # dynamic rows
     assert not weight_mask.all()  # int4 symmetric clips each group's positive maximum (7.5 -> 8 -> 7)
     _assert_same(activation_format, _hard_tensor((2, ROWS // 2, WIDTH), dtype, seed=1))
     # another row count reuses the compiled code (rows are dynamic) and is still exact
@@ -76,11 +92,13 @@ def test_8da4w_weight_and_activation_compiled_equal_eager(dtype):
 def test_every_scheme_compiled_equals_eager(scheme):
     for index, fmt in enumerate(_formats(scheme)):
         _assert_same(fmt, _hard_tensor((ROWS, WIDTH), seed=index))
+        _assert_into_same(fmt, _hard_tensor((ROWS, WIDTH), seed=index))
 
 
 def test_small_tensors_grad_mode_and_switch_stay_eager(monkeypatch):
     calls = []
-    monkeypatch.setattr(fused, "_compiled_for", lambda fmt: calls.append(fmt) or fmt.fake_quantize_with_mask)
+    monkeypatch.setattr(fused, "_compiled_for",
+                        lambda fmt, body=None: calls.append(fmt) or (lambda f, x: f.fake_quantize_with_mask(x)))
     fmt = _formats("8w")[0]
     small = torch.randn(ROWS, WIDTH // 2)  # below FUSE_MIN_NUMEL
     big = torch.randn(ROWS, WIDTH)

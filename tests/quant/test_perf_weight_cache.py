@@ -35,3 +35,31 @@ def test_frozen_weight_is_not_requantized_after_optimizer_steps(monkeypatch):
     expected = nn.functional.linear(nn.functional.linear(x, model[0].weight_format.fake_quantize(model[0].weight)),
                                     model[1].weight_format.fake_quantize(model[1].weight))
     assert torch.equal(after, expected) and not torch.equal(before, after)
+
+
+def test_large_weight_refresh_reuses_its_buffers_and_stays_exact():
+    """A weight big enough for the compiled path is refreshed in place after each optimizer step: the
+    same buffers, the eager fake quantization of the new weight, and STE gradients zero where clipped."""
+    from qattune.quant.fake_quant import fake_quantize_ste
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(512, 256, bias=False))  # 131072 elements: the compiled path
+    QATQuantizer("8da4w", quantize_output=True).prepare(model)
+    layer = model[0]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    x = torch.randn(8, 512)
+    pointers = set()
+    for _ in range(3):
+        grad_out = torch.randn(8, 256)
+        model(x).backward(grad_out)
+        cache = layer._weight_cache
+        pointers.add((cache.fake_quantized.data_ptr(), cache.clipped.data_ptr()))
+        weight = layer.weight.detach().clone().requires_grad_(True)
+        reference = fake_quantize_ste(weight, layer.weight_format)
+        nn.functional.linear(layer.activation_fake_quant(x), reference).backward(grad_out)
+        assert torch.equal(cache.fake_quantized, reference.detach())
+        assert torch.equal(layer.weight.grad, weight.grad)
+        assert (layer.weight.grad[cache.clipped] == 0).all() and cache.clipped.any()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert len(pointers) == 1

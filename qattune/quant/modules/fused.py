@@ -7,7 +7,7 @@ write the fake-quantized value and the not-clipped mask. The numbers are the sam
 `tests/quant/test_perf_fused.py` compare every scheme's compiled result with the eager one bit for bit.
 
 Used for tensors of at least `FUSE_MIN_NUMEL` elements (weights at the once-per-optimizer-step cache
-refresh, activations in the straight-through estimator's forward), outside torch.compile (inside it the
+refresh, in place into the cache's buffers; activations in the straight-through estimator's forward), outside torch.compile (inside it the
 outer graph fuses the same code). One compiled function per format configuration; the tensor is seen as 2-D
 `[rows, width]` with the row count dynamic and the width static (a static width keeps the inner block
 loops vectorized; fully dynamic shapes ran about 2x slower), so a format compiles once per distinct
@@ -66,16 +66,31 @@ def _fake_quantize_bytes(fmt, x: Tensor) -> tuple[Tensor, Optional[Tensor]]:
     return x_hat, None if in_range is None else in_range.float().to(torch.int32).to(torch.uint8)
 
 
-def _compiled_for(fmt: object) -> Callable:
-    """One compiled function per format configuration, each with its own code object, so torch.compile's
-    per-function recompile limit counts only that format's widths and dtypes."""
-    key = repr(fmt)
+def _fake_quantize_into(fmt, x: Tensor, out: Tensor, clipped: Optional[Tensor]) -> None:
+    """The compiled in-place body: the fake-quantized value into `out`, the clipped mask into `clipped`
+    (uint8 0/1). Writing into buffers kept from the last call spares a fresh allocation (on a CPU, page
+    faults on every first touch) and halves the time of a large weight's refresh."""
+    x_hat, in_range = fmt.fake_quantize_with_mask(x)
+    out.copy_(x_hat)
+    if clipped is not None:
+        clipped.copy_(in_range.logical_not().float().to(torch.int32).to(torch.uint8))
+
+
+def _compiled_for(fmt: object, body: Callable = _fake_quantize_bytes) -> Callable:
+    """One compiled function per format configuration and body, each with its own code object, so
+    torch.compile's per-function recompile limit counts only that format's widths and dtypes."""
+    key = f"{body.__name__}:{fmt!r}"
     if key not in _compiled:
-        body = _fake_quantize_bytes
-        code = body.__code__.replace(co_name=f"fake_quantize_{type(fmt).__name__}_{len(_compiled)}")
+        code = body.__code__.replace(co_name=f"{body.__name__.lstrip('_')}_{type(fmt).__name__}_{len(_compiled)}")
         function = types.FunctionType(code, body.__globals__, code.co_name)
         _compiled[key] = torch.compile(function, dynamic=False)
     return _compiled[key]
+
+
+def _compile_failed(fmt: object, error: Exception) -> None:
+    _failed.add(type(fmt))
+    logger.warning("fused fake quantization unavailable for %s (%s: %s); using the eager path",
+                   type(fmt).__name__, type(error).__name__, str(error).splitlines()[0] if str(error) else "")
 
 
 def fake_quantize_with_mask(fmt, x: Tensor) -> tuple[Tensor, Optional[Tensor]]:
@@ -88,9 +103,28 @@ def fake_quantize_with_mask(fmt, x: Tensor) -> tuple[Tensor, Optional[Tensor]]:
     try:
         x_hat, in_range = _compiled_for(fmt)(fmt, rows)
     except Exception as error:  # compile unavailable here: stay eager for this format
-        _failed.add(type(fmt))
-        logger.warning("fused fake quantization unavailable for %s (%s: %s); using the eager path",
-                       type(fmt).__name__, type(error).__name__, str(error).splitlines()[0] if str(error) else "")
+        _compile_failed(fmt, error)
         return fmt.fake_quantize_with_mask(x)
     mask = None if in_range is None else in_range.view(torch.bool).reshape(x.shape)
     return x_hat.reshape(x.shape), mask
+
+
+def fake_quantize_into(fmt, x: Tensor, out: Tensor, clipped: Optional[Tensor]) -> bool:
+    """Write `fmt`'s fake quantization of `x` into `out` and its clipped mask (bool, the negation of
+    `fake_quantize_with_mask`'s; None for a format that never clips) into `clipped`, in one compiled
+    in-place pass. Returns False, having written nothing, where the compiled path does not apply (small
+    tensors, grad mode on, compile unavailable): the caller then computes eagerly."""
+    if not (_wants_fused(fmt, x) and out.is_contiguous() and (clipped is None or clipped.is_contiguous())):
+        return False
+    rows = x.reshape(-1, x.shape[-1])
+    out_rows = out.view(rows.shape)
+    clipped_rows = None if clipped is None else clipped.view(torch.uint8).view(rows.shape)
+    for tensor in (rows, out_rows, clipped_rows):
+        if tensor is not None:
+            torch._dynamo.maybe_mark_dynamic(tensor, 0)
+    try:
+        _compiled_for(fmt, _fake_quantize_into)(fmt, rows, out_rows, clipped_rows)
+    except Exception as error:
+        _compile_failed(fmt, error)
+        return False
+    return True

@@ -7,9 +7,9 @@ weight, such as LoRA's base, gets no gradient and is not updated by a step), or 
 other in-place update, e.g. `load_state_dict`), storage, dtype or device changed. Between updates every
 forward (gradient-accumulation micro-batches, activation checkpointing recomputes, evaluation) reads the
 cache. Gradients stay exact: `CachedSTE` returns the cached tensor in the forward and, in the backward,
-passes the gradient to the float weight where the straight-through estimator lets it through (the
-format's bool not-clipped mask, one byte per weight, none for formats that never clip) and zero where it
-clipped.
+passes the gradient to the float weight where the straight-through estimator lets it through and zero
+where it clipped (the format's bool clipped mask, one byte per weight, none for formats that never clip;
+the few clipped elements are zeroed in place).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from torch import Tensor
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from qattune.quant.formats import NumericFormat
+from qattune.quant.modules.fused import fake_quantize_into
 from qattune.quant.modules.fused import fake_quantize_with_mask as fused_fake_quantize_with_mask
 
 
@@ -46,33 +47,41 @@ def optimizer_steps_seen() -> int:
 
 
 class CachedSTE(torch.autograd.Function):
-    """forward: the precomputed fake-quantized weight; backward: the gradient where not clipped."""
+    """forward: the precomputed fake-quantized weight; backward: the gradient, zeroed where clipped."""
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx, weight: Tensor, fake_quantized: Tensor, in_range: Optional[Tensor]
+        ctx, weight: Tensor, fake_quantized: Tensor, clipped: Optional[Tensor]
     ) -> Tensor:
-        ctx.has_mask = in_range is not None
-        if in_range is not None:
-            ctx.save_for_backward(in_range)
+        ctx.has_mask = clipped is not None
+        if clipped is not None:
+            ctx.save_for_backward(clipped)
         return fake_quantized.view_as(fake_quantized)
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
         if not ctx.has_mask:
             return grad, None, None
-        (in_range,) = ctx.saved_tensors
-        return torch.where(in_range, grad, 0.0), None, None
+        (clipped,) = ctx.saved_tensors
+        if grad.is_contiguous() and not grad.requires_grad:
+            # the weight gradient autograd just computed for this use alone: zero the few clipped
+            # elements in place (a sparse write) instead of copying the whole gradient
+            return grad.masked_fill_(clipped, 0.0), None, None
+        return grad.masked_fill(clipped, 0.0), None, None
 
 
 class WeightFakeQuantCache:
-    """Holds one weight's fake-quantized copy and STE mask, keyed on the weight's identity and version."""
+    """Holds one weight's fake-quantized copy and clipped mask, keyed on the weight's identity and version.
+
+    A refresh writes into the buffers of the last one when they fit (one compiled in-place pass), so a
+    training step allocates nothing for its fake-quantized weights.
+    """
 
     def __init__(self) -> None:
         _install_step_counter()
         self.key: Optional[tuple] = None
         self.fake_quantized: Optional[Tensor] = None
-        self.in_range: Optional[Tensor] = None
+        self.clipped: Optional[Tensor] = None
 
     @staticmethod
     def _key_of(weight: Tensor) -> tuple:
@@ -80,20 +89,29 @@ class WeightFakeQuantCache:
         steps = _optimizer_steps if weight.requires_grad else -1
         return (steps, weight._version, weight.data_ptr(), weight.dtype, weight.device, tuple(weight.shape))
 
+    def _buffers_fit(self, weight: Tensor) -> bool:
+        cached = self.fake_quantized
+        return (cached is not None and cached.shape == weight.shape and cached.dtype == weight.dtype
+                and cached.device == weight.device)
+
     def refresh(self, weight: Tensor, fmt: NumericFormat) -> None:
         """Recompute the cache if `weight` changed since the last call."""
         key = self._key_of(weight)
-        if key != self.key:
-            # normal tensors even under inference_mode, so training can reuse what evaluation cached
-            with torch.inference_mode(False), torch.no_grad():
-                self.fake_quantized, self.in_range = fused_fake_quantize_with_mask(fmt, weight.detach())
-            self.key = key
+        if key == self.key:
+            return
+        # normal tensors even under inference_mode, so training can reuse what evaluation cached
+        with torch.inference_mode(False), torch.no_grad():
+            weight = weight.detach()
+            if not (self._buffers_fit(weight) and fake_quantize_into(fmt, weight, self.fake_quantized, self.clipped)):
+                self.fake_quantized, in_range = fused_fake_quantize_with_mask(fmt, weight)
+                self.clipped = None if in_range is None else in_range.logical_not()
+        self.key = key
 
     def clear(self) -> None:
-        self.key = self.fake_quantized = self.in_range = None
+        self.key = self.fake_quantized = self.clipped = None
 
     def apply(self, weight: Tensor) -> Tensor:
         """The cached fake-quantized weight, differentiable w.r.t. `weight` through the STE mask."""
         if not weight.requires_grad or not torch.is_grad_enabled():
             return self.fake_quantized
-        return CachedSTE.apply(weight, self.fake_quantized, self.in_range)
+        return CachedSTE.apply(weight, self.fake_quantized, self.clipped)
