@@ -8,7 +8,8 @@ trains in float for optimizer steps < N and fake-quantized from step N; the stat
 global step at every step, so a resumed run is always right. With `loss` set to
 `qattune.training.DistillationLoss`, a frozen float copy of the model is the teacher: the starting model
 (`teacher_snapshot: start`), or the model as it is when fake quantization turns on (`fake_quant_start`),
-which has learnt what the float phase taught (see `qattune.training.distillation`).
+which has learnt what the float phase taught (see `qattune.training.distillation`), or a float model
+from another run (`teacher_checkpoint_dir`, e.g. the bf16 fine-tune of the same data).
 Checkpoints are float models in the Hugging Face layout (plus learned quantization ranges, when range
 learning is on) with the scheme recorded, ready for the `quantize` recipe.
 """
@@ -23,30 +24,28 @@ class Config(TrainingConfig):
     quantizer: Component
     fake_quant_after_n_steps: Optional[int] = None
     teacher_snapshot: Literal["start", "fake_quant_start"] = "start"
+    teacher_checkpoint_dir: Optional[str] = None
 
 
 def recipe(cfg) -> None:
     from qattune.config import instantiate
     from qattune.training import FakeQuantAfterNSteps
-    from qattune.training.distillation import TEACHER_STATE_FILE, TeacherSnapshot
+    from qattune.training.distillation import build_teacher, teacher_snapshot_hook
     from qattune.training.session import TrainingSession
 
     session = TrainingSession(cfg)
     try:
         loss_fn = instantiate(cfg.loss) if cfg.get("loss") is not None else None
-        teacher = session.frozen_copy() if getattr(loss_fn, "needs_teacher", False) else None
+        teacher = build_teacher(session, loss_fn, cfg.get("teacher_checkpoint_dir"), cfg.get("teacher_snapshot"))
         quantizer = instantiate(cfg.quantizer)
         session.model = quantizer.prepare(session.model)
         session.record_quantizer(quantizer)
         session.load_extra_state()
         fake_quant_after = cfg.get("fake_quant_after_n_steps")
         hooks = [FakeQuantAfterNSteps(quantizer, session.model, fake_quant_after)]
-        snapshot = None
-        if teacher is not None and cfg.get("teacher_snapshot") == "fake_quant_start" and fake_quant_after:
-            snapshot = TeacherSnapshot(teacher, session.model, at_step=fake_quant_after)
-            session.extra_tensor_files[TEACHER_STATE_FILE] = snapshot.state_dict
-            hooks.append(snapshot)
-        trainer = session.build_trainer(step_hooks=hooks, teacher=teacher, loss_fn=loss_fn)
+        snapshot = teacher_snapshot_hook(session, teacher, cfg.get("teacher_snapshot"), fake_quant_after)
+        trainer = session.build_trainer(step_hooks=hooks + ([snapshot] if snapshot else []), teacher=teacher,
+                                        loss_fn=loss_fn)
         if snapshot is not None and session.resume_dir is not None:
             snapshot.resume(session.resume_dir, trainer.global_step)
         session.train()

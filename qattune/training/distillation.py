@@ -1,6 +1,7 @@
 """The frozen float teacher of QAT distillation, and when its weights are taken from the student.
 
-`teacher_snapshot: start` keeps the starting model as the teacher. `fake_quant_start` copies the
+`teacher_snapshot: start` keeps the starting model as the teacher (`teacher_checkpoint_dir` names another
+float model instead, such as the bf16 fine-tune of the same data). `fake_quant_start` copies the
 student's float weights into the teacher at the step fake quantization turns on: after a float phase the
 teacher then knows what that phase learnt (the starting model can be far worse on the training data
 than the float fine-tune that PTQ is measured against, and a student pulled towards it cannot beat it).
@@ -11,7 +12,7 @@ resumed run distils from the same teacher as an uninterrupted one.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from torch import nn
@@ -67,3 +68,27 @@ class TeacherSnapshot:
 
         load_full_state_dict(self.teacher, load_file(str(path)))
         self.taken = True
+
+
+def build_teacher(session: Any, loss_fn: Any, checkpoint_dir: Optional[str], snapshot: Optional[str]) -> Optional[nn.Module]:
+    """The frozen float teacher a distillation loss needs (None for other losses): loaded from
+    `checkpoint_dir` when given, else a copy of the student's starting model."""
+    if not getattr(loss_fn, "needs_teacher", False):
+        return None
+    if checkpoint_dir is None:
+        return session.frozen_copy()
+    if snapshot == "fake_quant_start":
+        raise QattuneError("teacher_checkpoint_dir and teacher_snapshot=fake_quant_start both name the teacher; "
+                           "set one of them")
+    return session.frozen_model_from(checkpoint_dir)
+
+
+def teacher_snapshot_hook(session: Any, teacher: Optional[nn.Module], snapshot: Optional[str],
+                          fake_quant_after_n_steps: Optional[int]) -> Optional[TeacherSnapshot]:
+    """For `teacher_snapshot: fake_quant_start` (with a teacher and a float phase), the hook that takes
+    the snapshot, registered to be saved with every checkpoint; otherwise None."""
+    if teacher is None or snapshot != "fake_quant_start" or not fake_quant_after_n_steps:
+        return None
+    hook = TeacherSnapshot(teacher, session.model, at_step=fake_quant_after_n_steps)
+    session.extra_tensor_files[TEACHER_STATE_FILE] = hook.state_dict
+    return hook

@@ -215,6 +215,19 @@ class TrainingSession:
         teacher.requires_grad_(False)
         return teacher.eval()
 
+    def frozen_model_from(self, checkpoint_dir: str) -> nn.Module:
+        """A frozen float model loaded from a Hugging Face folder (e.g. a full_finetune output): a
+        distillation teacher other than the student's own starting point."""
+        from qattune.checkpoint import HFCheckpointer, build_model_from_checkpoint
+
+        if not Path(checkpoint_dir, "config.json").is_file():
+            raise QattuneError(f"teacher_checkpoint_dir={checkpoint_dir}: no config.json there; name a Hugging Face "
+                               "model folder, such as a full_finetune output's step_N")
+        teacher = build_model_from_checkpoint(HFCheckpointer(checkpoint_dir), self.model_builder, device=self.device,
+                                              dtype=self.dtype)
+        teacher.requires_grad_(False)
+        return teacher.eval()
+
     # ----- data ---------------------------------------------------------------------------------
     def _loader(self, dataset_cfg: Any, batch_size: int, shuffle: bool):
         from qattune.data import build_dataloader

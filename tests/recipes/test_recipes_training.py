@@ -192,3 +192,26 @@ def test_distillation_from_the_start_differs_and_a_missing_snapshot_is_refused(d
     assert proc.stderr.strip().splitlines()[-1].endswith(
         "was saved at step 6, after the teacher snapshot at step 4, but holds no teacher.safetensors; resume with "
         "the teacher_snapshot the run was started with")
+
+
+def test_teacher_from_another_checkpoint(distill_run, qat_run, tmp_path):
+    """teacher_checkpoint_dir: distil from another run's float model (here the plain QAT run's last step);
+    the first step's KL term is then nonzero, unlike with a copy of the student's own start."""
+    out = tmp_path / "other"
+    kd = ["loss={_component_: qattune.training.DistillationLoss, kd_weight: 1.0}", "fake_quant_after_n_steps=4"]
+    run_cli("qat_distributed", "--config", "tiny/qat_full", f"output_dir={out}", *kd,
+            f"teacher_checkpoint_dir={qat_run / 'step_8'}", *SMALL)
+    assert metrics(out)[0]["loss"] > 0.1
+    own = tmp_path / "own"
+    run_cli("qat_distributed", "--config", "tiny/qat_full", f"output_dir={own}", *kd, *SMALL)
+    assert metrics(own)[0]["loss"] == pytest.approx(0.0, abs=1e-5)
+    for extra, message in [
+        ([f"teacher_checkpoint_dir={tmp_path}"], f"teacher_checkpoint_dir={tmp_path}: no config.json there; name a "
+                                                 "Hugging Face model folder, such as a full_finetune output's step_N"),
+        ([f"teacher_checkpoint_dir={qat_run / 'step_8'}", "teacher_snapshot=fake_quant_start"],
+         "teacher_checkpoint_dir and teacher_snapshot=fake_quant_start both name the teacher; set one of them"),
+    ]:
+        proc = subprocess.run([sys.executable, "-m", "qattune.cli.main", "run", "qat_distributed", "--config",
+                               "tiny/qat_full", f"output_dir={tmp_path / 'bad'}", *kd, *extra, *SMALL],
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].endswith(message), proc.stderr[-500:]
