@@ -1,13 +1,18 @@
 """How much of the PTQ quality loss QAT recovers, measured honestly; prints JSON.
 
-    python scripts/bench_quality.py [--steps 120] [--schemes 8da4w q4_0] [--eval-documents 5]
+    python scripts/bench_quality.py [--steps 120] [--schemes 8da4w q4_0] [--eval-documents 3]
 
-Same base model (SmolLM2-135M-Instruct, offline), same data (CPython docs, train split), same number of
-steps and tokens for every run, evaluated on held-out topics the training never saw:
+Same base model (SmolLM2-135M-Instruct, offline), same data (CPython docs, train split), same optimizer,
+learning rate and schedule, and the same number of steps and tokens for every run, evaluated on held-out
+topics the training never saw:
 
-- bf16: a float fine-tune; ptq: that fine-tune quantized after training;
-- qat_plain: straight-through QAT, float for the first half of the steps, fake-quantized for the second;
-- qat_distill: QAT distilled from the frozen float starting model (float for the first third).
+- bf16: a float fine-tune (`smollm2/135M_full`); ptq: that fine-tune quantized after training;
+- qat_plain: the plain straight-through recipe, float for the first half of the steps, fake-quantized for
+  the second, token cross entropy;
+- qat: qattune's recipe (`smollm2/135M_qat_full`): a short float phase (the first tenth), then fake
+  quantization, token cross entropy;
+- qat_distill: the qat run distilled (kd_weight 0.5) from the float model as it was when fake
+  quantization turned on (`teacher_snapshot: fake_quant_start`).
 
 Every stage is a `qattune run` of the shipped recipes and configs, so the numbers are what users get.
 """
@@ -21,10 +26,23 @@ from pathlib import Path
 
 from qattune.cli.run import run_command
 
+VARIANTS = ("qat_plain", "qat", "qat_distill")
+DISTILLATION = "loss={_component_: qattune.training.DistillationLoss, kd_weight: 0.5}"
+
 
 def _scheme_overrides(scheme: str) -> list[str]:
     """Quantizer overrides of the shipped configs (8da4w group 32) for `scheme`."""
     return [] if scheme == "8da4w" else [f"quantizer.scheme={scheme}", "~quantizer.group_size"]
+
+
+def _variant_overrides(variant: str, steps: int) -> list[str]:
+    """What each QAT variant changes in `smollm2/135M_qat_full`."""
+    if variant == "qat_plain":
+        return [f"fake_quant_after_n_steps={steps // 2}"]
+    recipe = [f"fake_quant_after_n_steps={max(1, steps // 10)}"]
+    if variant == "qat":
+        return recipe
+    return recipe + [DISTILLATION, "teacher_snapshot=fake_quant_start"]
 
 
 def _train(out: Path, recipe: str, config: str, steps: int, extra: list[str]) -> Path:
@@ -44,27 +62,24 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=120)
     parser.add_argument("--schemes", nargs="+", default=["8da4w", "q4_0"])
-    parser.add_argument("--eval-documents", type=int, default=5)
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    parser.add_argument("--eval-documents", type=int, default=3)
     parser.add_argument("--output-dir", default="/tmp/qattune/bench_quality")
     args = parser.parse_args()
     root = Path(args.output_dir).resolve()
     started = time.perf_counter()
 
     bf16 = _train(root / "bf16", "full_finetune", "smollm2/135M_full", args.steps, [])
-    results = {}
+    results, minutes = {}, {}
     for scheme in args.schemes:
         base = root / scheme
-        ce = "loss={_component_: qattune.training.CrossEntropyLoss}"
-        plain = _train(base / "qat_plain", "qat_distributed", "smollm2/135M_qat_full", args.steps,
-                       [ce, f"fake_quant_after_n_steps={args.steps // 2}", *_scheme_overrides(scheme)])
-        distill = _train(base / "qat_distill", "qat_distributed", "smollm2/135M_qat_full", args.steps,
-                         [f"fake_quant_after_n_steps={args.steps // 3}", *_scheme_overrides(scheme)])
-        checkpoints = {
-            "bf16": bf16,
-            "ptq": _quantize(bf16, base / "ptq", scheme, ptq=True),
-            "qat_plain": _quantize(plain, base / "qat_plain", scheme, ptq=False),
-            "qat_distill": _quantize(distill, base / "qat_distill", scheme, ptq=False),
-        }
+        checkpoints = {"bf16": bf16, "ptq": _quantize(bf16, base / "ptq", scheme, ptq=True)}
+        for variant in args.variants:
+            variant_started = time.perf_counter()
+            trained = _train(base / variant, "qat_distributed", "smollm2/135M_qat_full", args.steps,
+                             [*_variant_overrides(variant, args.steps), *_scheme_overrides(scheme)])
+            checkpoints[variant] = _quantize(trained, base / variant, scheme, ptq=False)
+            minutes[f"{scheme}/{variant}"] = round((time.perf_counter() - variant_started) / 60, 1)
         listed = ", ".join(f"{name}: {path}" for name, path in checkpoints.items())
         run_command(["eval", "--config", "eval", f"output_dir={base}/eval", "~checkpoint_dir",
                      f"checkpoints={{{listed}}}", f"perplexity.max_documents={args.eval_documents}"])
@@ -76,6 +91,7 @@ def main() -> None:
         "steps": args.steps,
         "eval_documents": args.eval_documents,
         "minutes": round((time.perf_counter() - started) / 60, 1),
+        "minutes_per_qat_run": minutes,
         "results": {scheme: {"perplexity": {n: m["perplexity"] for n, m in r["checkpoints"].items()},
                              "recovered_share": {n: s["perplexity"] for n, s in r["recovered_share"].items()}}
                     for scheme, r in results.items()},

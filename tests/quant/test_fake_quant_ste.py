@@ -156,3 +156,23 @@ def test_inductor_keeps_the_numerics():
     x = _input(torch.bfloat16)
     for got, fmt in zip(compiled(x), formats):
         assert torch.equal(got, fmt.dequantize(fmt.quantize(x), torch.bfloat16)), fmt.name
+
+
+def test_in_place_gradient_zeroing_is_only_for_module_internal_use():
+    """By default a caller's gradient is left alone; grad_in_place (what the modules use, whose outputs
+    only feed their own matmul) zeroes the clipped elements of autograd's own gradient, same numbers."""
+    from qattune.quant.fake_quant import fake_quantize_ste
+
+    fmt = IntAffine(bits=4, symmetric=True, group_size=32)
+    x = (torch.randn(64, 512) * 3).requires_grad_(True)
+    _, in_range = fmt.fake_quantize_with_mask(x.detach())
+    assert not in_range.all()
+    upstream = torch.randn_like(x)
+    kept = upstream.clone()
+    fake_quantize_ste(x, fmt).backward(upstream)
+    assert torch.equal(upstream, kept) and torch.equal(x.grad, upstream * in_range)
+    x.grad = None
+    weight = torch.randn(512, 8)
+    (fake_quantize_ste(x, fmt, grad_in_place=True) @ weight).backward(upstream @ weight)
+    expected = ((upstream @ weight) @ weight.t()) * in_range
+    assert torch.equal(x.grad, expected)

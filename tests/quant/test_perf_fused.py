@@ -41,16 +41,16 @@ def _bits(t):
 
 def _assert_same(fmt, x):
     with torch.no_grad():
-        y_fused, mask_fused = fused.fake_quantize_with_mask(fmt, x)
+        y_fused, clipped_fused = fused.fake_quantize_clipped(fmt, x)
         y_eager, mask_eager = fmt.fake_quantize_with_mask(x)
     assert f"_fake_quantize_bytes:{fmt!r}" in fused._compiled, "the compiled path was not taken"
     assert y_fused.dtype == y_eager.dtype and y_fused.shape == y_eager.shape
     assert torch.equal(_bits(y_fused), _bits(y_eager))  # bit for bit, signed zeros included
     if mask_eager is None:
-        assert mask_fused is None
+        assert clipped_fused is None
     else:
-        assert mask_fused.dtype == torch.bool
-        assert torch.equal(mask_fused, mask_eager)
+        assert clipped_fused.dtype == torch.bool
+        assert torch.equal(clipped_fused, ~mask_eager)
     return mask_eager
 
 
@@ -103,15 +103,15 @@ def test_small_tensors_grad_mode_and_switch_stay_eager(monkeypatch):
     small = torch.randn(ROWS, WIDTH // 2)  # below FUSE_MIN_NUMEL
     big = torch.randn(ROWS, WIDTH)
     with torch.no_grad():
-        fused.fake_quantize_with_mask(fmt, small)
-    fused.fake_quantize_with_mask(fmt, big)  # grad mode on: eager (autograd must see the ops)
+        fused.fake_quantize_clipped(fmt, small)
+    fused.fake_quantize_clipped(fmt, big)  # grad mode on: eager (autograd must see the ops)
     fused.set_fused_fake_quant(False)
     with torch.no_grad():
-        fused.fake_quantize_with_mask(fmt, big)
+        fused.fake_quantize_clipped(fmt, big)
     assert calls == []
     fused.set_fused_fake_quant(True)
     with torch.no_grad():
-        y, mask = fused.fake_quantize_with_mask(fmt, big)
+        y, mask = fused.fake_quantize_clipped(fmt, big)
     assert calls == [fmt] and y.shape == big.shape and mask.shape == big.shape
 
 

@@ -8,9 +8,9 @@ from qattune.quant.modules import weight_cache
 
 
 def test_frozen_weight_is_not_requantized_after_optimizer_steps(monkeypatch):
-    real = weight_cache.fused_fake_quantize_with_mask
+    real = weight_cache.fake_quantize_clipped
     quantized = []
-    monkeypatch.setattr(weight_cache, "fused_fake_quantize_with_mask",
+    monkeypatch.setattr(weight_cache, "fake_quantize_clipped",
                         lambda fmt, w: quantized.append(w.shape) or real(fmt, w))
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 32, bias=False), nn.Linear(32, 16, bias=False))

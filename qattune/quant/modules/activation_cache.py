@@ -19,6 +19,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from qattune.quant.fake_quant import fake_quantize_ste
 from qattune.quant.formats import NumericFormat
 
 
@@ -33,11 +34,11 @@ class SharedActivationFakeQuant:
 
     def __call__(self, x: Tensor) -> Tensor:
         if torch.compiler.is_compiling() or x.is_inference():  # inference tensors have no version counter
-            return self.format.fake_quantize(x)
+            return fake_quantize_ste(x, self.format, grad_in_place=True)
         state = (x._version, torch.is_grad_enabled())
         if self._input is not None and self._input() is x and self._state == state:
             return self._output
-        out = self.format.fake_quantize(x)
+        out = fake_quantize_ste(x, self.format, grad_in_place=True)  # only the layers' own matmuls read it
         self._input, self._output, self._state = weakref.ref(x), out, state
         if out.grad_fn is not None:  # once backward consumes its graph, the result must not be reused
             node = out.grad_fn

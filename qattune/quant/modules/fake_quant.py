@@ -60,8 +60,9 @@ class _WeightFakeQuant:
         self.refresh_weight_cache()
         self._compiled_reads_cache = self._cache_weight
 
-    def fake_quantized_weight(self) -> torch.Tensor:
-        """The weight as the forward sees it with fake quantization on."""
+    def fake_quantized_weight(self, grad_in_place: bool = False) -> torch.Tensor:
+        """The weight as the forward sees it with fake quantization on (`grad_in_place`: the result only
+        feeds this module's own matmul, so its STE may zero the gradient in place)."""
         if self.weight_range_learner is not None:
             return self.weight_range_learner(self.weight)
         if torch.compiler.is_compiling():
@@ -71,10 +72,10 @@ class _WeightFakeQuant:
             self.refresh_weight_cache()
         if not use_cache:
             return self.weight_format.fake_quantize(self.weight)
-        return self._weight_cache.apply(self.weight)
+        return self._weight_cache.apply(self.weight, grad_in_place)
 
     def _forward_weight(self) -> torch.Tensor:
-        return self.fake_quantized_weight() if self.fake_quant_enabled else self.weight
+        return self.fake_quantized_weight(grad_in_place=True) if self.fake_quant_enabled else self.weight
 
 
 class FakeQuantLinear(nn.Linear, _WeightFakeQuant):

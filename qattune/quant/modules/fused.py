@@ -3,7 +3,7 @@
 In eager mode a format's quantize-dequantize runs as eight to fifteen separate elementwise passes, each
 writing a fresh full-size float32 temporary (`x / scale`, `round`, `clamp`, `== `, `* scale`, ...); on a
 CPU that costs more than the matmul it feeds. Compiled, it is one or two loops that read the input and
-write the fake-quantized value and the not-clipped mask. The numbers are the same: the tests in
+write the fake-quantized value and the clipped mask. The numbers are the same: the tests in
 `tests/quant/test_perf_fused.py` compare every scheme's compiled result with the eager one bit for bit.
 
 Used for tensors of at least `FUSE_MIN_NUMEL` elements (weights at the once-per-optimizer-step cache
@@ -59,11 +59,16 @@ def _wants_fused(fmt: object, x: Tensor) -> bool:
     )
 
 
+def _clipped_bytes(in_range: Tensor) -> Tensor:
+    """The clipped mask as uint8 0/1 (a bool store from inductor's CPU kernels ran about 2.5x slower than
+    the whole quantize-dequantize; the caller views the bytes as bool)."""
+    return in_range.logical_not().float().to(torch.int32).to(torch.uint8)
+
+
 def _fake_quantize_bytes(fmt, x: Tensor) -> tuple[Tensor, Optional[Tensor]]:
-    """The compiled body: the mask comes out as uint8 0/1 (a bool store from inductor's CPU kernels ran
-    about 2.5x slower than the whole quantize-dequantize; the caller views the bytes as bool)."""
+    """The compiled body: the fake-quantized value and the clipped mask as bytes."""
     x_hat, in_range = fmt.fake_quantize_with_mask(x)
-    return x_hat, None if in_range is None else in_range.float().to(torch.int32).to(torch.uint8)
+    return x_hat, None if in_range is None else _clipped_bytes(in_range)
 
 
 def _fake_quantize_into(fmt, x: Tensor, out: Tensor, clipped: Optional[Tensor]) -> None:
@@ -73,7 +78,7 @@ def _fake_quantize_into(fmt, x: Tensor, out: Tensor, clipped: Optional[Tensor]) 
     x_hat, in_range = fmt.fake_quantize_with_mask(x)
     out.copy_(x_hat)
     if clipped is not None:
-        clipped.copy_(in_range.logical_not().float().to(torch.int32).to(torch.uint8))
+        clipped.copy_(_clipped_bytes(in_range))
 
 
 def _compiled_for(fmt: object, body: Callable = _fake_quantize_bytes) -> Callable:
@@ -93,26 +98,31 @@ def _compile_failed(fmt: object, error: Exception) -> None:
                    type(fmt).__name__, type(error).__name__, str(error).splitlines()[0] if str(error) else "")
 
 
-def fake_quantize_with_mask(fmt, x: Tensor) -> tuple[Tensor, Optional[Tensor]]:
-    """`fmt.fake_quantize_with_mask(x)` (forward value, not-clipped mask or None), compiled for large
-    tensors when grad mode is off (as in the STE's forward and the weight-cache refresh)."""
+def _eager_clipped(fmt, x: Tensor) -> tuple[Tensor, Optional[Tensor]]:
+    x_hat, in_range = fmt.fake_quantize_with_mask(x)
+    return x_hat, None if in_range is None else in_range.logical_not()
+
+
+def fake_quantize_clipped(fmt, x: Tensor) -> tuple[Tensor, Optional[Tensor]]:
+    """`fmt`'s fake quantization of `x` and the mask of the elements it clipped (bool; the negation of
+    `fmt.fake_quantize_with_mask`'s, None for a format that never clips), compiled for large tensors when
+    grad mode is off (as in the STE's forward and the weight-cache refresh)."""
     if not _wants_fused(fmt, x):
-        return fmt.fake_quantize_with_mask(x)
+        return _eager_clipped(fmt, x)
     rows = x.reshape(-1, x.shape[-1])
     torch._dynamo.maybe_mark_dynamic(rows, 0)
     try:
-        x_hat, in_range = _compiled_for(fmt)(fmt, rows)
+        x_hat, clipped = _compiled_for(fmt)(fmt, rows)
     except Exception as error:  # compile unavailable here: stay eager for this format
         _compile_failed(fmt, error)
-        return fmt.fake_quantize_with_mask(x)
-    mask = None if in_range is None else in_range.view(torch.bool).reshape(x.shape)
+        return _eager_clipped(fmt, x)
+    mask = None if clipped is None else clipped.view(torch.bool).reshape(x.shape)
     return x_hat.reshape(x.shape), mask
 
 
 def fake_quantize_into(fmt, x: Tensor, out: Tensor, clipped: Optional[Tensor]) -> bool:
-    """Write `fmt`'s fake quantization of `x` into `out` and its clipped mask (bool, the negation of
-    `fake_quantize_with_mask`'s; None for a format that never clips) into `clipped`, in one compiled
-    in-place pass. Returns False, having written nothing, where the compiled path does not apply (small
+    """Write what `fake_quantize_clipped` returns into `out` and `clipped` (None for a format that never
+    clips), in one compiled in-place pass. Returns False, having written nothing, where the compiled path does not apply (small
     tensors, grad mode on, compile unavailable): the caller then computes eagerly."""
     if not (_wants_fused(fmt, x) and out.is_contiguous() and (clipped is None or clipped.is_contiguous())):
         return False

@@ -21,8 +21,8 @@ from torch import Tensor
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from qattune.quant.formats import NumericFormat
-from qattune.quant.modules.fused import fake_quantize_into
-from qattune.quant.modules.fused import fake_quantize_with_mask as fused_fake_quantize_with_mask
+from qattune.quant.fake_quant import zero_where_clipped
+from qattune.quant.modules.fused import fake_quantize_clipped, fake_quantize_into
 
 
 _optimizer_steps = 0
@@ -51,9 +51,10 @@ class CachedSTE(torch.autograd.Function):
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx, weight: Tensor, fake_quantized: Tensor, clipped: Optional[Tensor]
+        ctx, weight: Tensor, fake_quantized: Tensor, clipped: Optional[Tensor], grad_in_place: bool
     ) -> Tensor:
         ctx.has_mask = clipped is not None
+        ctx.grad_in_place = grad_in_place
         if clipped is not None:
             ctx.save_for_backward(clipped)
         return fake_quantized.view_as(fake_quantized)
@@ -61,13 +62,9 @@ class CachedSTE(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
         if not ctx.has_mask:
-            return grad, None, None
+            return grad, None, None, None
         (clipped,) = ctx.saved_tensors
-        if grad.is_contiguous() and not grad.requires_grad:
-            # the weight gradient autograd just computed for this use alone: zero the few clipped
-            # elements in place (a sparse write) instead of copying the whole gradient
-            return grad.masked_fill_(clipped, 0.0), None, None
-        return grad.masked_fill(clipped, 0.0), None, None
+        return zero_where_clipped(grad, clipped, ctx.grad_in_place), None, None, None
 
 
 class WeightFakeQuantCache:
@@ -103,15 +100,15 @@ class WeightFakeQuantCache:
         with torch.inference_mode(False), torch.no_grad():
             weight = weight.detach()
             if not (self._buffers_fit(weight) and fake_quantize_into(fmt, weight, self.fake_quantized, self.clipped)):
-                self.fake_quantized, in_range = fused_fake_quantize_with_mask(fmt, weight)
-                self.clipped = None if in_range is None else in_range.logical_not()
+                self.fake_quantized, self.clipped = fake_quantize_clipped(fmt, weight)
         self.key = key
 
     def clear(self) -> None:
         self.key = self.fake_quantized = self.clipped = None
 
-    def apply(self, weight: Tensor) -> Tensor:
-        """The cached fake-quantized weight, differentiable w.r.t. `weight` through the STE mask."""
+    def apply(self, weight: Tensor, grad_in_place: bool = False) -> Tensor:
+        """The cached fake-quantized weight, differentiable w.r.t. `weight` through the STE mask
+        (`grad_in_place`: see `qattune.quant.fake_quant.zero_where_clipped`)."""
         if not weight.requires_grad or not torch.is_grad_enabled():
             return self.fake_quantized
-        return CachedSTE.apply(weight, self.fake_quantized, self.clipped)
+        return CachedSTE.apply(weight, self.fake_quantized, self.clipped, grad_in_place)
