@@ -48,7 +48,8 @@ def llama_cpp_greedy(gguf: Path, prompt: str, count: int, node_modules: Path) ->
         proc = subprocess.run(["node", str(script), str(gguf), prompt, str(count)], capture_output=True, text=True,
                               timeout=600, env={**os.environ, "NODE_LLAMA_CPP_SKIP_DOWNLOAD": "true"})
     if proc.returncode != 0:
-        raise SystemExit(f"node-llama-cpp failed: {proc.stderr.strip().splitlines()[-1] if proc.stderr else proc.returncode}")
+        last = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit code {proc.returncode}"
+        raise SystemExit(f"node-llama-cpp failed: {last}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 

@@ -70,7 +70,8 @@ class TeacherSnapshot:
         self.taken = True
 
 
-def build_teacher(session: Any, loss_fn: Any, checkpoint_dir: Optional[str], snapshot: Optional[str]) -> Optional[nn.Module]:
+def build_teacher(session: Any, loss_fn: Any, checkpoint_dir: Optional[str],
+                  snapshot: Optional[str]) -> Optional[nn.Module]:
     """The frozen float teacher a distillation loss needs (None for other losses): loaded from
     `checkpoint_dir` when given, else a copy of the student's starting model."""
     if not getattr(loss_fn, "needs_teacher", False):

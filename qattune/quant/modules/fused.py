@@ -7,9 +7,9 @@ write the fake-quantized value and the clipped mask. The numbers are the same: t
 `tests/quant/test_perf_fused.py` compare every scheme's compiled result with the eager one bit for bit.
 
 Used for tensors of at least `FUSE_MIN_NUMEL` elements (weights at the once-per-optimizer-step cache
-refresh, in place into the cache's buffers; activations in the straight-through estimator's forward), outside torch.compile (inside it the
-outer graph fuses the same code). One compiled function per format configuration; the tensor is seen as 2-D
-`[rows, width]` with the row count dynamic and the width static (a static width keeps the inner block
+refresh, in place into the cache's buffers; activations in the straight-through estimator's forward),
+outside torch.compile (inside it the outer graph fuses the same code). One compiled function per format
+configuration; the tensor is seen as 2-D `[rows, width]` with the row count dynamic and the width static (a static width keeps the inner block
 loops vectorized; fully dynamic shapes ran about 2x slower), so a format compiles once per distinct
 width and the compile cost (a few seconds on a CPU) is paid once per process. If compiling fails (no C++
 compiler, an unsupported platform), a warning is logged once and that format stays eager.
@@ -122,8 +122,8 @@ def fake_quantize_clipped(fmt, x: Tensor) -> tuple[Tensor, Optional[Tensor]]:
 
 def fake_quantize_into(fmt, x: Tensor, out: Tensor, clipped: Optional[Tensor]) -> bool:
     """Write what `fake_quantize_clipped` returns into `out` and `clipped` (None for a format that never
-    clips), in one compiled in-place pass. Returns False, having written nothing, where the compiled path does not apply (small
-    tensors, grad mode on, compile unavailable): the caller then computes eagerly."""
+    clips), in one compiled in-place pass. Returns False, having written nothing, where the compiled path
+    does not apply (small tensors, grad mode on, compile unavailable): the caller then computes eagerly."""
     if not (_wants_fused(fmt, x) and out.is_contiguous() and (clipped is None or clipped.is_contiguous())):
         return False
     rows = x.reshape(-1, x.shape[-1])
