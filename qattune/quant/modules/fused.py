@@ -9,10 +9,11 @@ write the fake-quantized value and the clipped mask. The numbers are the same: t
 Used for tensors of at least `FUSE_MIN_NUMEL` elements (weights at the once-per-optimizer-step cache
 refresh, in place into the cache's buffers; activations in the straight-through estimator's forward),
 outside torch.compile (inside it the outer graph fuses the same code). One compiled function per format
-configuration; the tensor is seen as 2-D `[rows, width]` with the row count dynamic and the width static (a static width keeps the inner block
-loops vectorized; fully dynamic shapes ran about 2x slower), so a format compiles once per distinct
-width and the compile cost (a few seconds on a CPU) is paid once per process. If compiling fails (no C++
-compiler, an unsupported platform), a warning is logged once and that format stays eager.
+configuration; the tensor is seen as 2-D `[rows, width]` with the row count dynamic and the width static
+(a static width keeps the inner block loops vectorized; fully dynamic shapes ran about 2x slower), so a
+format compiles once per distinct width and the compile cost (a few seconds on a CPU) is paid once per
+process. If compiling fails (no C++ compiler, an unsupported platform), a warning is logged once and that
+format stays eager.
 Turn it off with `set_fused_fake_quant(False)` or the environment variable `QATTUNE_FUSED_FAKE_QUANT=0`.
 """
 
