@@ -45,10 +45,13 @@ def _variant_overrides(variant: str, steps: int) -> list[str]:
     return recipe + [DISTILLATION, "teacher_snapshot=fake_quant_start"]
 
 
-def _train(out: Path, recipe: str, config: str, steps: int, extra: list[str]) -> Path:
-    run_command([recipe, "--config", config, f"output_dir={out}", f"max_steps_per_epoch={steps}",
-                 "run_val_every_n_steps=null", "progress_bar=false", *extra])
-    return out / f"step_{steps}"
+def _train(out: Path, recipe: str, config: str, steps: int, extra: list[str], reuse: bool) -> Path:
+    """Train (or, with `reuse`, keep a finished run's last checkpoint) and return the checkpoint."""
+    checkpoint = out / f"step_{steps}"
+    if not (reuse and (checkpoint / "recipe_state.pt").is_file()):
+        run_command([recipe, "--config", config, f"output_dir={out}", f"max_steps_per_epoch={steps}",
+                     "run_val_every_n_steps=null", "progress_bar=false", *extra])
+    return checkpoint
 
 
 def _quantize(checkpoint: Path, out: Path, scheme: str, ptq: bool) -> Path:
@@ -65,11 +68,12 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     parser.add_argument("--eval-documents", type=int, default=3)
     parser.add_argument("--output-dir", default="/tmp/qattune/bench_quality")
+    parser.add_argument("--reuse", action="store_true", help="keep training runs already finished in --output-dir")
     args = parser.parse_args()
     root = Path(args.output_dir).resolve()
     started = time.perf_counter()
 
-    bf16 = _train(root / "bf16", "full_finetune", "smollm2/135M_full", args.steps, [])
+    bf16 = _train(root / "bf16", "full_finetune", "smollm2/135M_full", args.steps, [], args.reuse)
     results, minutes = {}, {}
     for scheme in args.schemes:
         base = root / scheme
@@ -77,7 +81,7 @@ def main() -> None:
         for variant in args.variants:
             variant_started = time.perf_counter()
             trained = _train(base / variant, "qat_distributed", "smollm2/135M_qat_full", args.steps,
-                             [*_variant_overrides(variant, args.steps), *_scheme_overrides(scheme)])
+                             [*_variant_overrides(variant, args.steps), *_scheme_overrides(scheme)], args.reuse)
             checkpoints[variant] = _quantize(trained, base / variant, scheme, ptq=False)
             minutes[f"{scheme}/{variant}"] = round((time.perf_counter() - variant_started) / 60, 1)
         listed = ", ".join(f"{name}: {path}" for name, path in checkpoints.items())
