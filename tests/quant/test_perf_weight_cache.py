@@ -63,3 +63,26 @@ def test_large_weight_refresh_reuses_its_buffers_and_stays_exact():
         optimizer.step()
         optimizer.zero_grad()
     assert len(pointers) == 1
+
+
+def test_training_steps_with_activation_quantization_free_their_autograd_graphs():
+    """Each step's graph is freed after backward (a hook that referred back to its own autograd node once
+    kept every step's graph alive: about 150 MB a step on SmolLM2-135M)."""
+    import gc
+
+    from qattune.models import llama
+
+    torch.manual_seed(0)
+    model = llama(vocab_size=128, num_layers=2, num_heads=4, num_kv_heads=2, embed_dim=64, intermediate_dim=128,
+                  max_seq_len=32)
+    QATQuantizer("8da4w").prepare(model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    tokens = torch.randint(0, 128, (2, 16))
+    objects = []
+    for _ in range(8):
+        model(tokens).square().mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        gc.collect()
+        objects.append(len(gc.get_objects()))
+    assert objects[-1] - objects[2] <= 5  # the leak kept about 20 more objects alive every step here

@@ -13,6 +13,7 @@ common-subexpression elimination does the same.
 
 from __future__ import annotations
 
+import functools
 import weakref
 from typing import Optional
 
@@ -21,6 +22,13 @@ from torch import Tensor
 
 from qattune.quant.fake_quant import fake_quantize_ste
 from qattune.quant.formats import NumericFormat
+
+
+def _forget_output(owner_ref: weakref.ref, output_ref: weakref.ref, grad_outputs) -> None:
+    """Backward reached the node of a remembered output: forget it, if it is still the one remembered."""
+    owner = owner_ref()
+    if owner is not None and owner._output is not None and owner._output is output_ref():
+        owner.clear()
 
 
 class SharedActivationFakeQuant:
@@ -41,13 +49,11 @@ class SharedActivationFakeQuant:
         out = fake_quantize_ste(x, self.format, grad_in_place=True)  # only the layers' own matmuls read it
         self._input, self._output, self._state = weakref.ref(x), out, state
         if out.grad_fn is not None:  # once backward consumes its graph, the result must not be reused
-            node = out.grad_fn
-            node.register_prehook(lambda grad_outputs: self._forget(node))
+            # The hook holds neither the node nor this object strongly: a node whose own hook refers back
+            # to it is a cycle through C++ that the garbage collector cannot free (it leaked each step's
+            # autograd graph).
+            out.grad_fn.register_prehook(functools.partial(_forget_output, weakref.ref(self), weakref.ref(out)))
         return out
-
-    def _forget(self, node: torch.autograd.graph.Node) -> None:
-        if self._output is not None and self._output.grad_fn is node:
-            self.clear()
 
     def __getstate__(self) -> dict:  # copies and pickles carry the format, not the remembered tensors
         return {"format": self.format}
