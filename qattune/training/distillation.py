@@ -21,7 +21,6 @@ from qattune.errors import QattuneError
 from qattune.training.distributed import gather_full_state_dict, load_full_state_dict
 
 TEACHER_STATE_FILE = "teacher.safetensors"
-TEACHER_SNAPSHOTS = ("start", "fake_quant_start")
 
 
 class TeacherSnapshot:
