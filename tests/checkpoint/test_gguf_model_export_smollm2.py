@@ -9,8 +9,8 @@ import torch
 
 from qattune.checkpoint import GGUFCheckpointer, HFCheckpointer, build_model_from_checkpoint, smollm2_135m_gguf_path
 from qattune.checkpoint.gguf_export import bpe_tokenizer_metadata, gguf_file_tokenizer_metadata
-from qattune.models.transformer import Transformer
-from qattune.quant import QuantizedLinear, load_quantized
+from qattune.checkpoint.auto import load_model
+from qattune.quant import QuantizedLinear
 from qattune.tokenizers import gguf_tokenizer
 
 pytestmark = [
@@ -50,9 +50,7 @@ def test_smollm2_ptq_q4_0_gguf_reimports_to_the_same_logits(tmp_path, capsys):
     assert (out / "tokenizer.json").is_file() and (out / "config.json").is_file()
 
     config = HFCheckpointer(str(out)).config
-    with torch.device("meta"):
-        quantized = Transformer(config)
-    load_quantized(quantized, out)
+    quantized = load_model(out)
     for module in quantized.modules():
         if isinstance(module, QuantizedLinear):
             module.use_kernels = False

@@ -18,8 +18,9 @@ from safetensors.torch import load_file
 from qattune.checkpoint import GGUFCheckpointer, HFCheckpointer, build_model_from_checkpoint, write_hf_checkpoint
 from qattune.models import get_adapter, llama
 from qattune.models.adapters import half_split_to_interleaved
+from qattune.checkpoint.auto import load_model
 from qattune.models.transformer import Transformer
-from qattune.quant import PTQQuantizer, QATQuantizer, QuantizedLinear, load_quantized, read_quantization_config
+from qattune.quant import PTQQuantizer, QATQuantizer, QuantizedLinear, read_quantization_config
 
 TRAIN = ["max_steps_per_epoch=4", "batch_size=4", "dataset.max_seq_len=64", "dataset_val.max_seq_len=64",
          "run_val_every_n_steps=null", "progress_bar=false", "fake_quant_after_n_steps=0",
@@ -44,15 +45,12 @@ def one_error_line(proc: subprocess.CompletedProcess) -> str:
 
 
 def quantized_model(directory: Path) -> Transformer:
-    """The saved quantized model, loaded as eval/generate would: structure on meta, packed tensors assigned."""
-    config = HFCheckpointer(str(directory)).config
-    with torch.device("meta"):
-        model = Transformer(config)
-    load_quantized(model, directory)
+    """The saved quantized model, loaded as eval/generate would, on the dequantize path (no kernels)."""
+    model = load_model(directory)
     for module in model.modules():
         if isinstance(module, QuantizedLinear):
             module.use_kernels = False
-    return model.eval()
+    return model
 
 
 @pytest.fixture(scope="module")
