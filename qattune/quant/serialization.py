@@ -60,17 +60,24 @@ def quantization_config(model: nn.Module) -> dict:
             "skipped_layers": skipped}
 
 
+def untie_shared_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Contiguous CPU tensors, no two sharing memory (safetensors refuses tied weights): a tensor whose
+    storage an earlier one uses is cloned."""
+    out, seen = {}, set()
+    for key, tensor in tensors.items():
+        tensor = tensor.detach().contiguous().cpu()
+        storage = tensor.untyped_storage().data_ptr()
+        out[key] = tensor.clone() if storage in seen else tensor
+        seen.add(storage)
+    return out
+
+
 def save_quantized(model: nn.Module, output_dir: Union[str, os.PathLike]) -> Path:
     """Write `model.safetensors` and `quantization_config.json` of a converted model to `output_dir`."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     config = quantization_config(model)
-    tensors, seen = {}, set()
-    for key, tensor in model.state_dict().items():
-        tensor = tensor.detach().contiguous()
-        storage = (tensor.untyped_storage().data_ptr(), tensor.storage_offset())
-        tensors[key] = tensor.clone() if storage in seen else tensor  # tied tensors are stored twice
-        seen.add(storage)
+    tensors = untie_shared_tensors(model.state_dict())  # tied tensors are stored twice
     save_file(tensors, str(output_dir / WEIGHTS_FILE), metadata={"format": "pt", "qattune": CONFIG_FORMAT})
     (output_dir / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True))
     return output_dir

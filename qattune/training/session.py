@@ -99,19 +99,6 @@ def _accepts(fn: Callable, name: str) -> bool:
     return name in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
 
 
-def _unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Contiguous CPU tensors with no two sharing memory (safetensors refuses tied weights)."""
-    seen: set[int] = set()
-    out = {}
-    for key, value in tensors.items():
-        value = value.detach().contiguous().cpu()
-        if value.untyped_storage().data_ptr() in seen:
-            value = value.clone()
-        seen.add(value.untyped_storage().data_ptr())
-        out[key] = value
-    return out
-
-
 class TrainingSession:
     """Builds the pieces of a training run from `cfg`; see the module docstring for the order."""
 
@@ -311,10 +298,11 @@ class TrainingSession:
 
     def save_model(self, directory: str, step: int) -> None:
         """Write the model as a Hugging Face folder (rank 0) plus qattune's training info."""
+        from safetensors.torch import save_file
+
         from qattune.checkpoint.hf import write_hf_checkpoint
         from qattune.models import get_adapter
-
-        from safetensors.torch import save_file
+        from qattune.quant.serialization import untie_shared_tensors
 
         state_dict = self.state_dict_fn()
         tensor_files = {name: state() for name, state in self.extra_tensor_files.items()}
@@ -332,7 +320,7 @@ class TrainingSession:
             save_file(extra, str(out / EXTRA_STATE_FILE))
         for name, tensors in tensor_files.items():
             if tensors is not None:
-                save_file(_unshared(tensors), str(out / name))
+                save_file(untie_shared_tensors(tensors), str(out / name))
         info = {"step": step, **self.extra_info}
         (out / TRAINING_INFO_FILE).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
         for write in self.extra_writers:
