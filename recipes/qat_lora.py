@@ -45,7 +45,9 @@ def recipe(cfg) -> None:
         lora.update(lora_config.to_dict())
         return base
 
-    session = TrainingSession(cfg, model_builder=base_builder, weights_from_resume=False)
+    # QLoRA quantizes the base for real before sharding, so every rank needs its weights
+    session = TrainingSession(cfg, model_builder=base_builder, weights_from_resume=False,
+                              load_on_rank0_only=cfg.base_quantizer is None)
     try:
         hooks = []
         if cfg.quantizer is not None:

@@ -51,9 +51,16 @@ def _refresh_weight_caches(model: nn.Module, args: tuple) -> None:
 
 
 def set_fake_quant(model: nn.Module, enabled: bool) -> None:
-    """Turn fake quantization of every fake-quantized module on or off (off: exact float modules)."""
+    """Turn fake quantization of every fake-quantized module on or off (off: exact float modules).
+
+    Turning it on starts learned ranges from the weights as they are now (as their first forward
+    would); doing it here, between steps, is what makes that work on FSDP2 shards too.
+    """
     for module in fake_quant_modules(model):
         module.fake_quant_enabled = enabled
+        learner = getattr(module, "weight_range_learner", None)
+        if enabled and learner is not None and not learner.is_initialized and not module.weight.is_meta:
+            learner.initialize(module.weight)
 
 
 class _SchemeQuantizer:

@@ -23,12 +23,18 @@ from typing import Optional, Sequence
 
 import torch
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 
 from qattune.errors import QattuneError
 from qattune.quant.formats.base import QuantizedTensor
 from qattune.quant.formats.int_affine import IntAffine
 
 MIN_LEARNED_SCALE = 1e-9
+
+
+def _local(tensor: Tensor) -> Tensor:
+    """This rank's shard of an FSDP2 DTensor (the tensor itself otherwise)."""
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
 class _LSQFakeQuantize(torch.autograd.Function):
@@ -93,21 +99,32 @@ class LearnedRangeFakeQuantizer(nn.Module):
         n_per_scale = math.prod(shape) // math.prod(scale_shape)
         self.grad_factor = 1.0 / math.sqrt(n_per_scale * fmt.qmax)
 
-    def _check_shape(self, x: Tensor) -> None:
-        if self.fmt.scale_shape(x.shape) != tuple(self.scale.shape):
+    def _check_shape(self, x: Tensor, scale: Optional[Tensor] = None) -> None:
+        scale = self.scale if scale is None else scale
+        if self.fmt.scale_shape(x.shape) != tuple(scale.shape):
             raise QattuneError(
-                f"learned-range quantizer built for scales of shape {tuple(self.scale.shape)} got a tensor of "
+                f"learned-range quantizer built for scales of shape {tuple(scale.shape)} got a tensor of "
                 f"shape {tuple(x.shape)}; use a per-tensor format for activations whose shape changes"
             )
 
+    @property
+    def is_initialized(self) -> bool:
+        return self._initialized
+
     @torch.no_grad()
     def initialize(self, x: Tensor) -> None:
-        """Set the parameters from the dynamic qparams of `x` (torchao's choose_qparams)."""
-        self._check_shape(x)
-        scale, zero = self.fmt.choose_qparams(x)
-        self.scale.copy_(scale.clamp(min=MIN_LEARNED_SCALE))
+        """Set the parameters from the dynamic qparams of `x` (torchao's choose_qparams).
+
+        `x` may be an FSDP2 weight shard (a DTensor sharded on rows, like the scales): each rank then
+        sets its own rows of the scales from its own rows of the weight, which is exact since every
+        group lies within one row. Call it outside the forward: FSDP2 drops writes to the gathered copy.
+        """
+        x, scale = _local(x), _local(self.scale)
+        self._check_shape(x, scale)
+        new_scale, zero = self.fmt.choose_qparams(x)
+        scale.copy_(new_scale.clamp(min=MIN_LEARNED_SCALE))
         if self.learns_zero:
-            self.zero_point.copy_(zero)
+            _local(self.zero_point).copy_(zero)
         self.initialized.fill_(True)
         self._initialized = True
 

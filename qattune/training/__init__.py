@@ -1,6 +1,12 @@
 """qattune.training: the one training loop and its parts (loss, optimizer, LR, hooks, logging, FSDP2)."""
 
-from .blocks import apply_activation_checkpointing, compile_blocks, shard_model, transformer_blocks
+from .blocks import (
+    apply_activation_checkpointing,
+    compile_blocks,
+    shard_model,
+    shard_model_from_rank0,
+    transformer_blocks,
+)
 from .checkpoint_dirs import RECIPE_STATE_FILE, latest_checkpoint, list_step_dirs
 from .distributed import (
     DistInfo,
@@ -49,5 +55,6 @@ __all__ = [
     "resolve_dtype",
     "setup_profiler",
     "shard_model",
+    "shard_model_from_rank0",
     "transformer_blocks",
 ]

@@ -59,16 +59,18 @@ def shard_model(
     reshard_after_forward: bool = True,
     param_dtype: Optional[torch.dtype] = None,
     reduce_dtype: Optional[torch.dtype] = None,
+    device_type: Optional[str] = None,
 ) -> nn.Module:
     """FSDP2: `fully_shard` every block, then the root, over all ranks of the default process group
-    (gloo on CPU works the same as NCCL on CUDA). Gradients are averaged over ranks."""
+    (gloo on CPU works the same as NCCL on CUDA). Gradients are averaged over ranks. `device_type`
+    (default: the parameters' device) names the device the shards compute on, for a model on meta."""
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     if not dist.is_initialized():
         raise QattuneError("shard_model needs a process group; start the run with torchrun (qattune run --nproc_per_node N)")
-    device_type = next(model.parameters()).device.type
+    device_type = device_type or next(model.parameters()).device.type
     mesh = init_device_mesh(device_type, (dist.get_world_size(),))
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
     blocks = transformer_blocks(model, layers_attr)
@@ -77,4 +79,25 @@ def shard_model(
         keep_gathered = index == len(blocks) - 1
         fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward and not keep_gathered, mp_policy=policy)
     fully_shard(model, mesh=mesh, reshard_after_forward=reshard_after_forward, mp_policy=policy)
+    return model
+
+
+def shard_model_from_rank0(model: nn.Module, device: torch.device, **shard_kwargs) -> nn.Module:
+    """FSDP2-shard a model whose weights only rank 0 holds (on CPU; the other ranks built it on the meta
+    device), without ever holding the whole model on a device.
+
+    Rank 0 keeps its state dict on CPU and every rank turns its model into empty structure; each rank
+    shards that structure and allocates only its own shards on `device`; then rank 0 broadcasts one tensor
+    at a time and every rank keeps its shard. Training starts exactly as if each rank had loaded the
+    whole model (the values are rank 0's, bit for bit).
+    """
+    import torch.distributed as dist
+
+    from .distributed import load_full_state_dict
+
+    full = model.state_dict() if dist.get_rank() == 0 else {}
+    model.to("meta")  # the CPU tensors live on in `full` (rank 0) until they are broadcast
+    shard_model(model, device_type=torch.device(device).type, **shard_kwargs)
+    model.to_empty(device=device)
+    load_full_state_dict(model, full)
     return model

@@ -103,10 +103,13 @@ class TrainingSession:
     """Builds the pieces of a training run from `cfg`; see the module docstring for the order."""
 
     def __init__(self, cfg: Any, *, model_builder: Optional[Callable[[], nn.Module]] = None,
-                 weights_from_resume: bool = True) -> None:
+                 weights_from_resume: bool = True, load_on_rank0_only: bool = True) -> None:
         """`model_builder` builds the module the checkpoint loads into (default: `cfg.model`);
         `weights_from_resume=False` keeps loading the starting checkpoint when resuming (a frozen base
-        whose trained state is restored separately, as with LoRA)."""
+        whose trained state is restored separately, as with LoRA). Under torchrun only rank 0 loads the
+        weights (on CPU) and the others hold the model on the meta device until it is sharded (see
+        `_prepare_for_training`); `load_on_rank0_only=False` loads them on every rank, for a recipe
+        that needs real weights everywhere before sharding (quantizing the base for real, as QLoRA does)."""
         from qattune.training.distributed import init_distributed
         from qattune.training.precision import resolve_dtype
 
@@ -123,6 +126,8 @@ class TrainingSession:
         self.checkpointer = instantiate(cfg.checkpointer) if cfg.get("checkpointer") is not None else None
         _refuse_quantized(self.checkpointer)
         self.resume_dir = self._resume_dir()
+        self.rank0_loads = self.dist.is_distributed and load_on_rank0_only
+        self.load_device = self._load_device()
         self.model_builder = model_builder or (lambda: instantiate(cfg.model))
         self.model = self._build_model(self.model_builder, weights_from_resume)
         self.base_keys = frozenset(self.model.state_dict())
@@ -154,20 +159,33 @@ class TrainingSession:
             )
         return steps[-1][1]
 
-    def _build_model(self, builder: Callable[[], nn.Module], weights_from_resume: bool) -> nn.Module:
-        """The model with its starting weights, in the training dtype, on the training device."""
-        from qattune.checkpoint import HFCheckpointer, build_model_from_checkpoint
+    def _load_device(self) -> torch.device:
+        """Where the model is built and loaded: the training device in one process (or when every rank
+        loads); otherwise CPU on rank 0 and the meta device (no memory) on the others."""
+        if not self.rank0_loads:
+            return self.device
+        return torch.device("cpu" if self.dist.is_main else "meta")
 
-        target = self.device
+    def _build_model(self, builder: Callable[[], nn.Module], weights_from_resume: bool) -> nn.Module:
+        """The model with its starting weights (the resumed ones, or the checkpointer's) in the
+        training dtype, on `load_device`."""
+        from qattune.checkpoint import HFCheckpointer
+
         if self.resume_dir is not None and weights_from_resume:
-            model = build_model_from_checkpoint(HFCheckpointer(self.resume_dir), builder, device=target, dtype=self.dtype)
-        elif self.checkpointer is not None:
-            model = build_model_from_checkpoint(self.checkpointer, builder, device=target, dtype=self.dtype)
-        else:
-            with torch.device(target):
-                model = builder()
-            model.to(dtype=self.dtype)
-        return model
+            return self._load(builder, HFCheckpointer(self.resume_dir))
+        return self._load(builder, self.checkpointer)
+
+    def _load(self, builder: Callable[[], nn.Module], checkpointer: Any) -> nn.Module:
+        """`builder`'s model with `checkpointer`'s weights (None: freshly initialised) on `load_device`;
+        on the meta device only its structure is built and nothing is read."""
+        from qattune.checkpoint import build_model_from_checkpoint
+
+        target = self.load_device
+        if checkpointer is not None and target.type != "meta":
+            return build_model_from_checkpoint(checkpointer, builder, device=target, dtype=self.dtype)
+        with torch.device(target):
+            model = builder()
+        return model.to(dtype=self.dtype)
 
     def record_quantizer(self, quantizer: Any) -> None:
         """Note the quantizer's scheme and options in every checkpoint, so `quantize` can check them."""
@@ -181,6 +199,8 @@ class TrainingSession:
         """When resuming, restore the state the plain model lacks (learned ranges) into the prepared model."""
         if self.resume_dir is None or not Path(self.resume_dir, EXTRA_STATE_FILE).is_file():
             return
+        if self.load_device.type == "meta":
+            return  # rank 0 loads it; sharding sends every rank its part
         from safetensors.torch import load_file
 
         extra = load_file(str(Path(self.resume_dir, EXTRA_STATE_FILE)), device=str(self.device))
@@ -205,13 +225,12 @@ class TrainingSession:
     def frozen_model_from(self, checkpoint_dir: str) -> nn.Module:
         """A frozen float model loaded from a Hugging Face folder (e.g. a full_finetune output): a
         distillation teacher other than the student's own starting point."""
-        from qattune.checkpoint import HFCheckpointer, build_model_from_checkpoint
+        from qattune.checkpoint import HFCheckpointer
 
         if not Path(checkpoint_dir, "config.json").is_file():
             raise QattuneError(f"teacher_checkpoint_dir={checkpoint_dir}: no config.json there; name a Hugging Face "
                                "model folder, such as a full_finetune output's step_N")
-        teacher = build_model_from_checkpoint(HFCheckpointer(checkpoint_dir), self.model_builder, device=self.device,
-                                              dtype=self.dtype)
+        teacher = self._load(self.model_builder, HFCheckpointer(checkpoint_dir))
         teacher.requires_grad_(False)
         return teacher.eval()
 
@@ -224,16 +243,17 @@ class TrainingSession:
 
     # ----- the run ------------------------------------------------------------------------------
     def _prepare_for_training(self, model: nn.Module, trainable: bool) -> nn.Module:
-        from qattune.training import apply_activation_checkpointing, compile_blocks, shard_model
+        from qattune.training import apply_activation_checkpointing, compile_blocks, shard_model, shard_model_from_rank0
 
         if trainable and self.cfg.get("enable_activation_checkpointing", False):
             apply_activation_checkpointing(model)
         if self.cfg.get("compile", False):
             compile_blocks(model)
-        model.to(self.device)
-        if self.dist.is_distributed:
-            shard_model(model)
-        return model
+        if not self.dist.is_distributed:
+            return model.to(self.device)
+        if self.rank0_loads:
+            return shard_model_from_rank0(model, self.device)
+        return shard_model(model.to(self.device))
 
     def build_trainer(self, *, step_hooks: Sequence[Any] = (), teacher: Optional[nn.Module] = None,
                       loss_fn: Optional[nn.Module] = None):

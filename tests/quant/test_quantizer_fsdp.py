@@ -41,3 +41,33 @@ def test_fsdp2_sharded_fake_quant_matches_unsharded_training(single_rank_group):
             out.square().sum().backward()
             optimizer.step()
             optimizer.zero_grad()
+
+
+def test_fsdp2_learned_ranges_start_from_the_weights_and_train_like_unsharded(single_rank_group):
+    """Turning fake quantization on initialises the learned scales between steps, on the shards: a write
+    in the forward would go to FSDP's gathered copy and be lost (the scales would stay at 1)."""
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(0)
+    reference = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 32))
+    quantizer = QATQuantizer("8da4w", range_learning=True)
+    quantizer.prepare(reference)
+    quantizer.set_fake_quant(reference, False)
+    sharded = copy.deepcopy(reference)
+    for layer in (sharded[0], sharded[2], sharded):
+        fully_shard(layer)
+    for model in (reference, sharded):
+        quantizer.set_fake_quant(model, True)
+    learner = sharded[0].weight_range_learner
+    expected_scale = reference[0].weight.detach().reshape(64, 2, 32).abs().amax(-1) / 7.5
+    assert torch.allclose(learner.scale.full_tensor().detach(), expected_scale, rtol=1e-6)
+    optimizers = [torch.optim.AdamW(m.parameters(), lr=0.01) for m in (reference, sharded)]
+    x = torch.randn(8, 64)
+    for _ in range(3):
+        outputs = [m(x) for m in (reference, sharded)]
+        assert torch.allclose(outputs[0], outputs[1], atol=1e-6)
+        for out, optimizer in zip(outputs, optimizers):
+            out.square().sum().backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    assert not torch.equal(learner.scale.full_tensor(), expected_scale)  # the scales did train

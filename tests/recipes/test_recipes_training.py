@@ -101,6 +101,24 @@ def test_two_processes_match_one_with_the_same_global_batch(qat_run, tmp_path):
     assert two[4:] == pytest.approx(one[4:], abs=3e-3)
 
 
+def test_two_processes_start_from_a_checkpoint_only_rank0_reads(qat_run, tmp_path):
+    """Sharded loading: rank 0 loads the checkpoint, the other rank builds on meta and receives its
+    shards; learned ranges start from the weight shards when fake quantization turns on."""
+    start = ["checkpointer={_component_: qattune.checkpoint.HFCheckpointer, "
+             f"checkpoint_dir: {qat_run / 'step_4'}, output_dir: ${{output_dir}}}}",
+             "+quantizer.range_learning=true", "fake_quant_after_n_steps=2", "max_steps_per_epoch=4",
+             "save_every_n_steps=null"]
+    small = [o for o in SMALL if not o.startswith(("batch_size", "save_every", "max_steps"))]
+    run_cli("qat_distributed", "--config", "tiny/qat_full", f"output_dir={tmp_path / 'one'}", "batch_size=4",
+            *start, *small)
+    run_cli("qat_distributed", "--config", "tiny/qat_full", f"output_dir={tmp_path / 'two'}", "batch_size=2",
+            *start, *small, nproc=2)
+    one = [r["loss"] for r in metrics(tmp_path / "one")]
+    two = [r["loss"] for r in metrics(tmp_path / "two")]
+    assert one[0] < 5.5  # the checkpoint's weights, not a fresh model's (5.82 at step 1)
+    assert two == pytest.approx(one, abs=3e-3)
+
+
 def test_qat_lora_trains_adapters_saves_peft_and_resumes(tmp_path):
     out = tmp_path / "lora"
     small = [o for o in SMALL if not o.startswith("save_every")] + ["save_every_n_steps=4"]

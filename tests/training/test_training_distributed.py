@@ -22,6 +22,7 @@ from qattune.training import (
     load_full_state_dict,
     num_training_steps,
     shard_model,
+    shard_model_from_rank0,
 )
 
 GLOBAL_BATCH = 4
@@ -104,3 +105,40 @@ def test_two_gloo_processes_match_one_process(tmp_path):
         with torch.no_grad():
             outputs.append(model(tokens))
     assert torch.allclose(outputs[0], outputs[1], atol=1e-4)
+
+
+def _shard_from_rank0_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank)
+    )
+    torch.set_num_threads(1)
+    init_distributed("cpu")
+    try:
+        if rank == 0:
+            model = make_model(seed=3)
+        else:  # the other ranks never hold weights before sharding
+            with torch.device("meta"):
+                model = make_model(seed=3)
+        shard_model_from_rank0(model, torch.device("cpu"))
+        local = {name: (p.to_local().numel(), p.numel()) for name, p in model.named_parameters()}
+        full = gather_full_state_dict(model)
+        if rank == 0:
+            torch.save({"local": local, "full": full}, os.path.join(out_dir, "rank0.pt"))
+        torch.save({"local": local}, os.path.join(out_dir, f"rank{rank}_local.pt"))
+    finally:
+        destroy_distributed()
+
+
+def test_shard_from_rank0_gives_each_rank_its_shard_of_rank0_weights(tmp_path):
+    mp.spawn(_shard_from_rank0_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    result = torch.load(tmp_path / "rank0.pt")
+    reference = make_model(seed=3).state_dict()
+    assert result["full"].keys() == reference.keys()
+    for name, tensor in reference.items():
+        assert torch.equal(result["full"][name], tensor), name
+    for rank in (0, 1):
+        local = torch.load(tmp_path / f"rank{rank}_local.pt")["local"]
+        for name, (held, total) in local.items():  # rows split by torch.chunk: ceil(n/2) on rank 0
+            rows = reference[name].shape[0]
+            share = (rows + 1) // 2 if rank == 0 else rows // 2
+            assert held == share * total // rows, (rank, name)
