@@ -203,7 +203,7 @@ class TrainingSession:
             return  # rank 0 loads it; sharding sends every rank its part
         from safetensors.torch import load_file
 
-        extra = load_file(str(Path(self.resume_dir, EXTRA_STATE_FILE)), device=str(self.device))
+        extra = load_file(str(Path(self.resume_dir, EXTRA_STATE_FILE)), device=str(self.load_device))
         missing = set(extra) - set(self.model.state_dict())
         if missing:
             raise QattuneError(f"{self.resume_dir}/{EXTRA_STATE_FILE} holds {sorted(missing)[0]}, which this model "
