@@ -69,12 +69,17 @@ def _train_and_resume(world: int, rank: int, out_dir: str) -> dict:
     return {"losses": losses, "resumed": resumed, "final": {k: v.tolist() for k, v in final.items()}}
 
 
-def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
+def _join_gloo_group(rank: int, world: int, port: int) -> None:
+    """What torchrun would set up for this spawned process: its rank in a CPU (gloo) group."""
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank)
     )
     torch.set_num_threads(1)
     init_distributed("cpu")
+
+
+def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    _join_gloo_group(rank, world, port)
     try:
         result = _train_and_resume(world, rank, out_dir)
         if rank == 0:
@@ -108,11 +113,7 @@ def test_two_gloo_processes_match_one_process(tmp_path):
 
 
 def _shard_from_rank0_worker(rank: int, world: int, port: int, out_dir: str) -> None:
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank)
-    )
-    torch.set_num_threads(1)
-    init_distributed("cpu")
+    _join_gloo_group(rank, world, port)
     try:
         if rank == 0:
             model = make_model(seed=3)
