@@ -10,8 +10,9 @@ global step at every step, so a resumed run is always right. With `loss` set to
 (`teacher_snapshot: start`), or the model as it is when fake quantization turns on (`fake_quant_start`),
 which has learnt what the float phase taught (see `qattune.training.distillation`), or a float model
 from another run (`teacher_checkpoint_dir`, e.g. the bf16 fine-tune of the same data).
-Checkpoints are float models in the Hugging Face layout (plus learned quantization ranges, when range
-learning is on) with the scheme recorded, ready for the `quantize` recipe.
+With `quantizer.range_learning: true` the weight scales are trained too (LSQ), at `range_learning_lr`
+when set (default: the optimizer's rate). Checkpoints are float models in the Hugging Face layout (plus
+learned quantization ranges, when range learning is on) with the scheme recorded, ready for `quantize`.
 """
 
 from typing import Literal, Optional
@@ -25,10 +26,14 @@ class Config(TrainingConfig):
     fake_quant_after_n_steps: Optional[int] = None
     teacher_snapshot: Literal["start", "fake_quant_start"] = "start"
     teacher_checkpoint_dir: Optional[str] = None
+    range_learning_lr: Optional[float] = None  # learned ranges' own learning rate (quantizer.range_learning)
 
 
 def recipe(cfg) -> None:
+    import functools
+
     from qattune.config import instantiate
+    from qattune.quant.range_learning import range_learning_param_groups
     from qattune.training import FakeQuantAfterNSteps
     from qattune.training.distillation import build_teacher, teacher_snapshot_hook
     from qattune.training.session import TrainingSession
@@ -44,8 +49,11 @@ def recipe(cfg) -> None:
         fake_quant_after = cfg.get("fake_quant_after_n_steps")
         hooks = [FakeQuantAfterNSteps(quantizer, session.model, fake_quant_after)]
         snapshot = teacher_snapshot_hook(session, teacher, cfg.get("teacher_snapshot"), fake_quant_after)
+        groups = None
+        if cfg.get("range_learning_lr") is not None:
+            groups = functools.partial(range_learning_param_groups, lr=cfg.range_learning_lr)
         trainer = session.build_trainer(step_hooks=hooks + ([snapshot] if snapshot else []), teacher=teacher,
-                                        loss_fn=loss_fn)
+                                        loss_fn=loss_fn, param_groups=groups)
         if snapshot is not None and session.resume_dir is not None:
             snapshot.resume(session.resume_dir, trainer.global_step)
         session.train()

@@ -156,3 +156,22 @@ class LearnedRangeFakeQuantizer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"fmt={self.fmt!r}, scale_shape={tuple(self.scale.shape)}"
+
+
+def range_learning_param_groups(model: nn.Module, lr: float) -> list[dict]:
+    """Optimizer parameter groups: the learned ranges (scales, zero points) at `lr`, every other
+    trainable parameter at the optimizer's own learning rate.
+
+    Adam-style optimizers move a parameter by about the learning rate per step whatever its size. A
+    scale is small (an int4 group's is its largest magnitude / 7.5) and moves every grid point of its
+    group at once, so at the weights' rate it changes far too fast; about 1/100 of it measured best
+    (docs/benchmarks.md).
+    """
+    learned = {id(p) for m in model.modules() if isinstance(m, LearnedRangeFakeQuantizer)
+               for p in m.parameters() if p.requires_grad}
+    if not learned:
+        raise QattuneError("range_learning_lr is set but the model has no learned ranges; set "
+                           "quantizer.range_learning=true or remove range_learning_lr")
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    return [{"params": [p for p in trainable if id(p) not in learned]},
+            {"params": [p for p in trainable if id(p) in learned], "lr": lr}]

@@ -256,8 +256,12 @@ class TrainingSession:
         return shard_model(model.to(self.device))
 
     def build_trainer(self, *, step_hooks: Sequence[Any] = (), teacher: Optional[nn.Module] = None,
-                      loss_fn: Optional[nn.Module] = None):
-        """The Trainer over the (already transformed) model, restored from `resume_dir` when resuming."""
+                      loss_fn: Optional[nn.Module] = None,
+                      param_groups: Optional[Callable[[nn.Module], list[dict[str, Any]]]] = None):
+        """The Trainer over the (already transformed) model, restored from `resume_dir` when resuming.
+
+        `param_groups(model)` gives the optimizer's parameter groups (e.g. a learning rate of their own
+        for some parameters); it is called after sharding, since FSDP2 replaces the parameters."""
         from qattune.training import CrossEntropyLoss, Trainer, num_training_steps
 
         cfg = self.cfg
@@ -268,7 +272,10 @@ class TrainingSession:
         val_loader = None
         if cfg.get("dataset_val") is not None:
             val_loader = self._loader(cfg.dataset_val, cfg.get("batch_size_val") or cfg.get("batch_size", 1), False)
-        params = [p for p in self.model.parameters() if p.requires_grad]
+        if param_groups is not None:
+            params = param_groups(self.model)
+        else:
+            params = [p for p in self.model.parameters() if p.requires_grad]
         optimizer = instantiate(cfg.optimizer, params)
         accumulation = cfg.get("gradient_accumulation_steps", 1)
         total_steps = num_training_steps(len(train_loader), accumulation, cfg.get("epochs", 1),

@@ -145,3 +145,21 @@ def test_per_group_gradients_equal_autograd_through_the_lsq_formula():
     torch.testing.assert_close(fq.scale.grad, s0.grad, rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(fq.zero_point.grad, z0.grad, rtol=1e-5, atol=1e-7)
     assert (fq.zero_point.grad != 0).any()
+
+
+def test_range_learning_param_groups_give_the_ranges_their_own_rate():
+    from torch import nn
+
+    from qattune.quant import QATQuantizer
+    from qattune.quant.range_learning import range_learning_param_groups
+
+    model = nn.Sequential(nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 8, bias=False))
+    QATQuantizer("8da4w", group_size=16, range_learning=True).prepare(model)
+    model[0].bias.requires_grad_(False)  # frozen parameters go to no group
+    rest, learned = range_learning_param_groups(model, lr=1e-6)
+    assert learned["lr"] == 1e-6 and "lr" not in rest
+    assert {id(p) for p in learned["params"]} == {id(model[0].weight_range_learner.scale),
+                                                  id(model[2].weight_range_learner.scale)}
+    assert {id(p) for p in rest["params"]} == {id(model[0].weight), id(model[2].weight)}
+    with pytest.raises(QattuneError, match="set quantizer.range_learning=true or remove range_learning_lr"):
+        range_learning_param_groups(nn.Linear(4, 4), lr=1e-6)

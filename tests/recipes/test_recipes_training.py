@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 SMALL = ["max_steps_per_epoch=8", "batch_size=4", "dataset.max_seq_len=64", "dataset_val.max_seq_len=64",
          "run_val_every_n_steps=null", "progress_bar=false", "save_every_n_steps=2", "keep_last_n_checkpoints=null"]
@@ -117,6 +118,18 @@ def test_two_processes_start_from_a_checkpoint_only_rank0_reads(qat_run, tmp_pat
     two = [r["loss"] for r in metrics(tmp_path / "two")]
     assert one[0] < 5.5  # the checkpoint's weights, not a fresh model's (5.82 at step 1)
     assert two == pytest.approx(one, abs=3e-3)
+
+
+def test_range_learning_lr_is_the_learned_ranges_own_rate_through_the_schedule(tmp_path):
+    out = tmp_path / "ranges"
+    small = [o for o in SMALL if not o.startswith(("save_every", "max_steps"))]
+    run_cli("qat_distributed", "--config", "tiny/qat_full", f"output_dir={out}", "max_steps_per_epoch=3",
+            "+quantizer.range_learning=true", "range_learning_lr=1e-6", "fake_quant_after_n_steps=1", *small)
+    state = torch.load(out / "step_3" / "recipe_state.pt", weights_only=False)
+    weights, ranges = state["optimizer"]["param_groups"]
+    assert (weights["initial_lr"], ranges["initial_lr"]) == (3e-3, 1e-6)
+    assert ranges["lr"] / ranges["initial_lr"] == pytest.approx(weights["lr"] / weights["initial_lr"])
+    assert len(ranges["params"]) == 15  # one scale per quantized Linear
 
 
 def test_qat_lora_trains_adapters_saves_peft_and_resumes(tmp_path):
