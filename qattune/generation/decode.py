@@ -111,6 +111,39 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+class CudaGraphStep:
+    """A one-token decode step recorded once as a CUDA graph and replayed for every later token.
+
+    Eager decoding of a small batch is bound by kernel launches, not by the GPU; a replay launches the
+    whole step at once. The first call runs the step for real on a side stream (it also warms up kernel
+    selection and lazily built caches such as packed int4 weights), then records it; later calls copy
+    their inputs into the recorded buffers and replay. The KV caches are the model's own buffers and keep
+    their addresses for the whole `generate` call, so the recorded cache writes land where they should.
+    The returned logits are the graph's output buffer: read them before the next call.
+    """
+
+    def __init__(self, step: Callable[..., torch.Tensor]) -> None:
+        self.step = step
+        self.graph: Optional[torch.cuda.CUDAGraph] = None
+
+    def __call__(self, ids: torch.Tensor, *, input_pos: torch.Tensor) -> torch.Tensor:
+        if self.graph is not None:
+            self.ids.copy_(ids)
+            self.input_pos.copy_(input_pos)
+            self.graph.replay()
+            return self.logits
+        self.ids, self.input_pos = ids.clone(), input_pos.clone()
+        side = torch.cuda.Stream(device=ids.device)
+        side.wait_stream(torch.cuda.current_stream(ids.device))
+        with torch.cuda.stream(side):
+            logits = self.step(self.ids, input_pos=self.input_pos)
+        torch.cuda.current_stream(ids.device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):  # records only: the step above already wrote this position
+            self.logits = self.step(self.ids, input_pos=self.input_pos)
+        return logits
+
+
 @torch.no_grad()
 def generate(
     model: nn.Module,
@@ -126,6 +159,7 @@ def generate(
     generator: Optional[torch.Generator] = None,
     stop_condition: Optional[StopCondition] = None,
     compile: bool = False,
+    cuda_graph: bool = False,
 ) -> GenerationOutput:
     """Decode up to `max_new_tokens` after each prompt (a list of token ids) with a KV cache.
 
@@ -136,6 +170,8 @@ def generate(
     compile: run the one-token decode step through `torch.compile` (static shapes; the cache length is
     rounded up to a multiple of COMPILED_CACHE_MULTIPLE so calls with similar lengths reuse one graph).
     The prefill stays eager. The first call pays the compilation.
+    cuda_graph: (CUDA) replay the decode step from a CUDA graph (`CudaGraphStep`), alone or after
+    `compile`: same tokens, without the per-kernel launch cost that bounds small-batch decoding.
     """
     check_sampling_options(temperature, top_k, top_p)
     rows = _check_prompts(prompts, max_new_tokens, model)
@@ -145,6 +181,9 @@ def generate(
         empty = GenerationStats(batch, sum(lengths), 0, 0.0, 0.0)
         return GenerationOutput([[] for _ in rows], ["length"] * batch, empty)
     dtype, device = model_dtype_and_device(model)
+    if cuda_graph and device.type != "cuda":
+        raise QattuneError(f"cuda_graph=True needs a model on a CUDA device; this one is on {device.type} "
+                           "(set device=cuda, or cuda_graph=false)")
     if generator is None and seed is not None and temperature > 0:
         generator = torch.Generator(device=device).manual_seed(seed)
 
@@ -163,6 +202,8 @@ def generate(
     if compile:
         cache_len = _round_up_cache(cache_len, model)
         decode_step = torch.compile(model, dynamic=False)
+    if cuda_graph:
+        decode_step = CudaGraphStep(decode_step)
     had_caches = model.caches_are_enabled()
     model.setup_caches(batch, cache_len, dtype=dtype, device=device)
     try:

@@ -47,6 +47,7 @@ def generate_text(
     seed: Optional[int] = None,
     generator: Optional[torch.Generator] = None,
     compile: bool = False,
+    cuda_graph: bool = False,
 ) -> TextGeneration:
     """Generate for every prompt in one batch; `stop_tokens` defaults to the tokenizer's."""
     if isinstance(prompts, str):
@@ -56,5 +57,6 @@ def generate_text(
         model, ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
         stop_tokens=tokenizer.stop_tokens if stop_tokens is None else stop_tokens,
         pad_id=tokenizer.pad_id, seed=seed, generator=generator, compile=compile,
+        cuda_graph=cuda_graph,
     )
     return TextGeneration([tokenizer.decode(t) for t in output.tokens], output)

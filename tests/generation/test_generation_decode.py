@@ -135,3 +135,35 @@ def test_compiled_decode_step_gives_the_eager_tokens(model):
     compiled = generate(model, PROMPTS[:2], 6, compile=True)
     assert compiled.tokens == eager.tokens
     assert not model.caches_are_enabled()
+
+
+def test_cuda_graph_needs_a_cuda_model(model):
+    with pytest.raises(QattuneError, match="cuda_graph=True needs a model on a CUDA device; this one is on cpu"):
+        generate(model, PROMPTS[:1], 3, cuda_graph=True)
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@needs_cuda
+@pytest.mark.parametrize("scheme", [None, "4w"])
+def test_cuda_graph_decoding_gives_the_eager_tokens(model, scheme):
+    """Replays run the recorded kernels, so tokens equal eager ones exactly (float, and 4w's tinygemm in
+    bf16); rows of different lengths check the per-row positions inside the graph."""
+    gpu = copy.deepcopy(model).cuda()
+    if scheme is not None:
+        gpu = PTQQuantizer(scheme, group_size=32).convert(gpu.to(torch.bfloat16))
+    eager = generate(gpu, PROMPTS, 16)
+    graphed = generate(gpu, PROMPTS, 16, cuda_graph=True)
+    assert graphed.tokens == eager.tokens
+    assert len({tuple(t) for t in eager.tokens}) > 1
+    assert not gpu.caches_are_enabled()
+
+
+@needs_cuda
+@pytest.mark.slow
+def test_cuda_graph_over_a_compiled_step_gives_the_compiled_tokens(model):
+    gpu = copy.deepcopy(model).cuda()
+    compiled = generate(gpu, PROMPTS[:2], 12, compile=True)
+    both = generate(gpu, PROMPTS[:2], 12, compile=True, cuda_graph=True)
+    assert both.tokens == compiled.tokens

@@ -47,6 +47,18 @@ def to_e5m2_saturated(v: Tensor) -> Tensor:
     return v.clamp(-E5M2_MAX, E5M2_MAX).to(torch.float8_e5m2)
 
 
+def divide(t: Tensor, divisor: float) -> Tensor:
+    """`t / divisor`, correctly rounded on every device.
+
+    PyTorch's CUDA kernels turn a division by a Python number into a multiplication by its rounded
+    reciprocal, one unit in the last place off for about a third of inputs. A scale that far off moves
+    values lying exactly on a rounding tie (a symmetric int8 row's negative absmax element sits at
+    -127.5), so CPU and CUDA would quantize some weights to different codes. A divisor tensor on the
+    device takes the exact division kernel everywhere.
+    """
+    return t / torch.full((), divisor, dtype=t.dtype, device=t.device)
+
+
 def floor_log2(v: Tensor) -> Tensor:
     """floor(log2(|v|)) of float32 `v` as int32, read from the exponent bits (-127 for zero/subnormal)."""
     bits = v.float().view(torch.int32)

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from qattune.quant.formats.base import NumericFormat, QuantizedTensor
-from qattune.quant.formats.elements import E4M3_MAX, to_e4m3_saturated
+from qattune.quant.formats.elements import E4M3_MAX, divide, to_e4m3_saturated
 
 _AMAX_FLOOR = 1e-12
 
@@ -26,7 +26,8 @@ class Float8Rowwise(NumericFormat):
 
     def _encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
         xf = x.float()
-        scale = xf.abs().amax(dim=-1, keepdim=True).clamp(min=_AMAX_FLOOR) / E4M3_MAX
+        scale = xf.abs().amax(dim=-1, keepdim=True).clamp(min=_AMAX_FLOOR)
+        scale = divide(scale, E4M3_MAX)
         return to_e4m3_saturated(xf / scale), scale
 
     def quantize(self, x: Tensor) -> QuantizedTensor:

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from qattune.quant.formats.base import NumericFormat, QuantizedTensor, to_blocks
-from qattune.quant.formats.elements import exp2_int, floor_log2, round_to_dtype
+from qattune.quant.formats.elements import divide, exp2_int, floor_log2, round_to_dtype
 
 GGUF_BLOCK_SIZE = 32
 
@@ -80,7 +80,7 @@ class GGUFQ8_0(_GGUFBlockFormat):
 
     def _encode(self, x: Tensor) -> tuple[Tensor, Tensor, Optional[Tensor]]:
         xb = to_blocks(x, self.block_size).float()
-        d = xb.abs().amax(dim=-1, keepdim=True) / 127.0
+        d = divide(xb.abs().amax(dim=-1, keepdim=True), 127.0)
         # |x * (1/d)| <= 127 up to one rounding: nothing is ever clipped.
         return round_half_away(xb * _reciprocal_or_zero(d)), d, None
 

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from qattune.errors import QattuneError
 from qattune.quant.formats.base import NumericFormat, QuantizedTensor, to_blocks
-from qattune.quant.formats.elements import round_to_dtype
+from qattune.quant.formats.elements import divide, round_to_dtype
 
 
 class IntAffine(NumericFormat):
@@ -87,13 +87,13 @@ class IntAffine(NumericFormat):
         lo, hi = lo.float().clamp(max=0.0), hi.float().clamp(min=0.0)
         levels = float(self.qmax - self.qmin)
         if self.symmetric:
-            scale = round_to_dtype(torch.maximum(-lo, hi) / (levels / 2), dtype)
+            scale = round_to_dtype(divide(torch.maximum(-lo, hi), levels / 2), dtype)
             scale = round_to_dtype(scale.clamp(min=eps), dtype)
             mid = int((self.qmax + self.qmin + 1) / 2)
             zero = None if mid == 0 else torch.full_like(scale, float(mid))
         else:
             span = round_to_dtype(hi - lo, dtype)
-            scale = round_to_dtype(round_to_dtype(span / levels, dtype).clamp(min=eps), dtype)
+            scale = round_to_dtype(round_to_dtype(divide(span, levels), dtype).clamp(min=eps), dtype)
             zero = (self.qmin - torch.round(round_to_dtype(lo / scale, dtype))).clamp(self.qmin, self.qmax)
         shape = self.scale_shape(x.shape)
         return scale.reshape(shape), None if zero is None else zero.reshape(shape)

@@ -34,19 +34,23 @@ def int4_pack_for_kernel(codes: Tensor) -> Optional[Tensor]:
     return None
 
 
-def int4_weight_only_mm(
-    x2d: Tensor, kernel_weight: Tensor, group_size: int, scale: Tensor, zero: Tensor
-) -> Optional[Tensor]:
-    """`x2d @ dequant(W).T` for tinygemm int4 (scale/zero `[N, K / group_size]`)."""
-    if x2d.device.type == "cpu":
-        dtype = x2d.dtype if x2d.dtype in (torch.float32, torch.bfloat16, torch.float16) else None
-        op = torch._weight_int4pack_mm_for_cpu
-    else:
-        dtype = torch.bfloat16 if x2d.dtype == torch.bfloat16 else None
-        op = torch._weight_int4pack_mm
-    if dtype is None or group_size not in (32, 64, 128, 256):
+def int4_kernel_dtype(x2d: Tensor, group_size: int) -> Optional[torch.dtype]:
+    """The compute dtype the device's int4 kernel takes for these activations, or None (no kernel)."""
+    if group_size not in (32, 64, 128, 256):
         return None
-    scales_and_zeros = torch.stack((scale.t(), zero.t()), dim=-1).to(dtype).contiguous()
+    if x2d.device.type == "cpu":
+        return x2d.dtype if x2d.dtype in (torch.float32, torch.bfloat16, torch.float16) else None
+    return torch.bfloat16 if x2d.dtype == torch.bfloat16 else None
+
+
+def int4_scales_and_zeros(scale: Tensor, zero: Tensor, dtype: torch.dtype) -> Tensor:
+    """tinygemm's `[K / group_size, N, 2]` scale/zero table from `[N, K / group_size]` scale and zero."""
+    return torch.stack((scale.t(), zero.t()), dim=-1).to(dtype).contiguous()
+
+
+def int4_weight_only_mm(x2d: Tensor, kernel_weight: Tensor, group_size: int, scales_and_zeros: Tensor) -> Tensor:
+    """`x2d @ dequant(W).T` for tinygemm int4; `x2d` in `int4_kernel_dtype` (checked by the caller)."""
+    op = torch._weight_int4pack_mm_for_cpu if x2d.device.type == "cpu" else torch._weight_int4pack_mm
     return op(x2d.contiguous(), kernel_weight, group_size, scales_and_zeros)
 
 

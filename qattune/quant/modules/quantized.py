@@ -92,6 +92,7 @@ class QuantizedLinear(_PackedWeightModule):
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
         self.use_kernels = True
         self._kernel_weight: Optional[tuple[torch.device, Tensor]] = None
+        self._kernel_tables: dict[torch.dtype, Tensor] = {}
 
     @classmethod
     def from_weight(
@@ -122,21 +123,31 @@ class QuantizedLinear(_PackedWeightModule):
                                packed, bias, self.weight_dtype)
 
     # -- kernels -------------------------------------------------------------------------------
-    def _int4_kernel_weight(self) -> Optional[Tensor]:
+    def _int4_kernel_operands(self, dtype: torch.dtype) -> Optional[tuple[Tensor, Tensor]]:
+        """The packed int4 weight and scale/zero table in the device kernel's layouts (built once per
+        device and dtype: the packed weights never change after conversion), or None (no kernel)."""
         device = self.weight_packed.device
         if self._kernel_weight is None or self._kernel_weight[0] != device:
             packed = kernels.int4_pack_for_kernel(self.quantized_weight().codes)
             self._kernel_weight = None if packed is None else (device, packed)
-        return None if self._kernel_weight is None else self._kernel_weight[1]
+            self._kernel_tables = {}
+        if self._kernel_weight is None:
+            return None
+        table = self._kernel_tables.get(dtype)
+        if table is None:
+            table = self._kernel_tables[dtype] = kernels.int4_scales_and_zeros(self.weight_scale, self.weight_zero, dtype)
+        return self._kernel_weight[1], table
 
     def _kernel_forward(self, x2d: Tensor) -> Optional[Tensor]:
         """The layer's matmul (without bias) on a low-precision kernel, or None when none applies."""
         fmt, act = self.weight_format, self.activation_format
         if isinstance(fmt, Int4Tinygemm) and act is None:
-            kernel_weight = self._int4_kernel_weight()
-            if kernel_weight is None:
+            dtype = kernels.int4_kernel_dtype(x2d, fmt.block_size)
+            operands = None if dtype is None else self._int4_kernel_operands(dtype)
+            if operands is None:
                 return None
-            return kernels.int4_weight_only_mm(x2d, kernel_weight, fmt.block_size, self.weight_scale, self.weight_zero)
+            weight, table = operands
+            return kernels.int4_weight_only_mm(x2d, weight, fmt.block_size, table)
         integer_per_row = (
             isinstance(fmt, IntAffine) and isinstance(act, IntAffine) and fmt.bits == act.bits == 8
             and fmt.symmetric and act.symmetric and fmt.block_size is None and act.block_size is None

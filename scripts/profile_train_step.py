@@ -1,0 +1,77 @@
+"""Profile one training step of `bench_train.py`'s variants: top operators by time, and memory.
+
+    python scripts/profile_train_step.py [--device cuda] [--variants plain qat/8da4w] [--rows 25] [--out DIR]
+
+For each variant (same model, batch and shapes as `bench_train.py`): two untimed steps, then one step
+with memory figures (allocated after the forward, peak of the step; CUDA only), then one step under
+`torch.profiler`, whose operator table (sorted by self device time on CUDA, self CPU time on CPU) is
+printed and, with `--out`, written to `DIR/profile_<variant>.txt`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+import bench_train
+
+_GIB = 1024**3
+
+
+def memory_of_one_step(state: bench_train.TrainState, device: str) -> dict[str, float]:
+    if device != "cuda":
+        return {}
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    logits = state.model(state.tokens)
+    loss = state.loss_fn(logits, state.labels) / state.labels.numel()
+    del logits
+    after_forward = torch.cuda.memory_allocated()
+    loss.backward()
+    state.optimizer.step()
+    state.optimizer.zero_grad(set_to_none=True)
+    torch.cuda.synchronize()
+    return {"allocated_before_gib": round(before / _GIB, 3), "saved_by_forward_gib": round((after_forward - before) / _GIB, 3),
+            "peak_gib": round(torch.cuda.max_memory_allocated() / _GIB, 3)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--variants", nargs="+", default=["plain", "qat/8da4w"])
+    parser.add_argument("--rows", type=int, default=25)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    shape = bench_train.DEFAULT_SHAPES[args.device]
+    variants = bench_train.all_variants([v.split("/")[1] for v in args.variants if v.startswith("qat/")],
+                                        with_torchao="torchao/8da4w" in args.variants)
+    torch.manual_seed(1)
+    batch = [torch.randint(0, shape.vocab_size, (shape.batch_size, shape.seq_len), device=args.device) for _ in range(2)]
+    sort_key = "self_cuda_time_total" if args.device == "cuda" else "self_cpu_time_total"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device == "cuda" else [])
+    summary = {}
+    for name in args.variants:
+        state = bench_train.TrainState(variants[name](bench_train.build_float_model(shape, args.device)), *batch)
+        for _ in range(2):
+            state.step()
+        summary[name] = memory_of_one_step(state, args.device)
+        with profile(activities=activities) as prof:
+            state.step()
+        table = prof.key_averages().table(sort_by=sort_key, row_limit=args.rows, max_name_column_width=60)
+        print(f"== {name} {json.dumps(summary[name])}\n{table}")
+        if args.out:
+            Path(args.out, f"profile_{name.replace('/', '_')}.txt").write_text(table)
+        del state
+        if args.device == "cuda":
+            torch.cuda.empty_cache()
+    print(json.dumps({"model": asdict(shape), "memory": summary}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
