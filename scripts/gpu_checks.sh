@@ -14,7 +14,7 @@ for part in $parts; do
   echo "== $part"
   case $part in
     tests)
-      timeout 240 $py -m pytest -p no:warnings -q -rs tests/quant/test_convert_kernels.py \
+      timeout 240 $py -m pytest -p no:warnings -p no:logging -q -rs --tb=line tests/quant/test_convert_kernels.py \
         tests/generation/test_generation_decode.py tests/quant/test_fake_quant_cuda.py 2>&1 | tee "$out/tests.log" ;;
     generate)  # launch-bound without a graph; every scheme, replayed from a CUDA graph
       timeout 200 $py scripts/bench_generate.py --devices cuda --model llama3.2-1b --new-tokens 64 --cuda-graph \
@@ -23,14 +23,16 @@ for part in $parts; do
       timeout 300 $py scripts/bench_generate.py --devices cuda --model llama3.2-1b --new-tokens 64 --compile \
         --cuda-graph --schemes 4w 4w:64 --out "$out/generate_compile_graph.json" 2>&1 | grep -v '^{' ;;
     profile)
-      timeout 200 $py scripts/profile_train_step.py --device cuda --variants plain qat/8da4w qat/4w \
-        --out "$out" > "$out/profile.log" 2>&1; grep -A3 '^==' "$out/profile.log"; tail -c 1500 "$out/profile.log" ;;
+      for sort in device cpu; do
+        timeout 200 $py scripts/profile_train_step.py --device cuda --variants plain qat/8da4w qat/4w --sort $sort \
+          --rows 40 --out "$out" > "$out/profile_$sort.log" 2>&1; done
+      tail -c 1200 "$out/profile_device.log" ;;
     train)
       timeout 330 $py scripts/bench_train.py --device cuda --rounds 3 --steps 3 --warmup 2 \
         --schemes 8da4w 4w 8da8w fp8 nvfp4 q4_0 --out "$out/train.json" > "$out/train.log" 2>&1
       tail -c 6000 "$out/train.log" ;;
     train_compile)
-      timeout 560 $py scripts/bench_train.py --device cuda --modes compile --rounds 3 --steps 3 --warmup 2 \
+      timeout 420 $py scripts/bench_train.py --device cuda --modes compile --rounds 2 --steps 3 --warmup 2 \
         --variants plain qat/8da4w qat/4w torchao/8da4w --out "$out/train_compile.json" > "$out/train_compile.log" 2>&1
       tail -c 6000 "$out/train_compile.log" ;;
   esac

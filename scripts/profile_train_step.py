@@ -4,8 +4,8 @@
 
 For each variant (same model, batch and shapes as `bench_train.py`): two untimed steps, then one step
 with memory figures (allocated after the forward, peak of the step; CUDA only), then one step under
-`torch.profiler`, whose operator table (sorted by self device time on CUDA, self CPU time on CPU) is
-printed and, with `--out`, written to `DIR/profile_<variant>.txt`.
+`torch.profiler`, whose operator table (sorted by self device time on CUDA, self CPU time on CPU or with
+`--sort cpu`: where launch overhead starves the GPU) is printed and, with `--out`, written to `DIR/profile_<variant>.txt`.
 """
 
 from __future__ import annotations
@@ -46,6 +46,8 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
     parser.add_argument("--variants", nargs="+", default=["plain", "qat/8da4w"])
     parser.add_argument("--rows", type=int, default=25)
+    parser.add_argument("--sort", choices=["device", "cpu"], default="device",
+                        help="order operators by self device time (CPU time on CPU) or by self CPU time")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     shape = bench_train.DEFAULT_SHAPES[args.device]
@@ -53,7 +55,7 @@ def main() -> None:
                                         with_torchao="torchao/8da4w" in args.variants)
     torch.manual_seed(1)
     batch = [torch.randint(0, shape.vocab_size, (shape.batch_size, shape.seq_len), device=args.device) for _ in range(2)]
-    sort_key = "self_cuda_time_total" if args.device == "cuda" else "self_cpu_time_total"
+    sort_key = "self_cuda_time_total" if args.device == "cuda" and args.sort == "device" else "self_cpu_time_total"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device == "cuda" else [])
     summary = {}
     for name in args.variants:
@@ -66,7 +68,7 @@ def main() -> None:
         table = prof.key_averages().table(sort_by=sort_key, row_limit=args.rows, max_name_column_width=60)
         print(f"== {name} {json.dumps(summary[name])}\n{table}")
         if args.out:
-            Path(args.out, f"profile_{name.replace('/', '_')}.txt").write_text(table)
+            Path(args.out, f"profile_{args.sort}_{name.replace('/', '_')}.txt").write_text(table)
         del state
         if args.device == "cuda":
             torch.cuda.empty_cache()

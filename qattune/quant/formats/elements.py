@@ -48,15 +48,24 @@ def to_e5m2_saturated(v: Tensor) -> Tensor:
 
 
 def divide(t: Tensor, divisor: float) -> Tensor:
-    """`t / divisor`, correctly rounded on every device.
+    """`t / divisor`, correctly rounded to `t`'s dtype on every device and under `torch.compile`.
 
-    PyTorch's CUDA kernels turn a division by a Python number into a multiplication by its rounded
-    reciprocal, one unit in the last place off for about a third of inputs. A scale that far off moves
-    values lying exactly on a rounding tie (a symmetric int8 row's negative absmax element sits at
-    -127.5), so CPU and CUDA would quantize some weights to different codes. A divisor tensor on the
-    device takes the exact division kernel everywhere.
+    PyTorch's CUDA kernels and Inductor's generated code turn a division by a constant into a
+    multiplication by its rounded reciprocal, one unit in the last place off for about a third of
+    inputs. A scale that far off moves values lying exactly on a rounding tie (the negative absmax
+    element of a symmetric int row sits at -7.5 or -127.5), so CPU, CUDA and compiled code would pick
+    different codes for some weights. Dividing in float64 and rounding once to float32 gives the
+    correctly rounded float32 quotient (53 >= 2 * 24 + 2 bits). Where a compiler still uses the
+    reciprocal in float64, the float64 quotient is off by at most one float64 unit, which changes the
+    float32 result only for quotients that close to a float32 rounding boundary (about 1 in 2**28).
     """
-    return t / torch.full((), divisor, dtype=t.dtype, device=t.device)
+    return (t.double() / divisor).to(t.dtype)
+
+
+def reciprocal(t: Tensor) -> Tensor:
+    """`1 / t`, correctly rounded to `t`'s dtype everywhere (see `divide`: Triton's float32 division is
+    approximate, so a compiled `1.0 / scale` can land one unit off and move values that sit on a tie)."""
+    return (1.0 / t.double()).to(t.dtype)
 
 
 def floor_log2(v: Tensor) -> Tensor:

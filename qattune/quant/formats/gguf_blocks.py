@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from qattune.quant.formats.base import NumericFormat, QuantizedTensor, to_blocks
-from qattune.quant.formats.elements import divide, exp2_int, floor_log2, round_to_dtype
+from qattune.quant.formats.elements import divide, exp2_int, floor_log2, reciprocal, round_to_dtype
 
 GGUF_BLOCK_SIZE = 32
 
@@ -35,7 +35,7 @@ def trunc_plus_8_5(t: Tensor) -> Tensor:
 
 def _reciprocal_or_zero(d: Tensor) -> Tensor:
     """1 / d, and 0 where d == 0 (llama.cpp's `id = d ? 1.0f/d : 0.0f`)."""
-    return torch.where(d == 0, torch.zeros_like(d), 1.0 / d)
+    return torch.where(d == 0, torch.zeros_like(d), reciprocal(d))
 
 
 def round_half_away(v: Tensor) -> Tensor:

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from qattune.errors import QattuneError
 from qattune.quant.formats.base import NumericFormat, QuantizedTensor, to_blocks
-from qattune.quant.formats.elements import divide, round_to_dtype
+from qattune.quant.formats.elements import divide, reciprocal, round_to_dtype
 
 
 class IntAffine(NumericFormat):
@@ -103,7 +103,7 @@ class IntAffine(NumericFormat):
         """Float codes (clamped) and the not-clipped mask, in blocked layout."""
         xb = self.blocks(x).float()
         s = scale.reshape(*xb.shape[:-1], 1)
-        q = torch.round(xb * (1.0 / s))
+        q = torch.round(xb * reciprocal(s))
         if zero is not None:
             q = q + zero.reshape(s.shape)
         clamped = q.clamp(self.qmin, self.qmax)
