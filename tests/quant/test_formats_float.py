@@ -13,11 +13,13 @@ import torch
 from qattune.errors import QattuneError
 from qattune.quant.formats import NF4, NF4_LEVELS, NVFP4, Float8Rowwise, MXFormat
 from qattune.quant.formats.elements import (
+    divide,
     e2m1_decode,
     e2m1_encode,
     e8m0_decode,
     e8m0_encode,
     exp2_int,
+    reciprocal,
     round_to_dtype,
     to_e4m3_saturated,
     to_e5m2_saturated,
@@ -244,3 +246,16 @@ def test_block_size_must_divide_width(fmt, width):
 def test_unknown_mx_element_is_an_error():
     with pytest.raises(QattuneError, match="fp4_e2m1"):
         MXFormat("fp6")
+
+
+def test_divide_and_reciprocal_are_correctly_rounded_where_the_reciprocal_product_is_not():
+    """`divide`/`reciprocal` (used for every scale) equal IEEE float32 division on the CPU, including
+    the inputs where multiplying by the rounded reciprocal (what CUDA and Triton do) is one unit off."""
+    torch.manual_seed(0)
+    t = torch.randn(100_000) * 3
+    for divisor in (127.5, 7.5, 15.0, 255.0, 448.0, 2688.0):
+        exact = t / torch.tensor(divisor)  # a tensor divisor: the CPU's IEEE division
+        assert torch.equal(divide(t, divisor), exact)
+        assert (t * (1.0 / divisor) != exact).any()  # the shortcut really differs on some inputs
+    s = torch.rand(10_000) + 0.01
+    assert torch.equal(reciprocal(s), torch.ones(()) / s)
