@@ -14,7 +14,9 @@ topics the training never saw:
 - qat_distill: the qat run distilled (kd_weight 0.5) from the float model as it was when fake
   quantization turned on (`teacher_snapshot: fake_quant_start`);
 - qat_ranges: the qat run with learned weight scales (`quantizer.range_learning: true`) at 1/100 of
-  the learning rate (`range_learning_lr`); integer schemes only (8da4w), skipped for the others.
+  the learning rate (`range_learning_lr`); integer schemes only (8da4w), skipped for the others;
+- qat_ranges_mse: qat_ranges with the scales starting at each group's least-squared-error clipping
+  range (`quantizer.range_init: mse`) instead of its full range.
 
 Every stage is a `qattune run` of the shipped recipes and configs, so the numbers are what users get.
 """
@@ -28,7 +30,7 @@ from pathlib import Path
 
 from qattune.cli.run import run_command
 
-VARIANTS = ("qat_plain", "qat", "qat_distill", "qat_ranges")
+VARIANTS = ("qat_plain", "qat", "qat_distill", "qat_ranges", "qat_ranges_mse")
 RANGE_LEARNING_SCHEMES = ("8da4w", "8w", "8da8w")
 RANGE_LEARNING = ["+quantizer.range_learning=true", "range_learning_lr=2e-6"]  # the configs' lr 2e-4 / 100
 DISTILLATION = "loss={_component_: qattune.training.DistillationLoss, kd_weight: 0.5}"
@@ -48,6 +50,8 @@ def _variant_overrides(variant: str, steps: int) -> list[str]:
         return recipe
     if variant == "qat_ranges":
         return recipe + RANGE_LEARNING
+    if variant == "qat_ranges_mse":
+        return recipe + RANGE_LEARNING + ["+quantizer.range_init=mse"]
     return recipe + [DISTILLATION, "teacher_snapshot=fake_quant_start"]
 
 
@@ -85,7 +89,7 @@ def main() -> None:
         base = root / scheme
         checkpoints = {"bf16": bf16, "ptq": _quantize(bf16, base / "ptq", scheme, ptq=True)}
         for variant in args.variants:
-            if variant == "qat_ranges" and scheme not in RANGE_LEARNING_SCHEMES:
+            if variant.startswith("qat_ranges") and scheme not in RANGE_LEARNING_SCHEMES:
                 continue  # range learning needs integer weight formats
             variant_started = time.perf_counter()
             trained = _train(base / variant, "qat_distributed", "smollm2/135M_qat_full", args.steps,

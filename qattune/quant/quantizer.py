@@ -19,7 +19,7 @@ from qattune.quant.formats import IntAffine
 from qattune.quant.modules import FakeQuantEmbedding, FakeQuantLinear, QuantizedEmbedding, QuantizedLinear
 from qattune.quant.modules.activation_cache import SharedActivationFakeQuant
 from qattune.quant.plan import LayerPlan, check_block_sizes, iter_layers, plan_layer
-from qattune.quant.range_learning import LearnedRangeFakeQuantizer
+from qattune.quant.range_learning import RANGE_INITS, LearnedRangeFakeQuantizer
 from qattune.quant.report import QuantReport
 from qattune.quant.schemes import SchemeConfig, resolve_scheme_config
 
@@ -65,6 +65,8 @@ def set_fake_quant(model: nn.Module, enabled: bool) -> None:
 
 class _SchemeQuantizer:
     """The protocol shared by QAT and PTQ: a scheme config, name filters, and the last report."""
+
+    range_init: str = "absmax"
 
     def __init__(self, config: SchemeConfig) -> None:
         self.config = config
@@ -137,7 +139,7 @@ class _SchemeQuantizer:
         if not self.config.range_learning:
             return None
         weight = plan.module.weight
-        learner = LearnedRangeFakeQuantizer(plan.weight_format, tuple(weight.shape))
+        learner = LearnedRangeFakeQuantizer(plan.weight_format, tuple(weight.shape), self.range_init)
         return learner.to(weight.device)
 
     def _fake_quant_module(
@@ -183,6 +185,8 @@ class QATQuantizer(_SchemeQuantizer):
         exclude: module-name regexes; matching layers stay in float.
         output_head_pattern: regex naming the output head.
         range_learning: learn the weight scales (LSQ) for integer schemes; `convert` uses them.
+        range_init: where learned scales start: "absmax" (the dynamic scales: training starts at plain
+            fake quantization) or "mse" (per group, the clipping range of least squared error).
     """
 
     def __init__(
@@ -196,11 +200,18 @@ class QATQuantizer(_SchemeQuantizer):
         exclude: Optional[list[str]] = None,
         output_head_pattern: str = DEFAULT_OUTPUT_HEAD_PATTERN,
         range_learning: bool = False,
+        range_init: Literal["absmax", "mse"] = "absmax",
     ) -> None:
         super().__init__(resolve_scheme_config(
             scheme, group_size, quantize_activations, quantize_embedding, quantize_output,
             include, exclude, output_head_pattern, range_learning,
         ))
+        if range_init not in RANGE_INITS:
+            raise QattuneError(f"quantizer option range_init={range_init!r}: choose one of {', '.join(RANGE_INITS)}")
+        if range_init != "absmax" and not range_learning:
+            raise QattuneError(f"quantizer option range_init={range_init!r} sets where learned scales start; "
+                               "add range_learning=true, or remove range_init")
+        self.range_init = range_init
 
 
 class PTQQuantizer(_SchemeQuantizer):

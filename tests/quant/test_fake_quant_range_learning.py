@@ -163,3 +163,47 @@ def test_range_learning_param_groups_give_the_ranges_their_own_rate():
     assert {id(p) for p in rest["params"]} == {id(model[0].weight), id(model[2].weight)}
     with pytest.raises(QattuneError, match="set quantizer.range_learning=true or remove range_learning_lr"):
         range_learning_param_groups(nn.Linear(4, 4), lr=1e-6)
+
+
+def _group_error(x: torch.Tensor, scale: torch.Tensor, zero) -> torch.Tensor:
+    """Squared error of one group [1, 32] fake-quantized with int4 symmetric qparams (by hand: q = clamp(
+    round(x / s), -8, 7))."""
+    q = torch.clamp(torch.round(x / scale), -8, 7)
+    return ((q * scale - x) ** 2).sum()
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_mse_init_picks_the_least_squared_error_clipping_per_group(symmetric):
+    from qattune.quant.range_learning import CLIP_RATIOS, search_clipping_qparams
+
+    torch.manual_seed(0)
+    w = torch.randn(64, 256)  # 512 Gaussian groups of 32
+    fmt = IntAffine(4, symmetric, 32)
+    scale, zero = search_clipping_qparams(fmt, w)
+    absmax_scale, absmax_zero = fmt.choose_qparams(w)
+    error = lambda s, z: ((fmt.fake_quantize_with_qparams(w, s, z)[0] - w) ** 2).reshape(64, 8, 32).sum(-1)
+    chosen = error(scale, zero)
+    for ratio in CLIP_RATIOS:  # no candidate does better in any group
+        assert torch.all(chosen <= error(*fmt.choose_qparams(w * ratio)))
+    # most Gaussian groups do better clipped: their largest values are rare, the grid serves the rest
+    assert (scale < absmax_scale).float().mean() > 0.5
+    assert chosen.sum() < 0.95 * error(absmax_scale, absmax_zero).sum()
+    if symmetric:  # one group by hand
+        assert torch.isclose(chosen[0, 0], _group_error(w[0, :32], scale[0, 0], None))
+
+
+def test_range_init_mse_starts_learned_scales_at_the_search_and_is_checked():
+    from qattune.quant import QATQuantizer
+    from qattune.quant.range_learning import search_clipping_qparams
+    from torch import nn
+
+    torch.manual_seed(0)
+    model = QATQuantizer("8da4w", range_learning=True, range_init="mse").prepare(nn.Sequential(nn.Linear(64, 16)))
+    learner = model[0].weight_range_learner
+    learner.initialize(model[0].weight)
+    expected, _ = search_clipping_qparams(learner.fmt, model[0].weight.detach())
+    assert torch.equal(learner.scale.detach(), expected)
+    with pytest.raises(QattuneError, match="range_init='mse' sets where learned scales start; add range_learning=true"):
+        QATQuantizer("8da4w", range_init="mse")
+    with pytest.raises(QattuneError, match="range_init='minmax': choose one of absmax, mse"):
+        QATQuantizer("8da4w", range_learning=True, range_init="minmax")
