@@ -36,9 +36,14 @@ RANGE_LEARNING = ["+quantizer.range_learning=true", "range_learning_lr=2e-6"]  #
 DISTILLATION = "loss={_component_: qattune.training.DistillationLoss, kd_weight: 0.5}"
 
 
+QUANTIZER_OPTIONS: list[str] = []
+"""`--quantizer-option key=value` pairs, given to every quantizer (PTQ, QAT training and conversion)."""
+
+
 def _scheme_overrides(scheme: str) -> list[str]:
-    """Quantizer overrides of the shipped configs (8da4w group 32) for `scheme`."""
-    return [] if scheme == "8da4w" else [f"quantizer.scheme={scheme}", "~quantizer.group_size"]
+    """Quantizer overrides of the shipped configs (8da4w group 32) for `scheme`, plus QUANTIZER_OPTIONS."""
+    options = [f"+quantizer.{option}" for option in QUANTIZER_OPTIONS]
+    return options if scheme == "8da4w" else [f"quantizer.scheme={scheme}", "~quantizer.group_size", *options]
 
 
 def _variant_overrides(variant: str, steps: int) -> list[str]:
@@ -79,7 +84,10 @@ def main() -> None:
     parser.add_argument("--eval-documents", type=int, default=3)
     parser.add_argument("--output-dir", default="/tmp/qattune/bench_quality")
     parser.add_argument("--reuse", action="store_true", help="keep training runs already finished in --output-dir")
+    parser.add_argument("--quantizer-option", action="append", default=[], metavar="KEY=VALUE",
+                        help="a quantizer option for PTQ and QAT alike (e.g. quantize_output=false)")
     args = parser.parse_args()
+    QUANTIZER_OPTIONS.extend(args.quantizer_option)
     root = Path(args.output_dir).resolve()
     started = time.perf_counter()
 
@@ -106,6 +114,7 @@ def main() -> None:
         "data": "python_docs train split; evaluated on held-out validation topics",
         "steps": args.steps,
         "eval_documents": args.eval_documents,
+        "quantizer_options": args.quantizer_option,
         "minutes": round((time.perf_counter() - started) / 60, 1),
         "minutes_per_qat_run": minutes,
         "results": {scheme: {"perplexity": {n: m["perplexity"] for n, m in r["checkpoints"].items()},

@@ -46,8 +46,9 @@ def search_clipping_qparams(fmt: IntAffine, x: Tensor, ratios: Sequence[float] =
                             ) -> tuple[Tensor, Optional[Tensor]]:
     """Per group, the qparams of `fmt.choose_qparams(x * r)` for the ratio `r` in `ratios` whose fake
     quantization of `x` has the least squared error: clipping a group's few largest values buys a
-    finer grid for all the others (on SmolLM2-135M, 8da4w PTQ with these scales has held-out perplexity
-    25.2 against 27.2 with the full range; float 15.5)."""
+    finer grid for all the others. Least weight error is not least model error: 8da4w PTQ of SmolLM2-135M
+    with these scales has held-out perplexity 25.2 against 27.2 with the full range, but 13.75 against
+    13.20 after a fine-tune, where QAT starting from them also ended worse (docs/benchmarks.md)."""
     xf = x.float()
     best_scale, best_zero, best_error = None, None, None
     for ratio in ratios:
