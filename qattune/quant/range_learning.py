@@ -3,8 +3,9 @@
 The scale (and, for asymmetric formats, the zero point) are `nn.Parameter`s initialised from the first
 tensor the module sees: with the format's own dynamic qparams (`init="absmax"`, so training starts
 exactly at dynamic fake quantization), or with the clipping range of least squared error per group
-(`init="mse"`, see `search_clipping_qparams`). Gradients (Esser et al. 2020, "Learned Step Size Quantization"; zero point as in
-LSQ+, Bhalgat et al. 2020), with `v = x / s`, `r = round(v)`, `z` the rounded zero point:
+(`init="mse"`, see `search_clipping_qparams`). Gradients (Esser et al. 2020, "Learned Step Size
+Quantization"; zero point as in LSQ+, Bhalgat et al. 2020), with `v = x / s`, `r = round(v)`, `z` the
+rounded zero point:
 
 - input: the straight-through estimator, 1 where `qmin <= r + z <= qmax`, else 0;
 - scale: `r - v` in range, `qmin - z` / `qmax - z` where clipped below / above;
@@ -46,9 +47,10 @@ def search_clipping_qparams(fmt: IntAffine, x: Tensor, ratios: Sequence[float] =
                             ) -> tuple[Tensor, Optional[Tensor]]:
     """Per group, the qparams of `fmt.choose_qparams(x * r)` for the ratio `r` in `ratios` whose fake
     quantization of `x` has the least squared error: clipping a group's few largest values buys a
-    finer grid for all the others. Least weight error is not least model error: 8da4w PTQ of SmolLM2-135M
-    with these scales has held-out perplexity 25.2 against 27.2 with the full range, but 13.75 against
-    13.20 after a fine-tune, where QAT starting from them also ended worse (docs/benchmarks.md)."""
+    finer grid for all the others. Least weight error is not least model error: 8da4w PTQ of
+    SmolLM2-135M with these scales has held-out perplexity 25.2 against 27.2 with the full range, but
+    13.75 against 13.20 after a fine-tune, where QAT starting from them also ended worse
+    (docs/benchmarks.md)."""
     xf = x.float()
     best_scale, best_zero, best_error = None, None, None
     for ratio in ratios:
