@@ -4,6 +4,8 @@ scheme vs QAT+LoRA vs torchao's 8da4w QAT, on one model and batch, in one interl
 Variants (each also per-block `torch.compile`d with `--modes eager compile`):
 - `plain`: the float model, full fine-tuning;
 - `qat/<scheme>`: `QATQuantizer(<scheme>).prepare(model)` with the scheme's defaults (8da4w: group 32);
+- `qat_recompute/<scheme>` (8da4w, 4w): `QATQuantizer(<scheme>, recompute_weights=True)`, which keeps no
+  fake-quantized weight copy and re-quantizes in the backward (less memory, more work);
 - `qat_lora/8da4w`: the 8da4w-prepared model with rank-8 LoRA on q/k/v/o and the MLP (frozen base);
 - `torchao/8da4w`: torchao's `Int8DynActInt4WeightQATQuantizer(groupsize=32)` (what torchtune's QAT
   recipe runs), when torchao is installed.
@@ -89,6 +91,10 @@ def _qattune_qat(scheme: str) -> Callable[[nn.Module], nn.Module]:
     return lambda model: QATQuantizer(scheme).prepare(model)
 
 
+def _qattune_qat_recompute(scheme: str) -> Callable[[nn.Module], nn.Module]:
+    return lambda model: QATQuantizer(scheme, recompute_weights=True).prepare(model)
+
+
 def _qattune_qat_lora(model: nn.Module) -> nn.Module:
     QATQuantizer("8da4w").prepare(model)
     return apply_lora(model, lora_attn_modules=["q_proj", "k_proj", "v_proj", "output_proj"],
@@ -115,6 +121,8 @@ def all_variants(schemes: list[str], with_torchao: bool) -> dict[str, Callable[[
     """Variant name -> transform of the float model."""
     variants: dict[str, Callable[[nn.Module], nn.Module]] = {"plain": lambda model: model}
     variants.update({f"qat/{scheme}": _qattune_qat(scheme) for scheme in schemes})
+    variants.update({f"qat_recompute/{scheme}": _qattune_qat_recompute(scheme)
+                     for scheme in ("8da4w", "4w") if scheme in schemes})
     variants["qat_lora/8da4w"] = _qattune_qat_lora
     if with_torchao:
         variants["torchao/8da4w"] = _torchao_8da4w

@@ -67,6 +67,7 @@ class _SchemeQuantizer:
     """The protocol shared by QAT and PTQ: a scheme config, name filters, and the last report."""
 
     range_init: str = "absmax"
+    recompute_weights: bool = False
 
     def __init__(self, config: SchemeConfig) -> None:
         self.config = config
@@ -154,7 +155,9 @@ class _SchemeQuantizer:
         if plan.activation_format is not None:
             shared = shared_activations.setdefault(repr(plan.activation_format),
                                                    SharedActivationFakeQuant(plan.activation_format))
-        return FakeQuantLinear(plan.module, plan.weight_format, plan.activation_format, learner, shared)
+        linear = FakeQuantLinear(plan.module, plan.weight_format, plan.activation_format, learner, shared)
+        linear.recompute_weight = self.recompute_weights
+        return linear
 
     def _quantized_module(self, plan: LayerPlan) -> nn.Module:
         module = plan.module
@@ -187,6 +190,9 @@ class QATQuantizer(_SchemeQuantizer):
         range_learning: learn the weight scales (LSQ) for integer schemes; `convert` uses them.
         range_init: where learned scales start: "absmax" (the dynamic scales: training starts at plain
             fake quantization) or "mse" (per group, the clipping range of least squared error).
+        recompute_weights: keep no fake-quantized copy of trained Linear weights between the forward and
+            the backward, or between steps; quantize them again in the backward instead (saves one copy
+            of the weights' memory, costs one more fake quantization per layer and micro-batch).
     """
 
     def __init__(
@@ -201,6 +207,7 @@ class QATQuantizer(_SchemeQuantizer):
         output_head_pattern: str = DEFAULT_OUTPUT_HEAD_PATTERN,
         range_learning: bool = False,
         range_init: Literal["absmax", "mse"] = "absmax",
+        recompute_weights: bool = False,
     ) -> None:
         super().__init__(resolve_scheme_config(
             scheme, group_size, quantize_activations, quantize_embedding, quantize_output,
@@ -212,6 +219,7 @@ class QATQuantizer(_SchemeQuantizer):
             raise QattuneError(f"quantizer option range_init={range_init!r} sets where learned scales start; "
                                "add range_learning=true, or remove range_init")
         self.range_init = range_init
+        self.recompute_weights = recompute_weights
 
 
 class PTQQuantizer(_SchemeQuantizer):

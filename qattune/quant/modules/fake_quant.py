@@ -3,10 +3,10 @@
 They subclass nn.Linear / nn.Embedding and share the original Parameters, so state-dict keys, optimizer
 references and `isinstance` checks are unchanged. `fake_quant_enabled = False` makes them exact float modules.
 
-The weight's fake quantization is cached per optimizer step (see `weight_cache`), with two exceptions
+The weight's fake quantization is cached per optimizer step (see `weight_cache`), with three exceptions
 where it is computed in every forward instead: range learning (the weight goes through a learnable-scale
-quantizer whose scale is a parameter), and weights sharded by FSDP2 (a cache would hold the full
-unsharded weight on every rank). Under torch.compile the compiled code does not check the cache: the
+quantizer whose scale is a parameter), weights sharded by FSDP2 (a cache would hold the full unsharded
+weight on every rank), and trained Linear weights under `recompute_weights` (see `recompute`). Under torch.compile the compiled code does not check the cache: the
 prepared model's forward pre-hook (`refresh_for_forward`, eager) brings every cache up to date first,
 and layers it has not vouched for compute their fake-quantized weight inline, which is always exact.
 """
@@ -22,6 +22,7 @@ from torch.distributed.tensor import DTensor
 
 from qattune.quant.formats import NumericFormat
 from qattune.quant.modules.activation_cache import SharedActivationFakeQuant
+from qattune.quant.modules.recompute import recomputed_fake_quant_linear
 from qattune.quant.modules.weight_cache import WeightFakeQuantCache
 
 
@@ -42,8 +43,14 @@ class _WeightFakeQuant:
         self.weight_range_learner = range_learner
         self.fake_quant_enabled = True
         self._weight_cache = WeightFakeQuantCache()
-        self._cache_weight = True  # False while the weight is sharded (FSDP2)
+        self._cache_weight = True  # False while the weight is sharded (FSDP2) or recomputed
         self._compiled_reads_cache = False  # set by refresh_for_forward once it keeps the cache current
+        self.recompute_weight = False  # set by the quantizer's recompute_weights option (Linear only)
+
+    def _recomputes_weight(self) -> bool:
+        """Whether the forward keeps only the float weight for the backward (`recompute_weights`; a
+        frozen weight, such as LoRA's base, keeps its cache: it is quantized once, not once per step)."""
+        return self.recompute_weight and self.weight_range_learner is None and self.weight.requires_grad
 
     def refresh_weight_cache(self) -> None:
         """Recompute the cached fake-quantized weight if the weight changed (called in eager code)."""
@@ -54,8 +61,8 @@ class _WeightFakeQuant:
         """Called (eagerly) at the start of the prepared model's forward: decide whether the weight is
         cached (not when FSDP2 holds it sharded) and bring the cache up to date for compiled code."""
         sharded = isinstance(self.weight, DTensor)
-        self._cache_weight = not sharded
-        if sharded:
+        self._cache_weight = not sharded and not self._recomputes_weight()
+        if not self._cache_weight:
             self._weight_cache.clear()
         self.refresh_weight_cache()
         self._compiled_reads_cache = self._cache_weight
@@ -105,6 +112,8 @@ class FakeQuantLinear(nn.Linear, _WeightFakeQuant):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fake_quant_enabled and self.activation_fake_quant is not None:
             x = self.activation_fake_quant(x)
+        if self.fake_quant_enabled and torch.is_grad_enabled() and self._recomputes_weight():
+            return recomputed_fake_quant_linear(x, self.weight, self.bias, self.weight_format)
         return F.linear(x, self._forward_weight(), self.bias)
 
     def to_float(self) -> nn.Linear:
