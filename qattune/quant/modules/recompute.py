@@ -33,11 +33,12 @@ class _RecomputedFakeQuantLinear(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         with torch.no_grad():
             weight_hat, clipped = fake_quantize_clipped(ctx.fmt, weight.detach())
-        grad_x = grad.matmul(weight_hat) if ctx.needs_input_grad[0] else None
+        # matmuls in the gradient's dtype (the forward's under autocast), results in the inputs' dtypes
+        grad_x = grad.matmul(weight_hat.to(grad.dtype)).to(x.dtype) if ctx.needs_input_grad[0] else None
         grad_2d = grad.reshape(-1, grad.shape[-1])
         grad_w = grad_b = None
         if ctx.needs_input_grad[1]:
-            grad_w = grad_2d.t().mm(x.reshape(-1, x.shape[-1]))
+            grad_w = grad_2d.t().mm(x.reshape(-1, x.shape[-1]).to(grad.dtype)).to(weight.dtype)
             if clipped is not None:
                 grad_w.masked_fill_(clipped, 0.0)
         if ctx.has_bias and ctx.needs_input_grad[2]:
