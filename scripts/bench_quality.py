@@ -36,14 +36,11 @@ RANGE_LEARNING = ["+quantizer.range_learning=true", "range_learning_lr=2e-6"]  #
 DISTILLATION = "loss={_component_: qattune.training.DistillationLoss, kd_weight: 0.5}"
 
 
-QUANTIZER_OPTIONS: list[str] = []
-"""`--quantizer-option key=value` pairs, given to every quantizer (PTQ, QAT training and conversion)."""
-
-
-def _scheme_overrides(scheme: str) -> list[str]:
-    """Quantizer overrides of the shipped configs (8da4w group 32) for `scheme`, plus QUANTIZER_OPTIONS."""
-    options = [f"+quantizer.{option}" for option in QUANTIZER_OPTIONS]
-    return options if scheme == "8da4w" else [f"quantizer.scheme={scheme}", "~quantizer.group_size", *options]
+def _scheme_overrides(scheme: str, options: list[str]) -> list[str]:
+    """Quantizer overrides of the shipped configs (8da4w group 32) for `scheme`, plus `options`
+    (`--quantizer-option key=value` pairs, given to every quantizer: PTQ, QAT training and conversion)."""
+    added = [f"+quantizer.{option}" for option in options]
+    return added if scheme == "8da4w" else [f"quantizer.scheme={scheme}", "~quantizer.group_size", *added]
 
 
 def _variant_overrides(variant: str, steps: int) -> list[str]:
@@ -69,10 +66,10 @@ def _train(out: Path, recipe: str, config: str, steps: int, extra: list[str], re
     return checkpoint
 
 
-def _quantize(checkpoint: Path, out: Path, scheme: str, ptq: bool) -> Path:
+def _quantize(checkpoint: Path, out: Path, scheme: str, options: list[str], ptq: bool) -> Path:
     kind = ["quantizer._component_=qattune.quant.PTQQuantizer"] if ptq else []
     run_command(["quantize", "--config", "quantization", f"checkpoint_dir={checkpoint}", f"output_dir={out}",
-                 *_scheme_overrides(scheme), *kind])
+                 *_scheme_overrides(scheme, options), *kind])
     return out / "quantized"
 
 
@@ -87,7 +84,6 @@ def main() -> None:
     parser.add_argument("--quantizer-option", action="append", default=[], metavar="KEY=VALUE",
                         help="a quantizer option for PTQ and QAT alike (e.g. quantize_output=false)")
     args = parser.parse_args()
-    QUANTIZER_OPTIONS.extend(args.quantizer_option)
     root = Path(args.output_dir).resolve()
     started = time.perf_counter()
 
@@ -95,14 +91,15 @@ def main() -> None:
     results, minutes = {}, {}
     for scheme in args.schemes:
         base = root / scheme
-        checkpoints = {"bf16": bf16, "ptq": _quantize(bf16, base / "ptq", scheme, ptq=True)}
+        checkpoints = {"bf16": bf16, "ptq": _quantize(bf16, base / "ptq", scheme, args.quantizer_option, ptq=True)}
         for variant in args.variants:
             if variant.startswith("qat_ranges") and scheme not in RANGE_LEARNING_SCHEMES:
                 continue  # range learning needs integer weight formats
             variant_started = time.perf_counter()
             trained = _train(base / variant, "qat_distributed", "smollm2/135M_qat_full", args.steps,
-                             [*_variant_overrides(variant, args.steps), *_scheme_overrides(scheme)], args.reuse)
-            checkpoints[variant] = _quantize(trained, base / variant, scheme, ptq=False)
+                             [*_variant_overrides(variant, args.steps),
+                              *_scheme_overrides(scheme, args.quantizer_option)], args.reuse)
+            checkpoints[variant] = _quantize(trained, base / variant, scheme, args.quantizer_option, ptq=False)
             minutes[f"{scheme}/{variant}"] = round((time.perf_counter() - variant_started) / 60, 1)
         listed = ", ".join(f"{name}: {path}" for name, path in checkpoints.items())
         run_command(["eval", "--config", "eval", f"output_dir={base}/eval", "~checkpoint_dir",

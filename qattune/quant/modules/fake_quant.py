@@ -6,9 +6,10 @@ references and `isinstance` checks are unchanged. `fake_quant_enabled = False` m
 The weight's fake quantization is cached per optimizer step (see `weight_cache`), with three exceptions
 where it is computed in every forward instead: range learning (the weight goes through a learnable-scale
 quantizer whose scale is a parameter), weights sharded by FSDP2 (a cache would hold the full unsharded
-weight on every rank), and trained Linear weights under `recompute_weights` (see `recompute`). Under torch.compile the compiled code does not check the cache: the
-prepared model's forward pre-hook (`refresh_for_forward`, eager) brings every cache up to date first,
-and layers it has not vouched for compute their fake-quantized weight inline, which is always exact.
+weight on every rank), and trained Linear weights under `recompute_weights` (see `recompute`). Under
+torch.compile the compiled code does not check the cache: the prepared model's forward pre-hook
+(`refresh_for_forward`, eager) brings every cache up to date first, and layers it has not vouched for
+compute their fake-quantized weight inline, which is always exact.
 """
 
 from __future__ import annotations
