@@ -20,7 +20,9 @@ wall-clock samples spread widely, so the JSON also gives the ratio of the fastes
 (`ratio_to_plain_cpu_time`). Peak memory per variant: on CUDA
 `max_memory_allocated` from the build through the untimed steps; on CPU the process's peak resident set
 over the same span (a sampler thread; freed memory is returned to the OS before each visit), also given
-above the process's resident set before the build.
+above the process's resident set before the build. On CPU the host allocator is set as the training
+recipes set it (`qattune.training.host_allocator`: freed memory kept for reuse; `--cpu-allocator
+default` leaves glibc as it comes, for comparison).
 
 Defaults: CPU: fp32, a 4-layer width-512 Llama (8 heads, 8 kv heads, MLP 1536, vocab 32000), seq 256,
 batch 4. CUDA: bf16, Llama-3.2-1B sizes with random weights, seq 2048, batch 4.
@@ -50,6 +52,7 @@ from qattune.models import apply_lora, llama
 from qattune.quant import QATQuantizer
 from qattune.quant.schemes import SCHEMES
 from qattune.training import AdamW, CrossEntropyLoss, compile_blocks
+from qattune.training.host_allocator import ENV_VAR, keep_freed_host_memory
 
 _GIB = 1024**3
 
@@ -299,8 +302,15 @@ def main() -> None:
     for field_name, field_type in ModelShape.__annotations__.items():
         parser.add_argument(f"--{field_name.replace('_', '-')}", type=int if field_type == "int" else str,
                             default=None, help="override the device's default model/batch size")
+    parser.add_argument("--cpu-allocator", choices=["keep_freed", "default"], default="keep_freed",
+                        help="on CPU: glibc malloc as the training recipes set it (keep_freed: "
+                             "qattune.training.host_allocator) or as it comes")
     parser.add_argument("--out", default=None, help="also write the JSON here")
     args = parser.parse_args()
+    cpu_allocator = "n/a"
+    if args.device == "cpu":
+        os.environ[ENV_VAR] = args.cpu_allocator
+        cpu_allocator = "keep_freed" if keep_freed_host_memory() else "default"
 
     torch._dynamo.config.recompile_limit = 64  # one graph per variant's block
     shape_fields = asdict(DEFAULT_SHAPES[args.device])
@@ -320,6 +330,7 @@ def main() -> None:
         "machine": platform.machine(),
         "device": args.device if args.device == "cpu" else torch.cuda.get_device_name(),
         "threads": torch.get_num_threads(),
+        "cpu_allocator": cpu_allocator,
         "load_average_before": load_before,
         "load_average_after": _load_average(),
         "wall_s": round(time.time() - start, 1),

@@ -111,6 +111,7 @@ class TrainingSession:
         `_prepare_for_training`); `load_on_rank0_only=False` loads them on every rank, for a recipe
         that needs real weights everywhere before sharding (quantizing the base for real, as QLoRA does)."""
         from qattune.training.distributed import init_distributed
+        from qattune.training.host_allocator import keep_freed_host_memory
         from qattune.training.precision import resolve_dtype
 
         _unsupported_options(cfg)
@@ -120,6 +121,8 @@ class TrainingSession:
         self.dist = init_distributed(cfg.get("device"))
         self.device = self.dist.device
         self.dtype = resolve_dtype(cfg.get("dtype", "bf16"), self.device)
+        if self.device.type == "cpu":
+            keep_freed_host_memory()
         self.seed = cfg.get("seed") if cfg.get("seed") is not None else 0
         torch.manual_seed(self.seed)
         self.tokenizer = instantiate(cfg.tokenizer)
