@@ -15,6 +15,9 @@ topics the training never saw:
   quantization turned on (`teacher_snapshot: fake_quant_start`);
 - qat_ranges: the qat run with learned weight scales (`quantizer.range_learning: true`) at 1/100 of
   the learning rate (`range_learning_lr`); integer schemes only (8da4w), skipped for the others;
+- qat_ranges_cover: qat_ranges with the scales starting at each group's smallest grid whose end codes
+  hold its extremes (`quantizer.range_init: cover`) instead of the absmax scale, which clips each
+  group's largest positive weight;
 - qat_ranges_mse: qat_ranges with the scales starting at each group's least-squared-error clipping
   range (`quantizer.range_init: mse`) instead of its full range.
 
@@ -30,7 +33,7 @@ from pathlib import Path
 
 from qattune.cli.run import run_command
 
-VARIANTS = ("qat_plain", "qat", "qat_distill", "qat_ranges", "qat_ranges_mse")
+VARIANTS = ("qat_plain", "qat", "qat_distill", "qat_ranges", "qat_ranges_cover", "qat_ranges_mse")
 RANGE_LEARNING_SCHEMES = ("8da4w", "8w", "8da8w")
 RANGE_LEARNING = ["+quantizer.range_learning=true", "range_learning_lr=2e-6"]  # the configs' lr 2e-4 / 100
 DISTILLATION = "loss={_component_: qattune.training.DistillationLoss, kd_weight: 0.5}"
@@ -52,8 +55,8 @@ def _variant_overrides(variant: str, steps: int) -> list[str]:
         return recipe
     if variant == "qat_ranges":
         return recipe + RANGE_LEARNING
-    if variant == "qat_ranges_mse":
-        return recipe + RANGE_LEARNING + ["+quantizer.range_init=mse"]
+    if variant.startswith("qat_ranges_"):  # qat_ranges_<range_init>
+        return recipe + RANGE_LEARNING + [f"+quantizer.range_init={variant.removeprefix('qat_ranges_')}"]
     return recipe + [DISTILLATION, "teacher_snapshot=fake_quant_start"]
 
 

@@ -2,8 +2,9 @@
 
 The scale (and, for asymmetric formats, the zero point) are `nn.Parameter`s initialised from the first
 tensor the module sees: with the format's own dynamic qparams (`init="absmax"`, so training starts
-exactly at dynamic fake quantization), or with the clipping range of least squared error per group
-(`init="mse"`, see `search_clipping_qparams`). Gradients (Esser et al. 2020, "Learned Step Size
+exactly at dynamic fake quantization), with the smallest grid whose end codes hold each group's extremes
+(`init="cover"`, see `covering_qparams`), or with the clipping range of least squared error per group (`init="mse"`, see
+`search_clipping_qparams`). Gradients (Esser et al. 2020, "Learned Step Size
 Quantization"; zero point as in LSQ+, Bhalgat et al. 2020), with `v = x / s`, `r = round(v)`, `z` the
 rounded zero point:
 
@@ -34,7 +35,23 @@ from qattune.quant.formats.int_affine import IntAffine
 MIN_LEARNED_SCALE = 1e-9
 CLIP_RATIOS = tuple(1.0 - 0.025 * i for i in range(17))
 """Range shrink factors `search_clipping_qparams` tries: 1.0 (the full range) down to 0.6."""
-RANGE_INITS = ("absmax", "mse")
+RANGE_INITS = ("absmax", "cover", "mse")
+
+
+@torch.no_grad()
+def covering_qparams(fmt: IntAffine, x: Tensor) -> tuple[Tensor, Optional[Tensor]]:
+    """Per group, the smallest scale whose end codes hold the group's extremes: `max(max / qmax, min /
+    qmin)`, so the largest value maps to `qmax` or the most negative one to `qmin` and every value lies
+    at least half a step inside the clipping boundary. The format's symmetric absmax scale maps the
+    largest positive value to `qmax + 0.5` steps instead, the rounding boundary, where most such values
+    round up and clip: with a fixed (learned) scale that weight gets no gradient from the start. Asymmetric formats map their range to
+    their end codes already: their own qparams are returned."""
+    if not (fmt.symmetric and fmt.signed):
+        return fmt.choose_qparams(x)
+    lo, hi = torch.aminmax(fmt.blocks(x.detach()).float(), dim=-1)
+    scale = torch.maximum(hi.clamp(min=0.0) / fmt.qmax, lo.clamp(max=0.0) / fmt.qmin)
+    eps = torch.finfo(x.dtype).eps if fmt.eps is None else fmt.eps
+    return scale.clamp(min=eps).reshape(fmt.scale_shape(x.shape)), None
 
 
 def _local(tensor: Tensor) -> Tensor:
@@ -148,8 +165,9 @@ class LearnedRangeFakeQuantizer(nn.Module):
 
     @torch.no_grad()
     def initialize(self, x: Tensor) -> None:
-        """Set the parameters from `x`: its dynamic qparams (torchao's choose_qparams), or with
-        `init="mse"` the clipping range of least squared error per group.
+        """Set the parameters from `x`: its dynamic qparams (torchao's choose_qparams), with
+        `init="cover"` the smallest grid whose end codes hold each group's extremes, or with `init="mse"` the clipping range of
+        least squared error per group.
 
         `x` may be an FSDP2 weight shard (a DTensor sharded on rows, like the scales): each rank then
         sets its own rows of the scales from its own rows of the weight, which is exact since every
@@ -159,6 +177,8 @@ class LearnedRangeFakeQuantizer(nn.Module):
         self._check_shape(x, scale)
         if self.init == "mse":
             new_scale, zero = search_clipping_qparams(self.fmt, x)
+        elif self.init == "cover":
+            new_scale, zero = covering_qparams(self.fmt, x)
         else:
             new_scale, zero = self.fmt.choose_qparams(x)
         scale.copy_(new_scale.clamp(min=MIN_LEARNED_SCALE))

@@ -205,5 +205,44 @@ def test_range_init_mse_starts_learned_scales_at_the_search_and_is_checked():
     assert torch.equal(learner.scale.detach(), expected)
     with pytest.raises(QattuneError, match="range_init='mse' sets where learned scales start; add range_learning=true"):
         QATQuantizer("8da4w", range_init="mse")
-    with pytest.raises(QattuneError, match="range_init='minmax': choose one of absmax, mse"):
+    with pytest.raises(QattuneError, match="range_init='minmax': choose one of absmax, cover, mse"):
         QATQuantizer("8da4w", range_learning=True, range_init="minmax")
+
+
+def test_cover_init_is_the_smallest_grid_whose_end_codes_hold_the_extremes():
+    from qattune.quant.range_learning import covering_qparams
+
+    torch.manual_seed(0)
+    w = torch.randn(64, 256)
+    fmt = IntAffine(4, True, 32)
+    scale, zero = covering_qparams(fmt, w)
+    groups = w.reshape(64, 8, 32)
+    by_hand = torch.maximum(groups.amax(-1) / 7, groups.amin(-1) / -8)  # qmax 7, qmin -8
+    assert zero is None and torch.equal(scale, by_hand)
+    steps = groups / scale.unsqueeze(-1)
+    assert bool((steps <= 7 + 1e-5).all() and (steps >= -8 - 1e-5).all())  # one rounding off at most
+    at_an_end = torch.isclose(steps.amax(-1), torch.tensor(7.0)) | torch.isclose(steps.amin(-1), torch.tensor(-8.0))
+    assert bool(at_an_end.all())
+    _, in_range = fmt.fake_quantize_with_qparams(w, scale, None)
+    assert bool(in_range.all())
+    # the absmax scale puts a positive absmax on the rounding boundary (7.5 steps): most of them clip
+    _, absmax_in_range = fmt.fake_quantize_with_qparams(w, fmt.choose_qparams(w)[0], None)
+    clipped_groups = (~absmax_in_range).reshape(64, 8, 32).sum(-1)
+    positive_absmax = groups.amax(-1) >= -groups.amin(-1)
+    assert int(clipped_groups.max()) == 1 and not bool(clipped_groups[~positive_absmax].any())
+    assert int(clipped_groups.sum()) > 0.75 * int(positive_absmax.sum())
+    # asymmetric formats cover their range already: their own qparams
+    asym = IntAffine(4, False, 32)
+    assert all(torch.equal(a, b) for a, b in zip(covering_qparams(asym, w), asym.choose_qparams(w)))
+
+
+def test_range_init_cover_starts_learned_scales_there():
+    from qattune.quant import QATQuantizer
+    from qattune.quant.range_learning import covering_qparams
+    from torch import nn
+
+    torch.manual_seed(0)
+    model = QATQuantizer("8da4w", range_learning=True, range_init="cover").prepare(nn.Sequential(nn.Linear(64, 16)))
+    model(torch.randn(2, 64))  # the first forward initialises the scales
+    learner = model[0].weight_range_learner
+    assert torch.equal(learner.scale.detach(), covering_qparams(learner.fmt, model[0].weight.detach())[0])
