@@ -124,6 +124,29 @@ def test_only_a_boolean_mask_is_saved_for_backward():
     assert saved[0].shape == x.shape
 
 
+def test_no_mask_is_kept_where_nothing_clipped():
+    """int8 per-token activations map each token's extremes onto the end codes: nothing clips, so the
+    STE keeps no mask and the gradient passes unchanged; a tensor that does clip keeps its mask."""
+    per_token = IntAffine(8, False, None)
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    x = (torch.randn(64, 256) * 3).requires_grad_(True)
+    assert bool(per_token.fake_quantize_with_mask(x.detach())[1].all())  # nothing clipped
+    upstream = torch.randn_like(x)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = per_token.fake_quantize(x)
+    assert saved == []
+    y.backward(upstream)
+    assert torch.equal(x.grad, upstream)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        IntAffine(4, True, None).fake_quantize(torch.tensor([[7.5, 1.0]], requires_grad=True))  # 7.5 clips
+    assert [t.dtype for t in saved] == [torch.bool]
+
+
 def test_fixed_qparams_ste():
     fmt = IntAffine(8, True, None)
     x = torch.tensor([[0.5, 2.0, -3.0]], requires_grad=True)
