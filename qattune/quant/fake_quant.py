@@ -8,10 +8,12 @@ that cannot clip with their dynamic scales, and not for a tensor none of whose e
 is nearly always the case for int8 per-token activations (their scale and zero point map each token's
 minimum and maximum onto the end codes, so only a rounding tie at an end can clip). Outside
 torch.compile that check reads one flag back from the device (a host sync on a GPU); under
-torch.compile the mask is always kept (a data-dependent branch would break the graph). Inside qattune's modules, whose fake-quantized tensors only feed their
-own matmul, the few clipped elements are zeroed in place in the gradient autograd made for that use
-(`zero_where_clipped`): a sparse write instead of a pass that copies the whole gradient. A clipped
-element's gradient is +0, also where the incoming one was -0, NaN or infinite.
+torch.compile the mask is always kept (a data-dependent branch would break the graph).
+
+Inside qattune's modules, whose fake-quantized tensors only feed their own matmul, the few clipped
+elements are zeroed in place in the gradient autograd made for that use (`zero_where_clipped`): a
+sparse write instead of a pass that copies the whole gradient. A clipped element's gradient is +0, also
+where the incoming one was -0, NaN or infinite.
 
 "Clipped" means the final clamp changed the value: the rounded value lay outside the representable
 range (torchao's convention for integers: `qmin <= round(x / scale) + zp <= qmax`; for float elements,

@@ -189,8 +189,8 @@ class QATQuantizer(_SchemeQuantizer):
         output_head_pattern: regex naming the output head.
         range_learning: learn the weight scales (LSQ) for integer schemes; `convert` uses them.
         range_init: where learned scales start: "absmax" (the dynamic scales: training starts at plain
-            fake quantization), "cover" (per group, the smallest grid whose end codes hold the extremes) or "mse" (per
-            group, the clipping range of least squared error).
+            fake quantization), "cover" (per group, the smallest grid whose end codes hold the
+            extremes) or "mse" (per group, the clipping range of least squared error).
         recompute_weights: keep no fake-quantized copy of trained Linear weights between the forward and
             the backward, or between steps; quantize them again in the backward instead (saves one copy
             of the weights' memory, costs one more fake quantization per layer and micro-batch).

@@ -2,9 +2,9 @@
 
 The scale (and, for asymmetric formats, the zero point) are `nn.Parameter`s initialised from the first
 tensor the module sees: with the format's own dynamic qparams (`init="absmax"`, so training starts
-exactly at dynamic fake quantization), with the smallest grid whose end codes hold each group's extremes
-(`init="cover"`, see `covering_qparams`), or with the clipping range of least squared error per group (`init="mse"`, see
-`search_clipping_qparams`). Gradients (Esser et al. 2020, "Learned Step Size
+exactly at dynamic fake quantization), with the smallest grid whose end codes hold each group's
+extremes (`init="cover"`, see `covering_qparams`), or with the clipping range of least squared error per
+group (`init="mse"`, see `search_clipping_qparams`). Gradients (Esser et al. 2020, "Learned Step Size
 Quantization"; zero point as in LSQ+, Bhalgat et al. 2020), with `v = x / s`, `r = round(v)`, `z` the
 rounded zero point:
 
@@ -44,8 +44,8 @@ def covering_qparams(fmt: IntAffine, x: Tensor) -> tuple[Tensor, Optional[Tensor
     qmin)`, so the largest value maps to `qmax` or the most negative one to `qmin` and every value lies
     at least half a step inside the clipping boundary. The format's symmetric absmax scale maps the
     largest positive value to `qmax + 0.5` steps instead, the rounding boundary, where most such values
-    round up and clip: with a fixed (learned) scale that weight gets no gradient from the start. Asymmetric formats map their range to
-    their end codes already: their own qparams are returned."""
+    round up and clip: with a fixed (learned) scale that weight gets no gradient from the start.
+    Asymmetric formats map their range to their end codes already: their own qparams are returned."""
     if not (fmt.symmetric and fmt.signed):
         return fmt.choose_qparams(x)
     lo, hi = torch.aminmax(fmt.blocks(x.detach()).float(), dim=-1)
@@ -166,8 +166,8 @@ class LearnedRangeFakeQuantizer(nn.Module):
     @torch.no_grad()
     def initialize(self, x: Tensor) -> None:
         """Set the parameters from `x`: its dynamic qparams (torchao's choose_qparams), with
-        `init="cover"` the smallest grid whose end codes hold each group's extremes, or with `init="mse"` the clipping range of
-        least squared error per group.
+        `init="cover"` the smallest grid whose end codes hold each group's extremes, or with
+        `init="mse"` the clipping range of least squared error per group.
 
         `x` may be an FSDP2 weight shard (a DTensor sharded on rows, like the scales): each rank then
         sets its own rows of the scales from its own rows of the weight, which is exact since every

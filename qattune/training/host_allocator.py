@@ -3,8 +3,7 @@
 By default glibc serves large allocations (always those over 32 MiB: a step's logits, their gradient,
 an embedding's gradient, a fake-quantized output head) with a fresh `mmap` and hands them back to the
 kernel on `free`, and it gives the free top of its heap back too, so every step page-faults through the
-same memory again. On a CPU training step that is 10-15% of the time, more for QAT, whose
-fake-quantized weights, masks and activations add allocations (`scripts/bench_train.py
+same memory again: 10-15% of a CPU training step's time, float or QAT (`scripts/bench_train.py
 --cpu-allocator`, docs/benchmarks.md). `keep_freed_host_memory` turns both off with `mallopt`, so freed
 memory is reused: the resident set stays at the run's peak instead of falling between steps.
 

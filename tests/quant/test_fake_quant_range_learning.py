@@ -221,7 +221,8 @@ def test_cover_init_is_the_smallest_grid_whose_end_codes_hold_the_extremes():
     assert zero is None and torch.equal(scale, by_hand)
     steps = groups / scale.unsqueeze(-1)
     assert bool((steps <= 7 + 1e-5).all() and (steps >= -8 - 1e-5).all())  # one rounding off at most
-    at_an_end = torch.isclose(steps.amax(-1), torch.tensor(7.0)) | torch.isclose(steps.amin(-1), torch.tensor(-8.0))
+    at_top, at_bottom = torch.isclose(steps.amax(-1), torch.tensor(7.0)), torch.isclose(steps.amin(-1), torch.tensor(-8.0))
+    at_an_end = at_top | at_bottom
     assert bool(at_an_end.all())
     _, in_range = fmt.fake_quantize_with_qparams(w, scale, None)
     assert bool(in_range.all())
@@ -242,7 +243,8 @@ def test_range_init_cover_starts_learned_scales_there():
     from torch import nn
 
     torch.manual_seed(0)
-    model = QATQuantizer("8da4w", range_learning=True, range_init="cover").prepare(nn.Sequential(nn.Linear(64, 16)))
+    quantizer = QATQuantizer("8da4w", range_learning=True, range_init="cover")
+    model = quantizer.prepare(nn.Sequential(nn.Linear(64, 16)))
     model(torch.randn(2, 64))  # the first forward initialises the scales
     learner = model[0].weight_range_learner
     assert torch.equal(learner.scale.detach(), covering_qparams(learner.fmt, model[0].weight.detach())[0])
