@@ -221,7 +221,8 @@ def test_cover_init_is_the_smallest_grid_whose_end_codes_hold_the_extremes():
     assert zero is None and torch.equal(scale, by_hand)
     steps = groups / scale.unsqueeze(-1)
     assert bool((steps <= 7 + 1e-5).all() and (steps >= -8 - 1e-5).all())  # one rounding off at most
-    at_top, at_bottom = torch.isclose(steps.amax(-1), torch.tensor(7.0)), torch.isclose(steps.amin(-1), torch.tensor(-8.0))
+    at_top = torch.isclose(steps.amax(-1), torch.tensor(7.0))
+    at_bottom = torch.isclose(steps.amin(-1), torch.tensor(-8.0))
     at_an_end = at_top | at_bottom
     assert bool(at_an_end.all())
     _, in_range = fmt.fake_quantize_with_qparams(w, scale, None)
