@@ -18,6 +18,7 @@ from qattune.quant.filters import DEFAULT_OUTPUT_HEAD_PATTERN, ModuleNameFilter
 from qattune.quant.formats import IntAffine
 from qattune.quant.modules import FakeQuantEmbedding, FakeQuantLinear, QuantizedEmbedding, QuantizedLinear
 from qattune.quant.modules.activation_cache import SharedActivationFakeQuant
+from qattune.quant.modules.weight_cache import refresh_caches
 from qattune.quant.plan import LayerPlan, check_block_sizes, iter_layers, plan_layer
 from qattune.quant.range_learning import RANGE_INITS, LearnedRangeFakeQuantizer
 from qattune.quant.report import QuantReport
@@ -45,9 +46,10 @@ def fake_quant_modules(model: nn.Module) -> list[nn.Module]:
 @torch.compiler.disable
 def _refresh_weight_caches(model: nn.Module, args: tuple) -> None:
     """Forward pre-hook on the root: bring every cached fake-quantized weight up to date in eager code,
-    so compiled layers (which skip the per-layer check) read current caches."""
-    for module in fake_quant_modules(model):
-        module.refresh_for_forward()
+    so compiled layers (which skip the per-layer check) read current caches; after an optimizer step,
+    all of them in one compiled call per format."""
+    entries = [module.cache_entry_for_forward() for module in fake_quant_modules(model)]
+    refresh_caches([entry for entry in entries if entry is not None])
 
 
 def set_fake_quant(model: nn.Module, enabled: bool) -> None:

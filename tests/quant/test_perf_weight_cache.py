@@ -86,3 +86,38 @@ def test_training_steps_with_activation_quantization_free_their_autograd_graphs(
         gc.collect()
         objects.append(len(gc.get_objects()))
     assert objects[-1] - objects[2] <= 5  # the leak kept about 20 more objects alive every step here
+
+
+def test_weights_refresh_together_after_an_optimizer_step_and_stay_exact():
+    """After the first step, every large cached weight of one format is refreshed in one compiled call;
+    each cache then holds the eager fake quantization of its new weight and its clipped mask."""
+    from qattune.quant.modules import fused
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(256, 512, bias=False), nn.Linear(512, 256, bias=False),
+                          nn.Linear(256, 256, bias=False))  # 131072, 131072, 65536 elements: compiled path
+    QATQuantizer("8da4w", quantize_output=True).prepare(model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    x = torch.randn(8, 256)
+    calls = []
+    batched = fused.fake_quantize_many_into
+
+    def counting(fmt, xs, outs, clippeds):
+        done = batched(fmt, xs, outs, clippeds)
+        calls.append((len(xs), done))
+        return done
+
+    weight_cache.fake_quantize_many_into, restore = counting, weight_cache.fake_quantize_many_into
+    try:
+        for _ in range(3):
+            model(x).sum().backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        model(x)  # the refresh after the last step
+    finally:
+        weight_cache.fake_quantize_many_into = restore
+    assert calls == [(3, True)] * 3  # the first forward fills each cache's buffers one by one
+    for layer in model:
+        x_hat, in_range = layer.weight_format.fake_quantize_with_mask(layer.weight.detach())
+        assert torch.equal(layer._weight_cache.fake_quantized, x_hat)
+        assert torch.equal(layer._weight_cache.clipped, ~in_range)

@@ -8,8 +8,9 @@ where it is computed in every forward instead: range learning (the weight goes t
 quantizer whose scale is a parameter), weights sharded by FSDP2 (a cache would hold the full unsharded
 weight on every rank), and trained Linear weights under `recompute_weights` (see `recompute`). Under
 torch.compile the compiled code does not check the cache: the prepared model's forward pre-hook
-(`refresh_for_forward`, eager) brings every cache up to date first, and layers it has not vouched for
-compute their fake-quantized weight inline, which is always exact.
+(eager; `cache_entry_for_forward` and `weight_cache.refresh_caches`) brings every cache up to date
+first, and layers it has not vouched for compute their fake-quantized weight inline, which is always
+exact.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ class _WeightFakeQuant:
         self.fake_quant_enabled = True
         self._weight_cache = WeightFakeQuantCache()
         self._cache_weight = True  # False while the weight is sharded (FSDP2) or recomputed
-        self._compiled_reads_cache = False  # set by refresh_for_forward once it keeps the cache current
+        self._compiled_reads_cache = False  # set by cache_entry_for_forward once the cache is kept current
         self.recompute_weight = False  # set by the quantizer's recompute_weights option (Linear only)
 
     def _recomputes_weight(self) -> bool:
@@ -58,15 +59,18 @@ class _WeightFakeQuant:
         if self.fake_quant_enabled and self.weight_range_learner is None and self._cache_weight:
             self._weight_cache.refresh(self.weight, self.weight_format)
 
-    def refresh_for_forward(self) -> None:
+    def cache_entry_for_forward(self) -> Optional[tuple[WeightFakeQuantCache, torch.Tensor, NumericFormat]]:
         """Called (eagerly) at the start of the prepared model's forward: decide whether the weight is
-        cached (not when FSDP2 holds it sharded) and bring the cache up to date for compiled code."""
+        cached (not when FSDP2 holds it sharded, nor under `recompute_weights`) and return what
+        `refresh_caches` needs to bring the cache up to date for compiled code (None: nothing to refresh)."""
         sharded = isinstance(self.weight, DTensor)
         self._cache_weight = not sharded and not self._recomputes_weight()
         if not self._cache_weight:
             self._weight_cache.clear()
-        self.refresh_weight_cache()
         self._compiled_reads_cache = self._cache_weight
+        if self.fake_quant_enabled and self.weight_range_learner is None and self._cache_weight:
+            return self._weight_cache, self.weight, self.weight_format
+        return None
 
     def fake_quantized_weight(self, grad_in_place: bool = False) -> torch.Tensor:
         """The weight as the forward sees it with fake quantization on (`grad_in_place`: the result only

@@ -82,6 +82,12 @@ def _fake_quantize_into(fmt, x: Tensor, out: Tensor, clipped: Optional[Tensor]) 
         clipped.copy_(_clipped_bytes(in_range))
 
 
+def _fake_quantize_many_into(fmt, xs: list[Tensor], outs: list[Tensor], clippeds: list) -> None:
+    """`_fake_quantize_into` for several tensors in one compiled call (one graph, one launch from Python)."""
+    for x, out, clipped in zip(xs, outs, clippeds):
+        _fake_quantize_into(fmt, x, out, clipped)
+
+
 def _compiled_for(fmt: object, body: Callable = _fake_quantize_bytes) -> Callable:
     """One compiled function per format configuration and body, each with its own code object, so
     torch.compile's per-function recompile limit counts only that format's widths and dtypes."""
@@ -135,6 +141,26 @@ def fake_quantize_into(fmt, x: Tensor, out: Tensor, clipped: Optional[Tensor]) -
             torch._dynamo.maybe_mark_dynamic(tensor, 0)
     try:
         _compiled_for(fmt, _fake_quantize_into)(fmt, rows, out_rows, clipped_rows)
+    except Exception as error:
+        _compile_failed(fmt, error)
+        return False
+    return True
+
+
+def fake_quantize_many_into(fmt, xs: list[Tensor], outs: list[Tensor], clippeds: list) -> bool:
+    """`fake_quantize_into` for several tensors of one format in a single compiled call, so a refresh of
+    every weight after an optimizer step costs one call from Python rather than one per layer (on a GPU,
+    where the host launches each layer's kernels, those calls leave the device waiting). The numbers are
+    those of `fake_quantize_into`. Returns False, having written nothing, where the compiled path does not
+    apply to every tensor; shapes are static, so a new set of shapes compiles anew."""
+    if not all(_wants_fused(fmt, x) and out.is_contiguous() and (c is None or c.is_contiguous())
+               for x, out, c in zip(xs, outs, clippeds)):
+        return False
+    rows = [x.reshape(-1, x.shape[-1]) for x in xs]
+    out_rows = [out.view(r.shape) for out, r in zip(outs, rows)]
+    clipped_rows = [None if c is None else c.view(torch.uint8).view(r.shape) for c, r in zip(clippeds, rows)]
+    try:
+        _compiled_for(fmt, _fake_quantize_many_into)(fmt, rows, out_rows, clipped_rows)
     except Exception as error:
         _compile_failed(fmt, error)
         return False

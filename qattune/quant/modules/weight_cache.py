@@ -22,7 +22,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from qattune.quant.formats import NumericFormat
 from qattune.quant.fake_quant import zero_where_clipped
-from qattune.quant.modules.fused import fake_quantize_clipped, fake_quantize_into
+from qattune.quant.modules.fused import fake_quantize_clipped, fake_quantize_into, fake_quantize_many_into
 
 
 _optimizer_steps = 0
@@ -112,3 +112,28 @@ class WeightFakeQuantCache:
         if not weight.requires_grad or not torch.is_grad_enabled():
             return self.fake_quantized
         return CachedSTE.apply(weight, self.fake_quantized, self.clipped, grad_in_place)
+
+
+def refresh_caches(entries: list[tuple[WeightFakeQuantCache, Tensor, NumericFormat]]) -> None:
+    """`cache.refresh(weight, fmt)` for each entry, with the caches that changed and already hold buffers
+    of the right shape refreshed together: one compiled call per format (`fake_quantize_many_into`).
+    Caches without buffers yet (the first refresh) and any the batch cannot take go one by one."""
+    batches: dict[str, list[tuple[WeightFakeQuantCache, Tensor, NumericFormat, tuple]]] = {}
+    for cache, weight, fmt in entries:
+        key = cache._key_of(weight)
+        if key == cache.key:
+            continue
+        if cache._buffers_fit(weight):
+            batches.setdefault(repr(fmt), []).append((cache, weight, fmt, key))
+        else:
+            cache.refresh(weight, fmt)
+    for batch in batches.values():  # formats with one repr quantize alike: the first one serves all
+        with torch.inference_mode(False), torch.no_grad():
+            weights = [weight.detach() for _, weight, _, _ in batch]
+            done = len(batch) > 1 and fake_quantize_many_into(
+                batch[0][2], weights, [c.fake_quantized for c, *_ in batch], [c.clipped for c, *_ in batch])
+        for cache, weight, fmt, key in batch:
+            if done:
+                cache.key = key
+            else:
+                cache.refresh(weight, fmt)
