@@ -3,12 +3,13 @@
 Forward: the format's quantize-dequantize (`fmt.fake_quantize_with_mask`), computed without autograd
 (compiled for large tensors in eager mode, with the same numbers: see `modules.fused`).
 Backward: the incoming gradient where the value was inside the format's range, zero where it was
-clipped. Only a boolean clipped mask is saved, and only where something was clipped: not for formats
-that cannot clip with their dynamic scales, and not for a tensor none of whose elements clipped, which
-is nearly always the case for int8 per-token activations (their scale and zero point map each token's
-minimum and maximum onto the end codes, so only a rounding tie at an end can clip). Outside
-torch.compile that check reads one flag back from the device (a host sync on a GPU); under
-torch.compile the mask is always kept (a data-dependent branch would break the graph).
+clipped. Only a boolean clipped mask is saved, and only where something can have been clipped: not for
+formats that cannot clip with their dynamic scales, and, on a CPU, not for a tensor none of whose
+elements clipped, which is nearly always the case for int8 per-token activations (their scale and zero
+point map each token's minimum and maximum onto the end codes, so only a rounding tie at an end can
+clip). On a GPU that check would read a flag back from the device, a sync per activation that would stop
+the host from queueing work ahead, so the mask is kept there; under torch.compile it is kept too (a
+data-dependent branch would break the graph).
 
 Inside qattune's modules, whose fake-quantized tensors only feed their own matmul, the few clipped
 elements are zeroed in place in the gradient autograd made for that use (`zero_where_clipped`): a
@@ -52,7 +53,7 @@ class _STEFakeQuantize(torch.autograd.Function):
     def forward(ctx, x: Tensor, fmt: MaskedFakeQuantizer, grad_in_place: bool) -> Tensor:  # type: ignore[override]
         x_hat, clipped = fake_quantize_clipped(fmt, x)
         if clipped is not None and not torch.compiler.is_compiling():
-            if not ctx.needs_input_grad[0] or not bool(clipped.any()):
+            if not ctx.needs_input_grad[0] or (clipped.device.type == "cpu" and not bool(clipped.any())):
                 clipped = None  # no backward, or nothing clipped (the rule for per-token activations)
         ctx.has_mask = clipped is not None
         ctx.grad_in_place = grad_in_place
