@@ -127,24 +127,37 @@ def fake_quantize_clipped(fmt, x: Tensor) -> tuple[Tensor, Optional[Tensor]]:
     return x_hat.reshape(x.shape), mask
 
 
-def fake_quantize_into(fmt, x: Tensor, out: Tensor, clipped: Optional[Tensor]) -> bool:
-    """Write what `fake_quantize_clipped` returns into `out` and `clipped` (None for a format that never
-    clips), in one compiled in-place pass. Returns False, having written nothing, where the compiled path
-    does not apply (small tensors, grad mode on, compile unavailable): the caller then computes eagerly."""
-    if not (_wants_fused(fmt, x) and out.is_contiguous() and (clipped is None or clipped.is_contiguous())):
-        return False
+def _in_place_applies(fmt, x: Tensor, out: Tensor, clipped: Optional[Tensor]) -> bool:
+    return _wants_fused(fmt, x) and out.is_contiguous() and (clipped is None or clipped.is_contiguous())
+
+
+def _as_rows(x: Tensor, out: Tensor, clipped: Optional[Tensor]) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+    """`x`, `out` and `clipped` (as uint8) seen as `[rows, width]`."""
     rows = x.reshape(-1, x.shape[-1])
-    out_rows = out.view(rows.shape)
-    clipped_rows = None if clipped is None else clipped.view(torch.uint8).view(rows.shape)
-    for tensor in (rows, out_rows, clipped_rows):
-        if tensor is not None:
-            torch._dynamo.maybe_mark_dynamic(tensor, 0)
+    return rows, out.view(rows.shape), None if clipped is None else clipped.view(torch.uint8).view(rows.shape)
+
+
+def _run_compiled(fmt, body: Callable, *args) -> bool:
+    """Run `fmt`'s compiled `body`; False (and that format eager from now on) if compiling fails."""
     try:
-        _compiled_for(fmt, _fake_quantize_into)(fmt, rows, out_rows, clipped_rows)
+        _compiled_for(fmt, body)(fmt, *args)
     except Exception as error:
         _compile_failed(fmt, error)
         return False
     return True
+
+
+def fake_quantize_into(fmt, x: Tensor, out: Tensor, clipped: Optional[Tensor]) -> bool:
+    """Write what `fake_quantize_clipped` returns into `out` and `clipped` (None for a format that never
+    clips), in one compiled in-place pass. Returns False, having written nothing, where the compiled path
+    does not apply (small tensors, grad mode on, compile unavailable): the caller then computes eagerly."""
+    if not _in_place_applies(fmt, x, out, clipped):
+        return False
+    views = _as_rows(x, out, clipped)
+    for tensor in views:
+        if tensor is not None:
+            torch._dynamo.maybe_mark_dynamic(tensor, 0)
+    return _run_compiled(fmt, _fake_quantize_into, *views)
 
 
 def fake_quantize_many_into(fmt, xs: list[Tensor], outs: list[Tensor], clippeds: list) -> bool:
@@ -153,15 +166,8 @@ def fake_quantize_many_into(fmt, xs: list[Tensor], outs: list[Tensor], clippeds:
     where the host launches each layer's kernels, those calls leave the device waiting). The numbers are
     those of `fake_quantize_into`. Returns False, having written nothing, where the compiled path does not
     apply to every tensor; shapes are static, so a new set of shapes compiles anew."""
-    if not all(_wants_fused(fmt, x) and out.is_contiguous() and (c is None or c.is_contiguous())
-               for x, out, c in zip(xs, outs, clippeds)):
+    if not xs or not all(_in_place_applies(fmt, x, out, c) for x, out, c in zip(xs, outs, clippeds)):
         return False
-    rows = [x.reshape(-1, x.shape[-1]) for x in xs]
-    out_rows = [out.view(r.shape) for out, r in zip(outs, rows)]
-    clipped_rows = [None if c is None else c.view(torch.uint8).view(r.shape) for c, r in zip(clippeds, rows)]
-    try:
-        _compiled_for(fmt, _fake_quantize_many_into)(fmt, rows, out_rows, clipped_rows)
-    except Exception as error:
-        _compile_failed(fmt, error)
-        return False
-    return True
+    views = [_as_rows(x, out, clipped) for x, out, clipped in zip(xs, outs, clippeds)]
+    rows, out_rows, clipped_rows = ([view[i] for view in views] for i in range(3))
+    return _run_compiled(fmt, _fake_quantize_many_into, rows, out_rows, clipped_rows)
