@@ -1,5 +1,6 @@
 """A frozen weight's fake-quantized cache survives optimizer steps; a trained one's is refreshed."""
 
+import pytest
 import torch
 from torch import nn
 
@@ -88,14 +89,19 @@ def test_training_steps_with_activation_quantization_free_their_autograd_graphs(
     assert objects[-1] - objects[2] <= 5  # the leak kept about 20 more objects alive every step here
 
 
-def test_weights_refresh_together_after_an_optimizer_step_and_stay_exact():
-    """After the first step, every large cached weight of one format is refreshed in one compiled call;
-    each cache then holds the eager fake quantization of its new weight and its clipped mask."""
+@pytest.mark.parametrize("batch_size, batches", [(16, [(3, True)]), (2, [(2, True)])])
+def test_weights_refresh_together_after_an_optimizer_step_and_stay_exact(monkeypatch, batch_size, batches):
+    """After the first step, the large cached weights of one format and width are refreshed in one
+    compiled call (batched on GPUs; here on the CPU too); each cache then holds the eager fake
+    quantization of its new weight and its clipped mask."""
     from qattune.quant.modules import fused
 
+    monkeypatch.setattr(weight_cache, "BATCHED_REFRESH_DEVICES", ("cpu", "cuda"))
+    monkeypatch.setattr(weight_cache, "REFRESH_BATCH", batch_size)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(256, 512, bias=False), nn.Linear(512, 256, bias=False),
                           nn.Linear(256, 256, bias=False))  # 131072, 131072, 65536 elements: compiled path
+    model.insert(2, nn.Linear(256, 256, bias=False))  # widths 256, 512, 256, 256: batches of 3 and 1
     QATQuantizer("8da4w", quantize_output=True).prepare(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     x = torch.randn(8, 256)
@@ -116,7 +122,9 @@ def test_weights_refresh_together_after_an_optimizer_step_and_stay_exact():
         model(x)  # the refresh after the last step
     finally:
         weight_cache.fake_quantize_many_into = restore
-    assert calls == [(3, True)] * 3  # the first forward fills each cache's buffers one by one
+    # the first forward fills each cache's buffers one by one; then per step the three width-256 weights
+    # in batches of at most `batch_size` (a batch of one, as the width-512 weight, is refreshed alone)
+    assert calls == batches * 3
     for layer in model:
         x_hat, in_range = layer.weight_format.fake_quantize_with_mask(layer.weight.detach())
         assert torch.equal(layer._weight_cache.fake_quantized, x_hat)

@@ -165,9 +165,12 @@ def fake_quantize_many_into(fmt, xs: list[Tensor], outs: list[Tensor], clippeds:
     every weight after an optimizer step costs one call from Python rather than one per layer (on a GPU,
     where the host launches each layer's kernels, those calls leave the device waiting). The numbers are
     those of `fake_quantize_into`. Returns False, having written nothing, where the compiled path does not
-    apply to every tensor; shapes are static, so a new set of shapes compiles anew."""
+    apply to every tensor. Row counts are dynamic and widths static: one graph per count and widths."""
     if not xs or not all(_in_place_applies(fmt, x, out, c) for x, out, c in zip(xs, outs, clippeds)):
         return False
     views = [_as_rows(x, out, clipped) for x, out, clipped in zip(xs, outs, clippeds)]
+    for tensor in (t for view in views for t in view):
+        if tensor is not None:
+            torch._dynamo.maybe_mark_dynamic(tensor, 0)
     rows, out_rows, clipped_rows = ([view[i] for view in views] for i in range(3))
     return _run_compiled(fmt, _fake_quantize_many_into, rows, out_rows, clipped_rows)

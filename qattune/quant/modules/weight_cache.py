@@ -114,25 +114,34 @@ class WeightFakeQuantCache:
         return CachedSTE.apply(weight, self.fake_quantized, self.clipped, grad_in_place)
 
 
+BATCHED_REFRESH_DEVICES = ("cuda",)
+"""Where `refresh_caches` batches: on a GPU each per-layer call from Python leaves the device waiting;
+on a CPU the batch saves about 2 ms a step (bench model) but its compiled graphs cost 15-20 s each to
+build on 2 cores, which a short run never earns back."""
+REFRESH_BATCH = 16  # weights per compiled call: graphs of one size and width are reused, whatever the rows
+
+
 def refresh_caches(entries: list[tuple[WeightFakeQuantCache, Tensor, NumericFormat]]) -> None:
-    """`cache.refresh(weight, fmt)` for each entry, with the caches that changed and already hold buffers
-    of the right shape refreshed together: one compiled call per format (`fake_quantize_many_into`).
-    Caches without buffers yet (the first refresh) and any the batch cannot take go one by one."""
-    batches: dict[str, list[tuple[WeightFakeQuantCache, Tensor, NumericFormat, tuple]]] = {}
+    """`cache.refresh(weight, fmt)` for each entry. On the devices in `BATCHED_REFRESH_DEVICES`, the
+    caches that changed and already hold buffers of the right shape are refreshed together, up to
+    `REFRESH_BATCH` weights of one format and width per compiled call (`fake_quantize_many_into`).
+    Caches without buffers yet (the first refresh) and any a batch cannot take go one by one."""
+    batches: dict[tuple, list[tuple[WeightFakeQuantCache, Tensor, NumericFormat, tuple]]] = {}
     for cache, weight, fmt in entries:
         key = cache._key_of(weight)
         if key == cache.key:
             continue
-        if cache._buffers_fit(weight):
-            batches.setdefault(repr(fmt), []).append((cache, weight, fmt, key))
+        if cache._buffers_fit(weight) and weight.device.type in BATCHED_REFRESH_DEVICES:
+            batches.setdefault((repr(fmt), weight.shape[-1]), []).append((cache, weight, fmt, key))
         else:
             cache.refresh(weight, fmt)
-    for batch in batches.values():  # formats with one repr quantize alike: the first one serves all
+    chunks = [batch[i:i + REFRESH_BATCH] for batch in batches.values() for i in range(0, len(batch), REFRESH_BATCH)]
+    for chunk in chunks:  # formats with one repr quantize alike: the first one serves all
         with torch.inference_mode(False), torch.no_grad():
-            weights = [weight.detach() for _, weight, _, _ in batch]
-            done = len(batch) > 1 and fake_quantize_many_into(
-                batch[0][2], weights, [c.fake_quantized for c, *_ in batch], [c.clipped for c, *_ in batch])
-        for cache, weight, fmt, key in batch:
+            weights = [weight.detach() for _, weight, _, _ in chunk]
+            done = len(chunk) > 1 and fake_quantize_many_into(
+                chunk[0][2], weights, [c.fake_quantized for c, *_ in chunk], [c.clipped for c, *_ in chunk])
+        for cache, weight, fmt, key in chunk:
             if done:
                 cache.key = key
             else:
