@@ -135,7 +135,10 @@ def refresh_caches(entries: list[tuple[WeightFakeQuantCache, Tensor, NumericForm
             batches.setdefault((repr(fmt), weight.shape[-1]), []).append((cache, weight, fmt, key))
         else:
             cache.refresh(weight, fmt)
-    chunks = [batch[i:i + REFRESH_BATCH] for batch in batches.values() for i in range(0, len(batch), REFRESH_BATCH)]
+    chunks = []
+    for batch in batches.values():  # by shape: same-shape chunks share one graph (and one size symbol)
+        batch.sort(key=lambda entry: tuple(entry[1].shape))
+        chunks += [batch[i:i + REFRESH_BATCH] for i in range(0, len(batch), REFRESH_BATCH)]
     for chunk in chunks:  # formats with one repr quantize alike: the first one serves all
         with torch.inference_mode(False), torch.no_grad():
             weights = [weight.detach() for _, weight, _, _ in chunk]
