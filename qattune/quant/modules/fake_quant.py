@@ -54,9 +54,14 @@ class _WeightFakeQuant:
         frozen weight, such as LoRA's base, keeps its cache: it is quantized once, not once per step)."""
         return self.recompute_weight and self.weight_range_learner is None and self.weight.requires_grad
 
+    def _reads_weight_cache(self) -> bool:
+        """Whether the forward reads the cached fake-quantized weight (rather than float or learned-range
+        or recomputed weights)."""
+        return self.fake_quant_enabled and self.weight_range_learner is None and self._cache_weight
+
     def refresh_weight_cache(self) -> None:
         """Recompute the cached fake-quantized weight if the weight changed (called in eager code)."""
-        if self.fake_quant_enabled and self.weight_range_learner is None and self._cache_weight:
+        if self._reads_weight_cache():
             self._weight_cache.refresh(self.weight, self.weight_format)
 
     def cache_entry_for_forward(self) -> Optional[tuple[WeightFakeQuantCache, torch.Tensor, NumericFormat]]:
@@ -68,9 +73,7 @@ class _WeightFakeQuant:
         if not self._cache_weight:
             self._weight_cache.clear()
         self._compiled_reads_cache = self._cache_weight
-        if self.fake_quant_enabled and self.weight_range_learner is None and self._cache_weight:
-            return self._weight_cache, self.weight, self.weight_format
-        return None
+        return (self._weight_cache, self.weight, self.weight_format) if self._reads_weight_cache() else None
 
     def fake_quantized_weight(self, grad_in_place: bool = False) -> torch.Tensor:
         """The weight as the forward sees it with fake quantization on (`grad_in_place`: the result only
