@@ -14,6 +14,7 @@ from qattune.errors import QattuneError
 from qattune.quant.formats import NF4, NF4_LEVELS, NVFP4, Float8Rowwise, MXFormat
 from qattune.quant.formats.elements import (
     divide,
+    divide_by,
     e2m1_decode,
     e2m1_encode,
     e8m0_decode,
@@ -259,3 +260,16 @@ def test_divide_and_reciprocal_are_correctly_rounded_where_the_reciprocal_produc
         assert (t * (1.0 / divisor) != exact).any()  # the shortcut really differs on some inputs
     s = torch.rand(10_000) + 0.01
     assert torch.equal(reciprocal(s), torch.ones(()) / s)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_divide_by_is_exact_in_compiled_cuda_code():
+    """Triton's float32 division is approximate; `divide_by` compiled for CUDA still equals the CPU's
+    IEEE quotient on every element (what keeps fused FP8 and int codes the same on both devices)."""
+    torch.manual_seed(0)
+    t, d = torch.randn(1 << 20) * 3, torch.rand(1 << 20) + 0.01
+    exact = t / d
+    compiled = torch.compile(divide_by)(t.cuda(), d.cuda()).cpu()
+    assert torch.equal(compiled, exact)
+    assert torch.equal(divide_by(t.cuda(), d.cuda()).cpu(), exact)  # eager CUDA kernels divide exactly
+    assert torch.equal(divide_by(t, d), exact)

@@ -62,6 +62,17 @@ def divide(t: Tensor, divisor: float) -> Tensor:
     return (t.double() / divisor).to(t.dtype)
 
 
+def divide_by(t: Tensor, divisor: Tensor) -> Tensor:
+    """`t / divisor` for a float32 tensor divisor, correctly rounded on every device. A CPU divides
+    exactly as IEEE asks, eager and compiled; Triton's float32 division is approximate (up to two units
+    off), which moves a value near a rounding boundary of its format (an FP8 or int code) to the
+    neighbouring code. So compiled code for other devices divides in float64 and rounds once (see
+    `divide`)."""
+    if t.device.type == "cpu" or not torch.compiler.is_compiling():  # eager GPU kernels divide exactly
+        return t / divisor
+    return (t.double() / divisor.double()).to(t.dtype)
+
+
 def reciprocal(t: Tensor) -> Tensor:
     """`1 / t`, correctly rounded to `t`'s dtype everywhere (see `divide`: Triton's float32 division is
     approximate, so a compiled `1.0 / scale` can land one unit off and move values that sit on a tie)."""

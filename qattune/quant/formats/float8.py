@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from qattune.quant.formats.base import NumericFormat, QuantizedTensor
-from qattune.quant.formats.elements import E4M3_MAX, divide, to_e4m3_saturated
+from qattune.quant.formats.elements import E4M3_MAX, divide, divide_by, to_e4m3_saturated
 
 _AMAX_FLOOR = 1e-12
 
@@ -28,7 +28,7 @@ class Float8Rowwise(NumericFormat):
         xf = x.float()
         scale = xf.abs().amax(dim=-1, keepdim=True).clamp(min=_AMAX_FLOOR)
         scale = divide(scale, E4M3_MAX)
-        return to_e4m3_saturated(xf / scale), scale
+        return to_e4m3_saturated(divide_by(xf, scale)), scale
 
     def quantize(self, x: Tensor) -> QuantizedTensor:
         codes, scale = self._encode(x)

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from qattune.errors import QattuneError
 from qattune.quant.formats.base import NumericFormat, QuantizedTensor, to_blocks
-from qattune.quant.formats.elements import divide, round_to_dtype
+from qattune.quant.formats.elements import divide, divide_by, round_to_dtype
 
 _EPS = 1e-6  # smallest group range, as torchao's int4 weight-only QAT fake quantizer
 _MID = 8.0
@@ -36,7 +36,7 @@ class Int4Tinygemm(NumericFormat):
         lo = xb.amin(dim=-1, keepdim=True)
         hi = xb.amax(dim=-1, keepdim=True)
         scale = divide((hi - lo).clamp(min=_EPS), 15.0)
-        q = torch.round((xb - lo) / scale).clamp(0.0, 15.0)
+        q = torch.round(divide_by(xb - lo, scale)).clamp(0.0, 15.0)
         zero = lo + _MID * scale
         return q, round_to_dtype(scale, torch.bfloat16), round_to_dtype(zero, torch.bfloat16)
 

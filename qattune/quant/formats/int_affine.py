@@ -17,7 +17,7 @@ from torch import Tensor
 
 from qattune.errors import QattuneError
 from qattune.quant.formats.base import NumericFormat, QuantizedTensor, to_blocks
-from qattune.quant.formats.elements import divide, reciprocal, round_to_dtype
+from qattune.quant.formats.elements import divide, divide_by, reciprocal, round_to_dtype
 
 
 class IntAffine(NumericFormat):
@@ -94,7 +94,7 @@ class IntAffine(NumericFormat):
         else:
             span = round_to_dtype(hi - lo, dtype)
             scale = round_to_dtype(round_to_dtype(divide(span, levels), dtype).clamp(min=eps), dtype)
-            zero = (self.qmin - torch.round(round_to_dtype(lo / scale, dtype))).clamp(self.qmin, self.qmax)
+            zero = (self.qmin - torch.round(round_to_dtype(divide_by(lo, scale), dtype))).clamp(self.qmin, self.qmax)
         shape = self.scale_shape(x.shape)
         return scale.reshape(shape), None if zero is None else zero.reshape(shape)
 

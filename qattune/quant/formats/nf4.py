@@ -14,7 +14,7 @@ from torch import Tensor
 
 from qattune.errors import QattuneError
 from qattune.quant.formats.base import NumericFormat, QuantizedTensor, to_blocks
-from qattune.quant.formats.elements import constant_tensor
+from qattune.quant.formats.elements import constant_tensor, divide_by
 
 NF4_LEVELS = (
     -1.0, -0.6961928, -0.5250731, -0.3949175, -0.2844414, -0.1847734, -0.0910500, 0.0,
@@ -41,7 +41,7 @@ class NF4(NumericFormat):
     def _encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
         xb = to_blocks(x, self.block_size).float()
         absmax = xb.abs().amax(dim=-1, keepdim=True)
-        v = xb / torch.where(absmax > 0, absmax, torch.ones_like(absmax))
+        v = divide_by(xb, torch.where(absmax > 0, absmax, torch.ones_like(absmax)))
         return torch.bucketize(v.contiguous(), constant_tensor(_MIDPOINTS, x.device), right=False), absmax
 
     def quantize(self, x: Tensor) -> QuantizedTensor:

@@ -22,6 +22,7 @@ from qattune.quant.formats.elements import (
     E4M3_MAX,
     E4M3_MIN_NORMAL,
     divide,
+    divide_by,
     e2m1_decode,
     e2m1_encode,
     e2m1_round,
@@ -43,10 +44,10 @@ class NVFP4(NumericFormat):
         block_amax = xb.abs().amax(dim=-1, keepdim=True)
         tensor_amax = block_amax.amax().reshape(1) if block_amax.numel() else block_amax.new_zeros(1)
         global_scale = torch.where(tensor_amax > 0, divide(tensor_amax, E4M3_MAX * E2M1_MAX), 1.0)
-        block_scale = (divide(block_amax, E2M1_MAX) / global_scale).clamp(E4M3_MIN_NORMAL, E4M3_MAX)
+        block_scale = divide_by(divide(block_amax, E2M1_MAX), global_scale).clamp(E4M3_MIN_NORMAL, E4M3_MAX)
         block_scale = block_scale.to(torch.float8_e4m3fn)
         total = block_scale.float() * global_scale
-        return xb / total, block_scale, global_scale, total
+        return divide_by(xb, total), block_scale, global_scale, total
 
     def quantize(self, x: Tensor) -> QuantizedTensor:
         v, block_scale, global_scale, _ = self._scaled(x)
