@@ -4,7 +4,7 @@ scheme vs QAT+LoRA vs torchao's 8da4w QAT, on one model and batch, in one interl
 Variants (each also per-block `torch.compile`d with `--modes eager compile`):
 - `plain`: the float model, full fine-tuning;
 - `qat/<scheme>`: `QATQuantizer(<scheme>).prepare(model)` with the scheme's defaults (8da4w: group 32);
-- `qat_recompute/<scheme>` (8da4w, 4w): `QATQuantizer(<scheme>, recompute_weights=True)`, which keeps no
+- `qat_recompute/<scheme>` (by default 8da4w and 4w; any scheme when named in `--variants`): `QATQuantizer(<scheme>, recompute_weights=True)`, which keeps no
   fake-quantized weight copy and re-quantizes in the backward (less memory, more work);
 - `qat_lora/8da4w`: the 8da4w-prepared model with rank-8 LoRA on q/k/v/o and the MLP (frozen base);
 - `torchao/8da4w`: torchao's `Int8DynActInt4WeightQATQuantizer(groupsize=32)` (what torchtune's QAT
@@ -43,7 +43,7 @@ import statistics
 import threading
 import time
 from dataclasses import asdict, dataclass
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import nn
@@ -120,12 +120,16 @@ def torchao_available() -> bool:
     return True
 
 
-def all_variants(schemes: list[str], with_torchao: bool) -> dict[str, Callable[[nn.Module], nn.Module]]:
+DEFAULT_RECOMPUTE_SCHEMES = ("8da4w", "4w")  # the others' `qat_recompute/<scheme>` run when named
+
+
+def all_variants(schemes: list[str], with_torchao: bool, recompute_schemes: Sequence[str] = DEFAULT_RECOMPUTE_SCHEMES
+                 ) -> dict[str, Callable[[nn.Module], nn.Module]]:
     """Variant name -> transform of the float model."""
     variants: dict[str, Callable[[nn.Module], nn.Module]] = {"plain": lambda model: model}
     variants.update({f"qat/{scheme}": _qattune_qat(scheme) for scheme in schemes})
     variants.update({f"qat_recompute/{scheme}": _qattune_qat_recompute(scheme)
-                     for scheme in ("8da4w", "4w") if scheme in schemes})
+                     for scheme in recompute_schemes if scheme in schemes})
     variants["qat_lora/8da4w"] = _qattune_qat_lora
     if with_torchao:
         variants["torchao/8da4w"] = _torchao_8da4w
@@ -316,7 +320,8 @@ def main() -> None:
     shape_fields = asdict(DEFAULT_SHAPES[args.device])
     shape_fields.update({k: v for k, v in vars(args).items() if k in shape_fields and v is not None})
     shape = ModelShape(**shape_fields)
-    variants = all_variants(args.schemes, torchao_available() and not args.no_torchao)
+    variants = all_variants(args.schemes, torchao_available() and not args.no_torchao,
+                            args.schemes if args.variants else DEFAULT_RECOMPUTE_SCHEMES)
     if args.variants:
         unknown = sorted(set(args.variants) - set(variants))
         if unknown:

@@ -3,13 +3,14 @@
 Forward: the format's quantize-dequantize (`fmt.fake_quantize_with_mask`), computed without autograd
 (compiled for large tensors in eager mode, with the same numbers: see `modules.fused`).
 Backward: the incoming gradient where the value was inside the format's range, zero where it was
-clipped. Only a boolean clipped mask is saved, and only where something can have been clipped: not for
-formats that cannot clip with their dynamic scales, and, on a CPU, not for a tensor none of whose
-elements clipped, which is nearly always the case for int8 per-token activations (their scale and zero
-point map each token's minimum and maximum onto the end codes, so only a rounding tie at an end can
-clip). On a GPU that check would read a flag back from the device, a sync per activation that would stop
-the host from queueing work ahead, so the mask is kept there; under torch.compile it is kept too (a
-data-dependent branch would break the graph).
+clipped. Only a clipped mask is saved, and only where something can have been clipped: not for formats
+that cannot clip with their dynamic scales, and, on a CPU, not for a tensor none of whose elements
+clipped, which is the usual case for float32 int8 per-token activations (their scale and zero point map
+each token's minimum and maximum onto the end codes, so only a rounding tie at an end can clip). On a GPU
+that check would read a flag back from the device, a sync per activation that would stop the host from
+queueing work ahead, so the mask is kept there, bit-packed (`modules.packed_mask`: with bf16 scales a
+token's maximum often does clip by a code); under torch.compile it is kept too (a data-dependent branch
+would break the graph).
 
 Inside qattune's modules, whose fake-quantized tensors only feed their own matmul, the few clipped
 elements are zeroed in place in the gradient autograd made for that use (`zero_where_clipped`): a
@@ -30,7 +31,8 @@ from typing import Optional, Protocol
 import torch
 from torch import Tensor
 
-from qattune.quant.modules.fused import fake_quantize_clipped
+from qattune.quant.modules.fused import fake_quantize_clipped, zero_where_packed_into
+from qattune.quant.modules.packed_mask import packs_masks_on, unpack_mask
 
 
 class MaskedFakeQuantizer(Protocol):
@@ -51,12 +53,14 @@ def zero_where_clipped(grad: Tensor, clipped: Tensor, in_place: bool) -> Tensor:
 class _STEFakeQuantize(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, fmt: MaskedFakeQuantizer, grad_in_place: bool) -> Tensor:  # type: ignore[override]
-        x_hat, clipped = fake_quantize_clipped(fmt, x)
+        packed = packs_masks_on(x.device)
+        x_hat, clipped = fake_quantize_clipped(fmt, x, packed=packed)
         if clipped is not None and not torch.compiler.is_compiling():
             if not ctx.needs_input_grad[0] or (clipped.device.type == "cpu" and not bool(clipped.any())):
                 clipped = None  # no backward, or nothing clipped (the rule for per-token activations)
         ctx.has_mask = clipped is not None
         ctx.grad_in_place = grad_in_place
+        ctx.packed_width = x.shape[-1] if packed else None
         if clipped is not None:
             ctx.save_for_backward(clipped)
         return x_hat
@@ -66,7 +70,11 @@ class _STEFakeQuantize(torch.autograd.Function):
         if not ctx.has_mask:
             return grad, None, None
         (clipped,) = ctx.saved_tensors
-        return zero_where_clipped(grad, clipped, ctx.grad_in_place), None, None
+        if ctx.packed_width is None:
+            return zero_where_clipped(grad, clipped, ctx.grad_in_place), None, None
+        if ctx.grad_in_place and not grad.requires_grad and zero_where_packed_into(grad, clipped):
+            return grad, None, None
+        return zero_where_clipped(grad, unpack_mask(clipped, ctx.packed_width), ctx.grad_in_place), None, None
 
 
 def fake_quantize_ste(x: Tensor, fmt: MaskedFakeQuantizer, grad_in_place: bool = False) -> Tensor:

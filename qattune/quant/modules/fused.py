@@ -27,6 +27,8 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
+from qattune.quant.modules.packed_mask import pack_mask, unpack_mask
+
 logger = logging.getLogger(__name__)
 
 FUSE_MIN_NUMEL = 1 << 16  # smaller tensors: the eager passes are cheap and compiling would not pay
@@ -72,6 +74,12 @@ def _fake_quantize_bytes(fmt, x: Tensor) -> tuple[Tensor, Optional[Tensor]]:
     return x_hat, None if in_range is None else _clipped_bytes(in_range)
 
 
+def _fake_quantize_packed(fmt, x: Tensor) -> tuple[Tensor, Optional[Tensor]]:
+    """The compiled body for a bit-packed clipped mask (`packed_mask.pack_mask`)."""
+    x_hat, in_range = fmt.fake_quantize_with_mask(x)
+    return x_hat, None if in_range is None else pack_mask(in_range.logical_not())
+
+
 def _fake_quantize_into(fmt, x: Tensor, out: Tensor, clipped: Optional[Tensor]) -> None:
     """The compiled in-place body: the fake-quantized value into `out`, the clipped mask into `clipped`
     (uint8 0/1). Writing into buffers kept from the last call spares a fresh allocation (on a CPU, page
@@ -105,26 +113,30 @@ def _compile_failed(fmt: object, error: Exception) -> None:
                    type(fmt).__name__, type(error).__name__, str(error).splitlines()[0] if str(error) else "")
 
 
-def _eager_clipped(fmt, x: Tensor) -> tuple[Tensor, Optional[Tensor]]:
+def _eager_clipped(fmt, x: Tensor, packed: bool) -> tuple[Tensor, Optional[Tensor]]:
     x_hat, in_range = fmt.fake_quantize_with_mask(x)
-    return x_hat, None if in_range is None else in_range.logical_not()
+    if in_range is None:
+        return x_hat, None
+    return x_hat, pack_mask(in_range.logical_not()) if packed else in_range.logical_not()
 
 
-def fake_quantize_clipped(fmt, x: Tensor) -> tuple[Tensor, Optional[Tensor]]:
+def fake_quantize_clipped(fmt, x: Tensor, packed: bool = False) -> tuple[Tensor, Optional[Tensor]]:
     """`fmt`'s fake quantization of `x` and the mask of the elements it clipped (bool; the negation of
-    `fmt.fake_quantize_with_mask`'s, None for a format that never clips), compiled for large tensors when
-    grad mode is off (as in the STE's forward and the weight-cache refresh)."""
+    `fmt.fake_quantize_with_mask`'s, None for a format that never clips; `packed`: as `pack_mask` packs
+    it, eight elements per byte), compiled for large tensors when grad mode is off (as in the STE's
+    forward and the weight-cache refresh)."""
     if not _wants_fused(fmt, x):
-        return _eager_clipped(fmt, x)
+        return _eager_clipped(fmt, x, packed)
     rows = x.reshape(-1, x.shape[-1])
     torch._dynamo.maybe_mark_dynamic(rows, 0)
     try:
-        x_hat, clipped = _compiled_for(fmt)(fmt, rows)
+        x_hat, clipped = _compiled_for(fmt, _fake_quantize_packed if packed else _fake_quantize_bytes)(fmt, rows)
     except Exception as error:  # compile unavailable here: stay eager for this format
         _compile_failed(fmt, error)
-        return _eager_clipped(fmt, x)
-    mask = None if clipped is None else clipped.view(torch.bool).reshape(x.shape)
-    return x_hat.reshape(x.shape), mask
+        return _eager_clipped(fmt, x, packed)
+    if clipped is not None:
+        clipped = clipped.reshape(*x.shape[:-1], -1) if packed else clipped.view(torch.bool).reshape(x.shape)
+    return x_hat.reshape(x.shape), clipped
 
 
 def _in_place_applies(fmt, x: Tensor, out: Tensor, clipped: Optional[Tensor]) -> bool:
@@ -174,3 +186,34 @@ def fake_quantize_many_into(fmt, xs: list[Tensor], outs: list[Tensor], clippeds:
             torch._dynamo.maybe_mark_dynamic(tensor, 0)
     rows, out_rows, clipped_rows = ([view[i] for view in views] for i in range(3))
     return _run_compiled(fmt, _fake_quantize_many_into, rows, out_rows, clipped_rows)
+
+
+
+def _zero_where_packed_body(grad: Tensor, packed: Tensor) -> None:
+    grad.masked_fill_(unpack_mask(packed, grad.shape[-1]), 0.0)
+
+
+_zero_where_packed: dict[str, Callable] = {}  # the compiled body, once built; "failed" if it could not be
+
+
+def zero_where_packed_into(grad: Tensor, packed: Tensor) -> bool:
+    """Zero `grad` in place where the bit-packed mask `packed` (`[..., ceil(width / 8)]`) is set, in one
+    compiled pass that reads the bits directly (eagerly, unpacking writes a full-size byte mask twice).
+    Returns False, having written nothing, where that does not apply (small or non-contiguous gradients,
+    compile unavailable); the caller then unpacks eagerly."""
+    if not (_enabled and "failed" not in _zero_where_packed and grad.numel() >= FUSE_MIN_NUMEL
+            and grad.is_contiguous() and packed.is_contiguous() and grad.device.type in _FUSED_DEVICES
+            and not torch.compiler.is_compiling()):
+        return False
+    rows, packed_rows = grad.view(-1, grad.shape[-1]), packed.view(-1, packed.shape[-1])
+    for tensor in (rows, packed_rows):
+        torch._dynamo.maybe_mark_dynamic(tensor, 0)
+    try:
+        compiled = _zero_where_packed.setdefault("body", torch.compile(_zero_where_packed_body, dynamic=False))
+        compiled(rows, packed_rows)
+    except Exception as error:
+        _zero_where_packed["failed"] = _zero_where_packed_body
+        logger.warning("fused gradient zeroing unavailable (%s: %s); unpacking eagerly", type(error).__name__,
+                       str(error).splitlines()[0] if str(error) else "")
+        return False
+    return True

@@ -1,0 +1,53 @@
+"""Clipped masks kept for the backward at one bit per element instead of one byte.
+
+The straight-through estimator keeps, for each fake-quantized activation, a mask of the elements its
+format clipped. As bool that is one byte per element: on Llama-3.2-1B (seq 2048, batch 4) 2.26 GiB of
+8da4w's training memory (docs/benchmarks.md). Packed eight to a byte it is an eighth of that. The
+packing is a few elementwise passes (one fused kernel under torch.compile), cheap next to the matmul on
+a GPU; on a CPU a bit store measured 3-7x slower than the byte mask, so the bytes stay there (and a CPU
+drops the mask altogether where nothing clipped, see `qattune.quant.fake_quant`).
+
+Layout: along the last axis, element `8 * j + i` is bit `i` of byte `j`; a width that is not a multiple
+of 8 is padded with zeros (`numpy.packbits(..., bitorder="little")` per row).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+PACKED_MASK_DEVICES = ("cuda",)
+"""Devices whose straight-through estimator keeps bit-packed clipped masks."""
+
+_BIT_VALUES = (1, 2, 4, 8, 16, 32, 64, 128)
+_bit_tables: dict[torch.device, Tensor] = {}
+
+
+def _bit_values(device: torch.device) -> Tensor:
+    """`[1, 2, 4, ..., 128]` as uint8 on `device` (built once per device in eager mode)."""
+    if torch.compiler.is_compiling():
+        return torch.tensor(_BIT_VALUES, dtype=torch.uint8, device=device)
+    table = _bit_tables.get(device)
+    if table is None:
+        table = _bit_tables[device] = torch.tensor(_BIT_VALUES, dtype=torch.uint8, device=device)
+    return table
+
+
+def packs_masks_on(device: torch.device) -> bool:
+    """Whether clipped masks for the backward are kept bit-packed on `device`."""
+    return device.type in PACKED_MASK_DEVICES
+
+
+def pack_mask(mask: Tensor) -> Tensor:
+    """bool `[..., n]` -> uint8 `[..., ceil(n / 8)]`, eight elements per byte (layout: module docstring)."""
+    width = mask.shape[-1]
+    if width % 8:
+        mask = torch.cat([mask, mask.new_zeros(*mask.shape[:-1], 8 - width % 8)], dim=-1)
+    bits = mask.reshape(*mask.shape[:-1], -1, 8).to(torch.uint8) * _bit_values(mask.device)
+    return bits.sum(dim=-1, dtype=torch.uint8)
+
+
+def unpack_mask(packed: Tensor, width: int) -> Tensor:
+    """The bool mask `[..., width]` that `pack_mask` packed."""
+    bits = (packed.unsqueeze(-1) & _bit_values(packed.device)) != 0
+    return bits.reshape(*packed.shape[:-1], -1)[..., :width]
