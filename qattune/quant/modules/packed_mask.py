@@ -13,11 +13,14 @@ of 8 is padded with zeros (`numpy.packbits(..., bitorder="little")` per row).
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import Tensor
 
-PACKED_MASK_DEVICES = ("cuda",)
-"""Devices whose straight-through estimator keeps bit-packed clipped masks."""
+PACKED_MASK_DEVICES = ("cuda",) if os.environ.get("QATTUNE_PACKED_MASKS", "1") != "0" else ()
+"""Devices whose straight-through estimator keeps bit-packed clipped masks (`QATTUNE_PACKED_MASKS=0`:
+none, byte masks everywhere)."""
 
 _BIT_VALUES = (1, 2, 4, 8, 16, 32, 64, 128)
 _bit_tables: dict[torch.device, Tensor] = {}
