@@ -6,6 +6,8 @@ Variants (each also per-block `torch.compile`d with `--modes eager compile`):
 - `qat/<scheme>`: `QATQuantizer(<scheme>).prepare(model)` with the scheme's defaults (8da4w: group 32);
 - `qat_recompute/<scheme>` (by default 8da4w and 4w; any scheme when named in `--variants`): `QATQuantizer(<scheme>, recompute_weights=True)`, which keeps no
   fake-quantized weight copy and re-quantizes in the backward (less memory, more work);
+- `qat_lowmem/<scheme>` (schemes with activations, by default 8da4w; any when named): as `qat_recompute`,
+  plus `pack_masks=True` (activation clipped masks at one bit per element);
 - `qat_lora/8da4w`: the 8da4w-prepared model with rank-8 LoRA on q/k/v/o and the MLP (frozen base);
 - `torchao/8da4w`: torchao's `Int8DynActInt4WeightQATQuantizer(groupsize=32)` (what torchtune's QAT
   recipe runs), when torchao is installed.
@@ -98,6 +100,10 @@ def _qattune_qat_recompute(scheme: str) -> Callable[[nn.Module], nn.Module]:
     return lambda model: QATQuantizer(scheme, recompute_weights=True).prepare(model)
 
 
+def _qattune_qat_lowmem(scheme: str) -> Callable[[nn.Module], nn.Module]:
+    return lambda model: QATQuantizer(scheme, recompute_weights=True, pack_masks=True).prepare(model)
+
+
 def _qattune_qat_lora(model: nn.Module) -> nn.Module:
     QATQuantizer("8da4w").prepare(model)
     return apply_lora(model, lora_attn_modules=["q_proj", "k_proj", "v_proj", "output_proj"],
@@ -130,6 +136,8 @@ def all_variants(schemes: list[str], with_torchao: bool, recompute_schemes: Sequ
     variants.update({f"qat/{scheme}": _qattune_qat(scheme) for scheme in schemes})
     variants.update({f"qat_recompute/{scheme}": _qattune_qat_recompute(scheme)
                      for scheme in recompute_schemes if scheme in schemes})
+    variants.update({f"qat_lowmem/{scheme}": _qattune_qat_lowmem(scheme)
+                     for scheme in recompute_schemes if scheme in schemes and SCHEMES[scheme].activation is not None})
     variants["qat_lora/8da4w"] = _qattune_qat_lora
     if with_torchao:
         variants["torchao/8da4w"] = _torchao_8da4w

@@ -8,9 +8,10 @@ that cannot clip with their dynamic scales, and, on a CPU, not for a tensor none
 clipped, which is the usual case for float32 int8 per-token activations (their scale and zero point map
 each token's minimum and maximum onto the end codes, so only a rounding tie at an end can clip). On a GPU
 that check would read a flag back from the device, a sync per activation that would stop the host from
-queueing work ahead, so the mask is kept there, bit-packed (`modules.packed_mask`: with bf16 scales a
-token's maximum often does clip by a code); under torch.compile it is kept too (a data-dependent branch
-would break the graph).
+queueing work ahead, so the mask is kept there (with bf16 scales a token's maximum often does clip by a
+code); under torch.compile it is kept too (a data-dependent branch would break the graph). The mask is
+one byte per element, or one bit with `pack_mask` (the quantizer's `pack_masks`: an eighth of the
+memory, a few more kernels).
 
 Inside qattune's modules, whose fake-quantized tensors only feed their own matmul, the few clipped
 elements are zeroed in place in the gradient autograd made for that use (`zero_where_clipped`): a
@@ -31,8 +32,8 @@ from typing import Optional, Protocol
 import torch
 from torch import Tensor
 
-from qattune.quant.modules.fused import fake_quantize_clipped, zero_where_packed_into
-from qattune.quant.modules.packed_mask import packs_masks_on, unpack_mask
+from qattune.quant.modules.fused import fake_quantize_clipped
+from qattune.quant.modules.packed_mask import unpack_mask
 
 
 class MaskedFakeQuantizer(Protocol):
@@ -52,8 +53,7 @@ def zero_where_clipped(grad: Tensor, clipped: Tensor, in_place: bool) -> Tensor:
 
 class _STEFakeQuantize(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: Tensor, fmt: MaskedFakeQuantizer, grad_in_place: bool) -> Tensor:  # type: ignore[override]
-        packed = packs_masks_on(x.device)
+    def forward(ctx, x: Tensor, fmt: MaskedFakeQuantizer, grad_in_place: bool, packed: bool) -> Tensor:  # type: ignore[override]
         x_hat, clipped = fake_quantize_clipped(fmt, x, packed=packed)
         if clipped is not None and not torch.compiler.is_compiling():
             if not ctx.needs_input_grad[0] or (clipped.device.type == "cpu" and not bool(clipped.any())):
@@ -66,22 +66,22 @@ class _STEFakeQuantize(torch.autograd.Function):
         return x_hat
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Optional[Tensor], None, None]:  # type: ignore[override]
+    def backward(ctx, grad: Tensor) -> tuple[Optional[Tensor], None, None, None]:  # type: ignore[override]
         if not ctx.has_mask:
-            return grad, None, None
+            return grad, None, None, None
         (clipped,) = ctx.saved_tensors
-        if ctx.packed_width is None:
-            return zero_where_clipped(grad, clipped, ctx.grad_in_place), None, None
-        if ctx.grad_in_place and not grad.requires_grad and zero_where_packed_into(grad, clipped):
-            return grad, None, None
-        return zero_where_clipped(grad, unpack_mask(clipped, ctx.packed_width), ctx.grad_in_place), None, None
+        if ctx.packed_width is not None:
+            clipped = unpack_mask(clipped, ctx.packed_width)
+        return zero_where_clipped(grad, clipped, ctx.grad_in_place), None, None, None
 
 
-def fake_quantize_ste(x: Tensor, fmt: MaskedFakeQuantizer, grad_in_place: bool = False) -> Tensor:
+def fake_quantize_ste(x: Tensor, fmt: MaskedFakeQuantizer, grad_in_place: bool = False,
+                      pack_mask: bool = False) -> Tensor:
     """`fmt`'s fake quantization of `x`, with the straight-through gradient (zero where clipped).
     `grad_in_place=True` (for an output that only feeds the caller's own matmul) zeroes the incoming
-    gradient in place instead of copying it."""
-    return _STEFakeQuantize.apply(x, fmt, grad_in_place)
+    gradient in place instead of copying it; `pack_mask=True` keeps the clipped mask at one bit per
+    element (`modules.packed_mask`)."""
+    return _STEFakeQuantize.apply(x, fmt, grad_in_place, pack_mask)
 
 
 class _STEWithQParams(torch.autograd.Function):

@@ -46,8 +46,21 @@ def apply_activation_checkpointing(model: nn.Module, layers_attr: str = "layers"
     return model
 
 
+FAKE_QUANT_COMPILE_MIN_TORCH = "2.13"
+"""Compiled fake-quantized blocks train correctly on torch 2.13. On torch 2.11 (the only older version
+tried) every parameter inside a compiled fake-quantized block got a zero gradient, on CPU and CUDA
+alike: the gradient reached the model's input through the residual stream only."""
+
+
 def compile_blocks(model: nn.Module, layers_attr: str = "layers", **compile_kwargs) -> nn.Module:
-    """`torch.compile` each block in place (one graph reused by every block of the same shape)."""
+    """`torch.compile` each block in place (one graph reused by every block of the same shape). Blocks
+    with fake quantization need torch >= `FAKE_QUANT_COMPILE_MIN_TORCH`, or this raises a clear error."""
+    if torch.__version__ < FAKE_QUANT_COMPILE_MIN_TORCH and any(
+            hasattr(module, "fake_quant_enabled") for module in transformer_blocks(model, layers_attr).modules()):
+        raise QattuneError(
+            f"compile: true with fake quantization needs torch >= {FAKE_QUANT_COMPILE_MIN_TORCH}; this is "
+            f"torch {torch.__version__}, whose compiled fake-quantized blocks train with zero gradients. "
+            "Set compile: false, or upgrade torch")
     for block in transformer_blocks(model, layers_attr):
         block.compile(**compile_kwargs)
     return model

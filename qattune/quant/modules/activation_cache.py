@@ -34,19 +34,20 @@ def _forget_output(owner_ref: weakref.ref, output_ref: weakref.ref, grad_outputs
 class SharedActivationFakeQuant:
     """`fmt.fake_quantize(x)`, reusing the last result when `x` is the tensor it saw last."""
 
-    def __init__(self, fmt: NumericFormat) -> None:
+    def __init__(self, fmt: NumericFormat, pack_masks: bool = False) -> None:
         self.format = fmt
+        self.pack_masks = pack_masks  # clipped masks kept bit-packed for the backward (`modules.packed_mask`)
         self._input: Optional[weakref.ref] = None
         self._output: Optional[Tensor] = None
         self._state: tuple = ()
 
     def __call__(self, x: Tensor) -> Tensor:
         if torch.compiler.is_compiling() or x.is_inference():  # inference tensors have no version counter
-            return fake_quantize_ste(x, self.format, grad_in_place=True)
+            return fake_quantize_ste(x, self.format, grad_in_place=True, pack_mask=self.pack_masks)
         state = (x._version, torch.is_grad_enabled())
         if self._input is not None and self._input() is x and self._state == state:
             return self._output
-        out = fake_quantize_ste(x, self.format, grad_in_place=True)  # only the layers' own matmuls read it
+        out = fake_quantize_ste(x, self.format, grad_in_place=True, pack_mask=self.pack_masks)  # only the layers' own matmuls read it
         self._input, self._output, self._state = weakref.ref(x), out, state
         if out.grad_fn is not None:  # once backward consumes its graph, the result must not be reused
             # The hook holds neither the node nor this object strongly: a node whose own hook refers back
@@ -55,11 +56,11 @@ class SharedActivationFakeQuant:
             out.grad_fn.register_prehook(functools.partial(_forget_output, weakref.ref(self), weakref.ref(out)))
         return out
 
-    def __getstate__(self) -> dict:  # copies and pickles carry the format, not the remembered tensors
-        return {"format": self.format}
+    def __getstate__(self) -> dict:  # copies and pickles carry the settings, not the remembered tensors
+        return {"format": self.format, "pack_masks": self.pack_masks}
 
     def __setstate__(self, state: dict) -> None:
-        self.__init__(state["format"])
+        self.__init__(state["format"], state.get("pack_masks", False))
 
     def clear(self) -> None:
         """Drop the remembered activation."""

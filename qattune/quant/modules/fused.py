@@ -27,7 +27,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-from qattune.quant.modules.packed_mask import pack_mask, unpack_mask
+from qattune.quant.modules.packed_mask import pack_mask
 
 logger = logging.getLogger(__name__)
 
@@ -188,32 +188,3 @@ def fake_quantize_many_into(fmt, xs: list[Tensor], outs: list[Tensor], clippeds:
     return _run_compiled(fmt, _fake_quantize_many_into, rows, out_rows, clipped_rows)
 
 
-
-def _zero_where_packed_body(grad: Tensor, packed: Tensor) -> None:
-    grad.masked_fill_(unpack_mask(packed, grad.shape[-1]), 0.0)
-
-
-_zero_where_packed: dict[str, Callable] = {}  # the compiled body, once built; "failed" if it could not be
-
-
-def zero_where_packed_into(grad: Tensor, packed: Tensor) -> bool:
-    """Zero `grad` in place where the bit-packed mask `packed` (`[..., ceil(width / 8)]`) is set, in one
-    compiled pass that reads the bits directly (eagerly, unpacking writes a full-size byte mask twice).
-    Returns False, having written nothing, where that does not apply (small or non-contiguous gradients,
-    compile unavailable); the caller then unpacks eagerly."""
-    if not (_enabled and "failed" not in _zero_where_packed and grad.numel() >= FUSE_MIN_NUMEL
-            and grad.is_contiguous() and packed.is_contiguous() and grad.device.type in _FUSED_DEVICES
-            and not torch.compiler.is_compiling()):
-        return False
-    rows, packed_rows = grad.view(-1, grad.shape[-1]), packed.view(-1, packed.shape[-1])
-    for tensor in (rows, packed_rows):
-        torch._dynamo.maybe_mark_dynamic(tensor, 0)
-    try:
-        compiled = _zero_where_packed.setdefault("body", torch.compile(_zero_where_packed_body, dynamic=False))
-        compiled(rows, packed_rows)
-    except Exception as error:
-        _zero_where_packed["failed"] = _zero_where_packed_body
-        logger.warning("fused gradient zeroing unavailable (%s: %s); unpacking eagerly", type(error).__name__,
-                       str(error).splitlines()[0] if str(error) else "")
-        return False
-    return True

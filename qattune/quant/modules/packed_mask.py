@@ -1,11 +1,12 @@
 """Clipped masks kept for the backward at one bit per element instead of one byte.
 
 The straight-through estimator keeps, for each fake-quantized activation, a mask of the elements its
-format clipped. As bool that is one byte per element: on Llama-3.2-1B (seq 2048, batch 4) 2.26 GiB of
-8da4w's training memory (docs/benchmarks.md). Packed eight to a byte it is an eighth of that. The
-packing is a few elementwise passes (one fused kernel under torch.compile), cheap next to the matmul on
-a GPU; on a CPU a bit store measured 3-7x slower than the byte mask, so the bytes stay there (and a CPU
-drops the mask altogether where nothing clipped, see `qattune.quant.fake_quant`).
+format clipped. As bool that is one byte per element: on Llama-3.2-1B (seq 2048, batch 4, bf16) 1.55
+GiB of 8da4w's peak training memory on an H100 (docs/benchmarks.md). Packed eight to a byte it is an
+eighth of that. The quantizer's `pack_masks` option turns it on. It costs speed: the bits are packed in
+the forward's fused fake quantization (a reduction over each 8 elements) and unpacked in the backward
+by two more elementwise passes, and on the H100 8da4w's step measured a few percent slower with it
+(noisy, on a host-bound step); on a CPU a bit store measured 3-7x slower to write than the byte mask.
 
 Layout: along the last axis, element `8 * j + i` is bit `i` of byte `j`; a width that is not a multiple
 of 8 is padded with zeros (`numpy.packbits(..., bitorder="little")` per row).
@@ -13,14 +14,8 @@ of 8 is padded with zeros (`numpy.packbits(..., bitorder="little")` per row).
 
 from __future__ import annotations
 
-import os
-
 import torch
 from torch import Tensor
-
-PACKED_MASK_DEVICES = ("cuda",) if os.environ.get("QATTUNE_PACKED_MASKS", "1") != "0" else ()
-"""Devices whose straight-through estimator keeps bit-packed clipped masks (`QATTUNE_PACKED_MASKS=0`:
-none, byte masks everywhere)."""
 
 _BIT_VALUES = (1, 2, 4, 8, 16, 32, 64, 128)
 _bit_tables: dict[torch.device, Tensor] = {}
@@ -34,11 +29,6 @@ def _bit_values(device: torch.device) -> Tensor:
     if table is None:
         table = _bit_tables[device] = torch.tensor(_BIT_VALUES, dtype=torch.uint8, device=device)
     return table
-
-
-def packs_masks_on(device: torch.device) -> bool:
-    """Whether clipped masks for the backward are kept bit-packed on `device`."""
-    return device.type in PACKED_MASK_DEVICES
 
 
 def pack_mask(mask: Tensor) -> Tensor:
