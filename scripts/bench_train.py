@@ -4,8 +4,9 @@ scheme vs QAT+LoRA vs torchao's 8da4w QAT, on one model and batch, in one interl
 Variants (each also per-block `torch.compile`d with `--modes eager compile`):
 - `plain`: the float model, full fine-tuning;
 - `qat/<scheme>`: `QATQuantizer(<scheme>).prepare(model)` with the scheme's defaults (8da4w: group 32);
-- `qat_recompute/<scheme>` (by default 8da4w and 4w; any scheme when named in `--variants`): `QATQuantizer(<scheme>, recompute_weights=True)`, which keeps no
-  fake-quantized weight copy and re-quantizes in the backward (less memory, more work);
+- `qat_recompute/<scheme>` (by default 8da4w and 4w; any scheme when named in `--variants`):
+  `QATQuantizer(<scheme>, recompute_weights=True)`, which keeps no fake-quantized weight copy and
+  re-quantizes in the backward (less memory, more work);
 - `qat_lowmem/<scheme>` (schemes with activations, by default 8da4w; any when named): as `qat_recompute`,
   plus `pack_masks=True` (activation clipped masks at one bit per element);
 - `qat_lora/8da4w`: the 8da4w-prepared model with rank-8 LoRA on q/k/v/o and the MLP (frozen base);

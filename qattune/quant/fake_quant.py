@@ -53,7 +53,9 @@ def zero_where_clipped(grad: Tensor, clipped: Tensor, in_place: bool) -> Tensor:
 
 class _STEFakeQuantize(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: Tensor, fmt: MaskedFakeQuantizer, grad_in_place: bool, packed: bool) -> Tensor:  # type: ignore[override]
+    def forward(  # type: ignore[override]
+        ctx, x: Tensor, fmt: MaskedFakeQuantizer, grad_in_place: bool, packed: bool
+    ) -> Tensor:
         x_hat, clipped = fake_quantize_clipped(fmt, x, packed=packed)
         if clipped is not None and not torch.compiler.is_compiling():
             if not ctx.needs_input_grad[0] or (clipped.device.type == "cpu" and not bool(clipped.any())):

@@ -47,7 +47,8 @@ class SharedActivationFakeQuant:
         state = (x._version, torch.is_grad_enabled())
         if self._input is not None and self._input() is x and self._state == state:
             return self._output
-        out = fake_quantize_ste(x, self.format, grad_in_place=True, pack_mask=self.pack_masks)  # only the layers' own matmuls read it
+        # only the layers' own matmuls read the result, so its gradient may be zeroed in place
+        out = fake_quantize_ste(x, self.format, grad_in_place=True, pack_mask=self.pack_masks)
         self._input, self._output, self._state = weakref.ref(x), out, state
         if out.grad_fn is not None:  # once backward consumes its graph, the result must not be reused
             # The hook holds neither the node nor this object strongly: a node whose own hook refers back
