@@ -33,7 +33,7 @@ def _ste_grads_and_saved(x: torch.Tensor, in_place: bool, pack: bool) -> tuple[t
     x = x.detach().requires_grad_(True)
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         out = fake_quantize_ste(x, _activation_format(), grad_in_place=in_place, pack_mask=pack)
-    upstream = torch.linspace(-1, 1, out.numel()).reshape(out.shape).to(out.dtype)
+    upstream = torch.linspace(-1, 1, out.numel(), device=out.device).reshape(out.shape).to(out.dtype)
     (out * 1).backward(upstream)  # through a product, so the gradient reaching the STE is autograd's own
     return x.grad, saved
 
@@ -73,3 +73,14 @@ def test_quantizer_pack_masks_trains_like_byte_masks_and_survives_a_copy():
     for packed_grad, byte_grad in zip(*grads):
         assert torch.equal(packed_grad, byte_grad)
     assert copy.deepcopy(prepared)[0].activation_fake_quant.pack_masks
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_packed_masks_on_cuda_match_byte_masks_on_the_fused_path():
+    """Large bf16 activations on CUDA take the Triton-compiled packing; the gradients equal the byte
+    mask's, and the CPU's."""
+    torch.manual_seed(3)
+    x = (torch.randn(512, 1024) * 4).to(torch.bfloat16)
+    grads = [_ste_grads_and_saved(x.cuda(), True, pack)[0].cpu() for pack in (False, True)]
+    assert torch.equal(grads[1], grads[0])
+    assert torch.equal(grads[1], _ste_grads_and_saved(x, True, pack=True)[0])
