@@ -33,7 +33,7 @@ def _ste_grads_and_saved(x: torch.Tensor, in_place: bool, pack: bool) -> tuple[t
     x = x.detach().requires_grad_(True)
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         out = fake_quantize_ste(x, _activation_format(), grad_in_place=in_place, pack_mask=pack)
-    upstream = torch.linspace(-1, 1, out.numel(), device=out.device).reshape(out.shape).to(out.dtype)
+    upstream = torch.linspace(-1, 1, out.numel()).reshape(out.shape).to(out.dtype).to(out.device)
     (out * 1).backward(upstream)  # through a product, so the gradient reaching the STE is autograd's own
     return x.grad, saved
 
