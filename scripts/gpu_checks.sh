@@ -41,7 +41,7 @@ for part in $parts; do
       timeout 330 $python scripts/bench_train.py --device cuda --rounds 3 --steps 3 --warmup 2 \
         --schemes 8da4w 4w 8da8w fp8 nvfp4 q4_0 --out "$out/train.json" > "$out/train.log" 2>&1
       tail -c 6000 "$out/train.log" ;;
-    train_compile)  # needs torch >= 2.13: compile_blocks refuses fake-quantized blocks on older torch
+    train_compile)  # not on torch 2.11: compile_blocks refuses fake-quantized blocks there (pytorch#180642)
       timeout 420 $python scripts/bench_train.py --device cuda --modes compile --rounds 2 --steps 3 --warmup 2 \
         --variants plain qat/8da4w qat/4w torchao/8da4w --out "$out/train_compile.json" > "$out/train_compile.log" 2>&1
       tail -c 6000 "$out/train_compile.log" ;;

@@ -46,21 +46,28 @@ def apply_activation_checkpointing(model: nn.Module, layers_attr: str = "layers"
     return model
 
 
-FAKE_QUANT_COMPILE_MIN_TORCH = "2.13"
-"""Compiled fake-quantized blocks train correctly on torch 2.13. On torch 2.11 (the only older version
-tried) every parameter inside a compiled fake-quantized block got a zero gradient, on CPU and CUDA
-alike: the gradient reached the model's input through the residual stream only."""
+FAKE_QUANT_COMPILE_BROKEN_TORCH = ("2.11", "2.12")
+"""[first, last) torch versions whose compiled fake-quantized blocks train wrong. On torch 2.11 every
+parameter inside a compiled fake-quantized block got a zero gradient, on CPU and CUDA alike (the gradient
+reached the input through the residual stream only): torch.compile routes an autograd.Function's
+gradient to the wrong output (pytorch/pytorch#180642, a 2.11 regression whose fix was cherry-picked
+into 2.12). torch 2.13 trains them exactly like eager (tests/quant/test_fake_quant_recompute.py)."""
+
+
+def _compiles_fake_quant_wrong() -> bool:
+    first, last = FAKE_QUANT_COMPILE_BROKEN_TORCH
+    return first <= torch.__version__ < last
 
 
 def compile_blocks(model: nn.Module, layers_attr: str = "layers", **compile_kwargs) -> nn.Module:
     """`torch.compile` each block in place (one graph reused by every block of the same shape). Blocks
-    with fake quantization need torch >= `FAKE_QUANT_COMPILE_MIN_TORCH`, or this raises a clear error."""
-    if torch.__version__ < FAKE_QUANT_COMPILE_MIN_TORCH and any(
+    with fake quantization on a torch in `FAKE_QUANT_COMPILE_BROKEN_TORCH` raise a clear error instead."""
+    if _compiles_fake_quant_wrong() and any(
             hasattr(module, "fake_quant_enabled") for module in transformer_blocks(model, layers_attr).modules()):
         raise QattuneError(
-            f"compile: true with fake quantization needs torch >= {FAKE_QUANT_COMPILE_MIN_TORCH}; this is "
-            f"torch {torch.__version__}, whose compiled fake-quantized blocks train with zero gradients. "
-            "Set compile: false, or upgrade torch")
+            f"compile: true with fake quantization is not supported on torch {torch.__version__}: its compiled "
+            "blocks train with zero gradients (pytorch/pytorch#180642, fixed in 2.12). Set compile: false, "
+            "or use torch 2.12 or later")
     for block in transformer_blocks(model, layers_attr):
         block.compile(**compile_kwargs)
     return model

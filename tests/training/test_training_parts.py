@@ -148,17 +148,20 @@ def test_activation_checkpointing_and_compile_keep_numerics():
     assert all(torch.allclose(grads[n], g, atol=1e-5) for n, g in base_grads.items())
 
 
-def test_compiling_fake_quantized_blocks_on_an_older_torch_is_refused(monkeypatch):
+def test_compiling_fake_quantized_blocks_on_torch_2_11_is_refused(monkeypatch):
     """torch 2.11 trained compiled fake-quantized blocks with zero gradients (found on a GPU machine)."""
     from torch.torch_version import TorchVersion
 
     from qattune.quant import QATQuantizer
 
     monkeypatch.setattr(torch, "__version__", TorchVersion("2.11.0+cu130"))
-    with pytest.raises(QattuneError, match=r"compile: true with fake quantization needs torch >= 2.13; this is "
-                                           r"torch 2.11.0\+cu130.*Set compile: false"):
+    with pytest.raises(QattuneError, match=r"compile: true with fake quantization is not supported on torch "
+                                           r"2.11.0\+cu130: .*zero gradients.*Set compile: false"):
         compile_blocks(QATQuantizer("8da4w", group_size=16).prepare(make_model()), backend="eager")
     compile_blocks(make_model(), backend="eager")  # a float model compiles on any torch
+    for fine in ("2.10.0", "2.12.0"):
+        monkeypatch.setattr(torch, "__version__", TorchVersion(fine))
+        compile_blocks(QATQuantizer("8da4w", group_size=16).prepare(make_model()), backend="eager")
 
 
 def test_model_without_layers_is_refused():
