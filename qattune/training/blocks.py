@@ -50,8 +50,8 @@ FAKE_QUANT_COMPILE_BROKEN_TORCH = ("2.11", "2.12")
 """[first, last) torch versions whose compiled fake-quantized blocks train wrong. On torch 2.11 every
 parameter inside a compiled fake-quantized block got a zero gradient, on CPU and CUDA alike (the gradient
 reached the input through the residual stream only): torch.compile routes an autograd.Function's
-gradient to the wrong output (pytorch/pytorch#180642, a 2.11 regression whose fix was cherry-picked
-into 2.12). torch 2.13 trains them exactly like eager (tests/quant/test_fake_quant_recompute.py)."""
+gradient to the wrong output (pytorch/pytorch#180642, a 2.11 regression; its fix was put forward for
+2.12, which was not tried here). torch 2.13 trains them like eager (tests/quant/test_fake_quant_recompute.py)."""
 
 
 def _compiles_fake_quant_wrong() -> bool:

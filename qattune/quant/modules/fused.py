@@ -186,5 +186,3 @@ def fake_quantize_many_into(fmt, xs: list[Tensor], outs: list[Tensor], clippeds:
             torch._dynamo.maybe_mark_dynamic(tensor, 0)
     rows, out_rows, clipped_rows = ([view[i] for view in views] for i in range(3))
     return _run_compiled(fmt, _fake_quantize_many_into, rows, out_rows, clipped_rows)
-
-

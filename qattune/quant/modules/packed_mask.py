@@ -3,10 +3,11 @@
 The straight-through estimator keeps, for each fake-quantized activation, a mask of the elements its
 format clipped. As bool that is one byte per element: 2.26 GiB saved for one 8da4w training step of
 Llama-3.2-1B (seq 2048, batch 4, bf16). Packed eight to a byte it is an eighth of that, and the step's
-peak memory on an H100 measured 1.55 GiB lower (docs/benchmarks.md). The quantizer's `pack_masks` option turns it on. It costs speed: the bits are packed in
-the forward's fused fake quantization (a reduction over each 8 elements) and unpacked in the backward
-by two more elementwise passes, and on the H100 8da4w's step measured 4-11% slower with it (noisy,
-on a host-bound step); on a CPU a bit store measured 3-7x slower to write than the byte mask.
+peak memory on an H100 measured 1.55 GiB lower (docs/benchmarks.md). The quantizer's `pack_masks`
+option turns it on. It costs speed: the bits are packed in the forward's fused fake quantization (a
+reduction over each 8 elements) and unpacked in the backward by two more elementwise passes, and on the
+H100 8da4w's step measured 4-11% slower with it (noisy, on a host-bound step); on a CPU a bit store
+measured 3-7x slower to write than the byte mask.
 
 Layout: along the last axis, element `8 * j + i` is bit `i` of byte `j`; a width that is not a multiple
 of 8 is padded with zeros (`numpy.packbits(..., bitorder="little")` per row).
