@@ -66,8 +66,8 @@ def compile_blocks(model: nn.Module, layers_attr: str = "layers", **compile_kwar
             hasattr(module, "fake_quant_enabled") for module in transformer_blocks(model, layers_attr).modules()):
         raise QattuneError(
             f"compile: true with fake quantization is not supported on torch {torch.__version__}: its compiled "
-            "blocks train with zero gradients (pytorch/pytorch#180642, fixed in 2.12). Set compile: false, "
-            "or use torch 2.12 or later")
+            "blocks train with zero gradients (pytorch/pytorch#180642). Set compile: false, or use torch 2.13 "
+            "(tested) or one older than 2.11")
     for block in transformer_blocks(model, layers_attr):
         block.compile(**compile_kwargs)
     return model
