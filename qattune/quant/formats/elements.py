@@ -19,17 +19,17 @@ E4M3_MIN_NORMAL = 2.0**-6  # torch.finfo(torch.float8_e4m3fn).tiny
 E4M3_CLIP_THRESHOLD = 464.0  # 448 + 32 / 2
 E2M1_CLIP_THRESHOLD = 7.0  # 6 + 2 / 2
 
-_CONSTANT_CACHE: dict[tuple[tuple[float, ...], torch.device], Tensor] = {}
+_CONSTANT_CACHE: dict[tuple[tuple[float, ...], torch.device, torch.dtype], Tensor] = {}
 
 
-def constant_tensor(values: tuple[float, ...], device: torch.device) -> Tensor:
-    """A float32 lookup table on `device`, built once per device in eager mode (a graph constant when compiling)."""
+def constant_tensor(values: tuple[float, ...], device: torch.device, dtype: torch.dtype = torch.float32) -> Tensor:
+    """A lookup table on `device`, built once per device in eager mode (a graph constant when compiling)."""
     if torch.compiler.is_compiling():
-        return torch.tensor(values, dtype=torch.float32, device=device)
-    key = (values, torch.device(device))
+        return torch.tensor(values, dtype=dtype, device=device)
+    key = (values, torch.device(device), dtype)
     table = _CONSTANT_CACHE.get(key)
     if table is None:
-        table = _CONSTANT_CACHE[key] = torch.tensor(values, dtype=torch.float32, device=device)
+        table = _CONSTANT_CACHE[key] = torch.tensor(values, dtype=dtype, device=device)
     return table
 
 

@@ -18,18 +18,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from qattune.quant.formats.elements import constant_tensor
+
 _BIT_VALUES = (1, 2, 4, 8, 16, 32, 64, 128)
-_bit_tables: dict[torch.device, Tensor] = {}
 
 
 def _bit_values(device: torch.device) -> Tensor:
-    """`[1, 2, 4, ..., 128]` as uint8 on `device` (built once per device in eager mode)."""
-    if torch.compiler.is_compiling():
-        return torch.tensor(_BIT_VALUES, dtype=torch.uint8, device=device)
-    table = _bit_tables.get(device)
-    if table is None:
-        table = _bit_tables[device] = torch.tensor(_BIT_VALUES, dtype=torch.uint8, device=device)
-    return table
+    """`[1, 2, 4, ..., 128]` as uint8 on `device`."""
+    return constant_tensor(_BIT_VALUES, device, torch.uint8)
 
 
 def pack_mask(mask: Tensor) -> Tensor:
