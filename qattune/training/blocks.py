@@ -54,7 +54,8 @@ gradient to the wrong output (pytorch/pytorch#180642, a 2.11 regression; its fix
 2.12, which was not tried here). torch 2.13 trains them like eager (tests/quant/test_fake_quant_recompute.py)."""
 
 
-def _compiles_fake_quant_wrong() -> bool:
+def compiles_fake_quant_wrong() -> bool:
+    """Whether this torch is one of `FAKE_QUANT_COMPILE_BROKEN_TORCH`."""
     first, last = FAKE_QUANT_COMPILE_BROKEN_TORCH
     return first <= torch.__version__ < last
 
@@ -62,7 +63,7 @@ def _compiles_fake_quant_wrong() -> bool:
 def compile_blocks(model: nn.Module, layers_attr: str = "layers", **compile_kwargs) -> nn.Module:
     """`torch.compile` each block in place (one graph reused by every block of the same shape). Blocks
     with fake quantization on a torch in `FAKE_QUANT_COMPILE_BROKEN_TORCH` raise a clear error instead."""
-    if _compiles_fake_quant_wrong() and any(
+    if compiles_fake_quant_wrong() and any(
             hasattr(module, "fake_quant_enabled") for module in transformer_blocks(model, layers_attr).modules()):
         raise QattuneError(
             f"compile: true with fake quantization is not supported on torch {torch.__version__}: its compiled "

@@ -9,7 +9,7 @@ from torch import nn
 from qattune.models import llama
 from qattune.quant import QATQuantizer
 from qattune.quant.modules import FakeQuantLinear
-from qattune.training.blocks import FAKE_QUANT_COMPILE_BROKEN_TORCH
+from qattune.training.blocks import compiles_fake_quant_wrong
 
 
 def _model() -> nn.Module:
@@ -73,8 +73,7 @@ def test_frozen_weights_keep_their_cache_and_evaluation_needs_no_grad():
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(FAKE_QUANT_COMPILE_BROKEN_TORCH[0] <= torch.__version__ < FAKE_QUANT_COMPILE_BROKEN_TORCH[1],
-                    reason="compile_blocks refuses fake quantization on this torch")
+@pytest.mark.skipif(compiles_fake_quant_wrong(), reason="compile_blocks refuses fake quantization on this torch")
 def test_recomputed_weights_under_torch_compile_train_like_eager():
     """Slow only because torch.compile builds C++ kernels on the CPU."""
     from qattune.training import compile_blocks
