@@ -11,7 +11,8 @@ global step at every step, so a resumed run is always right. With `loss` set to
 which has learnt what the float phase taught (see `qattune.training.distillation`), or a float model
 from another run (`teacher_checkpoint_dir`, e.g. the bf16 fine-tune of the same data).
 With `quantizer.range_learning: true` the weight scales are trained too (LSQ), at `range_learning_lr`
-when set (default: the optimizer's rate). Checkpoints are float models in the Hugging Face layout (plus
+when set (default: the optimizer's rate); adding `quantizer.rounding_init: gptq` starts training from GPTQ's
+roundings (calibrated on training batches) instead of the nearest ones. Checkpoints are float models in the Hugging Face layout (plus
 learned quantization ranges, when range learning is on) with the scheme recorded, ready for `quantize`.
 """
 
@@ -46,6 +47,7 @@ def recipe(cfg) -> None:
         session.model = quantizer.prepare(session.model)
         session.record_quantizer(quantizer)
         session.load_extra_state()
+        session.initialize_rounding(quantizer)
         fake_quant_after = cfg.get("fake_quant_after_n_steps")
         hooks = [FakeQuantAfterNSteps(quantizer, session.model, fake_quant_after)]
         snapshot = teacher_snapshot_hook(session, teacher, cfg.get("teacher_snapshot"), fake_quant_after)

@@ -6,6 +6,8 @@ The checkpoint (Hugging Face folder, Meta, GGUF, or a qattune training output `s
 `checkpointer`; `quantizer.convert` replaces its layers by packed quantized ones. A QAT run's learned
 ranges (`extra_state.safetensors`) are loaded into a range-learning `prepare` first, so `convert` uses
 them. The scheme must be the one the checkpoint was trained with (`qattune_training.json` says which).
+PTQ with GPTQ rounding: a float checkpoint, `quantizer.range_learning: true` and `quantizer.rounding_init:
+gptq`, calibrated on `dataset` (e.g. the fine-tune's training split) through `tokenizer`.
 Writes `output_dir/quantized/`: model.safetensors + quantization_config.json (qattune's eval and
 generate load it), config.json and tokenizer files, and for q4_0/q8_0 `model-<scheme>.gguf`.
 """
@@ -28,6 +30,8 @@ class Config(RecipeConfig):
     dtype: Literal["fp32", "float32", "bf16", "bfloat16"] = "fp32"
     gguf: Optional[bool] = None  # default: true for q4_0 / q8_0
     gguf_float_type: Literal["f32", "f16", "bf16"] = "f16"  # tensors GGUF keeps in float (not norms)
+    dataset: Optional[Component("tokenizer")] = None  # calibration text for quantizer.rounding_init=gptq
+    batch_size: int = 2  # calibration batch size (quantizer.gptq_batches batches are read)
 
 
 def _megabytes(n: int) -> str:
@@ -93,6 +97,24 @@ def _apply_learned_ranges(model, quantizer, extra_state_path, device) -> None:
         raise QattuneError(f"{extra_state_path} holds {unknown[0]}, which the prepared model lacks; quantize with "
                            "the quantizer options (include/exclude, embedding, output) the run was trained with")
     model.load_state_dict(ranges, strict=False)
+
+
+def _round_with_gptq(cfg, model, quantizer) -> None:
+    """PTQ with GPTQ rounding: prepare with fixed learned ranges, move the block weights to GPTQ's
+    roundings calibrated on `dataset`, and start the other layers' ranges (e.g. a tied head) from their
+    weights, so `convert` stores GPTQ's codes."""
+    from qattune.config import instantiate
+    from qattune.data import build_dataloader
+    from qattune.errors import QattuneError
+
+    if cfg.dataset is None or cfg.tokenizer is None:
+        raise QattuneError("quantizer.rounding_init=gptq calibrates on text: set dataset (e.g. dataset={_component_: "
+                           "qattune.data.python_docs_dataset, split: train, max_seq_len: 128}) and tokenizer")
+    quantizer.prepare(model)
+    dataset = instantiate(cfg.dataset, tokenizer=instantiate(cfg.tokenizer))
+    batches = build_dataloader(dataset, batch_size=cfg.batch_size, shuffle=False)
+    print(quantizer.initialize_rounding(model, iter(batches)), flush=True)
+    quantizer.set_fake_quant(model, True)
 
 
 def _tokenizer_gguf_file(cfg, checkpointer):
@@ -174,6 +196,8 @@ def recipe(cfg) -> None:
     if extra_state is not None and extra_state.is_file():
         print(f"Loading learned quantization ranges from {extra_state}")
         _apply_learned_ranges(model, quantizer, extra_state, device)
+    elif getattr(quantizer, "rounding_init", "nearest") == "gptq":
+        _round_with_gptq(cfg, model, quantizer)
     quantizer.convert(model)
     if getattr(quantizer, "report", None) is not None:
         _print_layers(quantizer.report)

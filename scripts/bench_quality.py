@@ -19,7 +19,11 @@ topics the training never saw:
   hold its extremes (`quantizer.range_init: cover`) instead of the absmax scale, which clips each
   group's largest positive weight;
 - qat_ranges_mse: qat_ranges with the scales starting at each group's least-squared-error clipping
-  range (`quantizer.range_init: mse`) instead of its full range.
+  range (`quantizer.range_init: mse`) instead of its full range;
+- qat_gptq: qat_ranges_cover starting from GPTQ's roundings (`quantizer.rounding_init: gptq`, calibrated
+  on the first training batches) instead of the nearest ones;
+- ptq_gptq (with qat_gptq): the bf16 fine-tune quantized with GPTQ rounding (the same calibration, no
+  training): how much of qat_gptq's gain GPTQ alone gives.
 
 Every stage is a `qattune run` of the shipped recipes and configs, so the numbers are what users get.
 """
@@ -33,10 +37,14 @@ from pathlib import Path
 
 from qattune.cli.run import run_command
 
-VARIANTS = ("qat_plain", "qat", "qat_distill", "qat_ranges", "qat_ranges_cover", "qat_ranges_mse")
+VARIANTS = ("qat_plain", "qat", "qat_distill", "qat_ranges", "qat_ranges_cover", "qat_ranges_mse", "qat_gptq")
 RANGE_LEARNING_SCHEMES = ("8da4w", "8w", "8da8w")
 RANGE_LEARNING = ["+quantizer.range_learning=true", "range_learning_lr=2e-6"]  # the configs' lr 2e-4 / 100
 DISTILLATION = "loss={_component_: qattune.training.DistillationLoss, kd_weight: 0.5}"
+GPTQ = ["+quantizer.range_init=cover", "+quantizer.rounding_init=gptq"]
+# PTQ with GPTQ rounding calibrates on what the QAT run calibrates on: the training set's first batches
+GPTQ_PTQ = ["+quantizer.range_learning=true", *GPTQ, "batch_size=2",
+            "+dataset={_component_: qattune.data.python_docs_dataset, split: train, max_seq_len: 128, packed: true}"]
 
 
 def _scheme_overrides(scheme: str, options: list[str]) -> list[str]:
@@ -55,6 +63,8 @@ def _variant_overrides(variant: str, steps: int) -> list[str]:
         return recipe
     if variant == "qat_ranges":
         return recipe + RANGE_LEARNING
+    if variant == "qat_gptq":
+        return recipe + RANGE_LEARNING + GPTQ
     if variant.startswith("qat_ranges_"):  # qat_ranges_<range_init>
         return recipe + RANGE_LEARNING + [f"+quantizer.range_init={variant.removeprefix('qat_ranges_')}"]
     return recipe + [DISTILLATION, "teacher_snapshot=fake_quant_start"]
@@ -69,10 +79,11 @@ def _train(out: Path, recipe: str, config: str, steps: int, extra: list[str], re
     return checkpoint
 
 
-def _quantize(checkpoint: Path, out: Path, scheme: str, options: list[str], ptq: bool) -> Path:
+def _quantize(checkpoint: Path, out: Path, scheme: str, options: list[str], ptq: bool,
+              extra: tuple[str, ...] = ()) -> Path:
     kind = ["quantizer._component_=qattune.quant.PTQQuantizer"] if ptq else []
     run_command(["quantize", "--config", "quantization", f"checkpoint_dir={checkpoint}", f"output_dir={out}",
-                 *_scheme_overrides(scheme, options), *kind])
+                 *_scheme_overrides(scheme, options), *kind, *extra])
     return out / "quantized"
 
 
@@ -95,8 +106,11 @@ def main() -> None:
     for scheme in args.schemes:
         base = root / scheme
         checkpoints = {"bf16": bf16, "ptq": _quantize(bf16, base / "ptq", scheme, args.quantizer_option, ptq=True)}
+        if "qat_gptq" in args.variants and scheme in RANGE_LEARNING_SCHEMES:
+            checkpoints["ptq_gptq"] = _quantize(bf16, base / "ptq_gptq", scheme, args.quantizer_option, ptq=False,
+                                                extra=tuple(GPTQ_PTQ))
         for variant in args.variants:
-            if variant.startswith("qat_ranges") and scheme not in RANGE_LEARNING_SCHEMES:
+            if variant.startswith(("qat_ranges", "qat_gptq")) and scheme not in RANGE_LEARNING_SCHEMES:
                 continue  # range learning needs integer weight formats
             variant_started = time.perf_counter()
             trained = _train(base / variant, "qat_distributed", "smollm2/135M_qat_full", args.steps,

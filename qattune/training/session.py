@@ -198,6 +198,18 @@ class TrainingSession:
         if self.dist.is_main and getattr(quantizer, "report", None) is not None:
             print(quantizer.report)
 
+    def initialize_rounding(self, quantizer: Any) -> None:
+        """On a fresh run, let the quantizer choose the weights' starting roundings from training batches
+        in dataset order (`QATQuantizer(rounding_init="gptq")`). A resumed run has its trained weights
+        already; ranks that hold no weights (the meta device) receive rank 0's when the model is sharded."""
+        initialize = getattr(quantizer, "initialize_rounding", None)
+        if initialize is None or self.resume_dir is not None or self.load_device.type == "meta":
+            return
+        batches = iter(self._loader(self.cfg.dataset, self.cfg.get("batch_size", 1), shuffle=False))
+        report = initialize(self.model, batches)
+        if report is not None and self.dist.is_main:
+            print(report, flush=True)
+
     def load_extra_state(self) -> None:
         """When resuming, restore the state the plain model lacks (learned ranges) into the prepared model."""
         if self.resume_dir is None or not Path(self.resume_dir, EXTRA_STATE_FILE).is_file():

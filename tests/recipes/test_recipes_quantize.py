@@ -220,3 +220,46 @@ def test_gguf_with_a_tokenizer_gguf_cannot_hold_is_refused_before_loading(tmp_pa
                    "~quantizer.group_size", f"checkpoint_dir={float_checkpoint[1]}", ok=False)
     assert "ByteTokenizer has no GGUF tokenizer form" in one_error_line(proc)
     assert not (tmp_path / "quantized").exists()
+
+
+# --- PTQ with GPTQ rounding --------------------------------------------------------------------------------
+
+GPTQ_PTQ = ["+quantizer.range_learning=true", "+quantizer.range_init=cover", "+quantizer.rounding_init=gptq",
+            "+quantizer.gptq_batches=4", "batch_size=2"]
+CALIBRATION = "+dataset={_component_: qattune.data.python_docs_dataset, split: train, max_seq_len: 64}"
+
+
+def test_gptq_ptq_keeps_the_cover_scales_and_lowers_the_output_error(tmp_path, float_checkpoint):
+    from qattune.data import python_docs_dataset
+    from qattune.quant.formats import IntAffine
+    from qattune.quant.range_learning import covering_qparams
+    from qattune.tokenizers import byte_tokenizer
+
+    model, source = float_checkpoint
+    proc = run_cli("quantize", "--config", "tiny/quantize", f"output_dir={tmp_path}", f"checkpoint_dir={source}",
+                   *GPTQ_PTQ, CALIBRATION)
+    assert "GPTQ rounding: 14 layers from 512 calibration tokens" in proc.stdout  # 4 batches of 2 x 64
+    gptq = quantized_model(tmp_path / "quantized")
+    scale, _ = covering_qparams(IntAffine(4, True, 32), model.layers[0].attn.q_proj.weight)
+    codes = gptq.layers[0].attn.q_proj.dequantized_weight().reshape(64, 2, 32) / scale.reshape(64, 2, 1)
+    torch.testing.assert_close(codes, codes.round(), rtol=0, atol=1e-4)  # on the cover grid
+    assert codes.round().min() >= -8 and codes.round().max() <= 7
+    nearest = copy.deepcopy(model)
+    QATQuantizer("8da4w", group_size=32, range_learning=True, range_init="cover").prepare(nearest)
+    with torch.no_grad():
+        nearest(TOKENS)  # each learner starts from its weight's cover scales on its first forward
+    QATQuantizer("8da4w", group_size=32, range_learning=True, range_init="cover").convert(nearest)
+    assert not torch.equal(gptq.layers[0].attn.q_proj.dequantized_weight(), nearest.layers[0].attn.q_proj.dequantized_weight())
+    data = python_docs_dataset(byte_tokenizer(), split="validation", max_seq_len=64)
+    tokens = torch.stack([data[i]["tokens"] for i in range(8)])
+    with torch.no_grad():
+        reference = model.eval()(tokens)
+        errors = [float((m.eval()(tokens) - reference).square().mean()) for m in (gptq, nearest)]
+    assert errors[0] < errors[1]
+
+
+def test_gptq_ptq_without_calibration_data_is_one_line(tmp_path, float_checkpoint):
+    _, source = float_checkpoint
+    proc = run_cli("quantize", "--config", "tiny/quantize", f"output_dir={tmp_path}", f"checkpoint_dir={source}",
+                   *GPTQ_PTQ, ok=False)
+    assert "quantizer.rounding_init=gptq calibrates on text: set dataset" in one_error_line(proc)
