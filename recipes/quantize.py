@@ -113,7 +113,7 @@ def _round_with_gptq(cfg, model, quantizer) -> None:
     quantizer.prepare(model)
     dataset = instantiate(cfg.dataset, tokenizer=instantiate(cfg.tokenizer))
     batches = build_dataloader(dataset, batch_size=cfg.batch_size, shuffle=False)
-    print(quantizer.initialize_rounding(model, iter(batches)), flush=True)
+    print(quantizer.initialize_rounding(model, iter(batches), progress=True), flush=True)
     quantizer.set_fake_quant(model, True)
 
 

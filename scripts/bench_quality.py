@@ -20,8 +20,9 @@ topics the training never saw:
   group's largest positive weight;
 - qat_ranges_mse: qat_ranges with the scales starting at each group's least-squared-error clipping
   range (`quantizer.range_init: mse`) instead of its full range;
-- qat_gptq: qat_ranges_cover starting from GPTQ's roundings (`quantizer.rounding_init: gptq`, calibrated
-  on the first training batches) instead of the nearest ones;
+- qat_gptq: qattune's best measured recipe (`smollm2/135M_qat_gptq`): qat_ranges_cover starting from
+  GPTQ's roundings (`quantizer.rounding_init: gptq`, calibrated on the first training batches) instead
+  of the nearest ones;
 - ptq_gptq (with qat_gptq): the bf16 fine-tune quantized with GPTQ rounding (the same calibration, no
   training): how much of qat_gptq's gain GPTQ alone gives.
 
@@ -41,9 +42,9 @@ VARIANTS = ("qat_plain", "qat", "qat_distill", "qat_ranges", "qat_ranges_cover",
 RANGE_LEARNING_SCHEMES = ("8da4w", "8w", "8da8w")
 RANGE_LEARNING = ["+quantizer.range_learning=true", "range_learning_lr=2e-6"]  # the configs' lr 2e-4 / 100
 DISTILLATION = "loss={_component_: qattune.training.DistillationLoss, kd_weight: 0.5}"
-GPTQ = ["+quantizer.range_init=cover", "+quantizer.rounding_init=gptq"]
-# PTQ with GPTQ rounding calibrates on what the QAT run calibrates on: the training set's first batches
-GPTQ_PTQ = ["+quantizer.range_learning=true", *GPTQ, "batch_size=2",
+# PTQ with GPTQ rounding calibrates on what qat_gptq calibrates on: the training set's first 64 batches
+GPTQ_PTQ = ["+quantizer.range_learning=true", "+quantizer.range_init=cover", "+quantizer.rounding_init=gptq",
+            "+quantizer.gptq_batches=64", "batch_size=2",
             "+dataset={_component_: qattune.data.python_docs_dataset, split: train, max_seq_len: 128, packed: true}"]
 
 
@@ -64,7 +65,7 @@ def _variant_overrides(variant: str, steps: int) -> list[str]:
     if variant == "qat_ranges":
         return recipe + RANGE_LEARNING
     if variant == "qat_gptq":
-        return recipe + RANGE_LEARNING + GPTQ
+        return []  # its config holds the rest (fake quantization from the first step)
     if variant.startswith("qat_ranges_"):  # qat_ranges_<range_init>
         return recipe + RANGE_LEARNING + [f"+quantizer.range_init={variant.removeprefix('qat_ranges_')}"]
     return recipe + [DISTILLATION, "teacher_snapshot=fake_quant_start"]
@@ -113,7 +114,8 @@ def main() -> None:
             if variant.startswith(("qat_ranges", "qat_gptq")) and scheme not in RANGE_LEARNING_SCHEMES:
                 continue  # range learning needs integer weight formats
             variant_started = time.perf_counter()
-            trained = _train(base / variant, "qat_distributed", "smollm2/135M_qat_full", args.steps,
+            config = "smollm2/135M_qat_gptq" if variant == "qat_gptq" else "smollm2/135M_qat_full"
+            trained = _train(base / variant, "qat_distributed", config, args.steps,
                              [*_variant_overrides(variant, args.steps),
                               *_scheme_overrides(scheme, args.quantizer_option)], args.reuse)
             checkpoints[variant] = _quantize(trained, base / variant, scheme, args.quantizer_option, ptq=False)

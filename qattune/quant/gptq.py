@@ -16,9 +16,10 @@ start ended worse than plain PTQ (held-out perplexity 14.2 against 13.2, docs/be
 error-compensated values are spread over their bins like ordinary weights, so training moves codes as
 usual.
 
-Calibration runs block by block: the inputs of the first transformer block are captured once, then each
-block's Linear inputs are accumulated into Hessians while the block's float outputs become the next
-block's inputs. Blocks are read from `model.layers` and called as `block(hidden, *rest)`.
+Calibration runs block by block, as GPTQ does: the inputs of the first transformer block are captured
+once; each block's Linear inputs are accumulated into Hessians, its layers are rounded, and its outputs
+with the rounded weights become the next block's inputs. Blocks are read from `model.layers` and called
+as `block(hidden, *rest)`.
 """
 
 from __future__ import annotations
@@ -170,7 +171,7 @@ def _tied(model: nn.Module) -> set[int]:
 @torch.no_grad()
 def gptq_initialize(model: nn.Module, batches: Iterable[dict[str, Tensor]], *,
                     input_keys: tuple[str, ...] = ("input_pos", "mask"), damp: float = DEFAULT_DAMP,
-                    act_order: bool = False, sequential: bool = True) -> GPTQReport:
+                    act_order: bool = False, sequential: bool = True, progress: bool = False) -> GPTQReport:
     """Set the latent weights of every range-learning fake-quantized Linear inside `model.layers` to
     GPTQ's (see the module docs), calibrated on `batches` (dicts with `tokens`, and the `input_keys` the
     model takes). Learned scales not yet initialised are initialised first, from the weights as they are.
@@ -178,7 +179,9 @@ def gptq_initialize(model: nn.Module, batches: Iterable[dict[str, Tensor]], *,
     `sequential`: each block's inputs come from the blocks before it with their weights rounded (as GPTQ
     does), so a block's rounding also makes up for the earlier blocks' error; else from the float model.
     Layers whose weight another module shares (a tied output head) keep nearest rounding: moving their
-    latents would change the other module's float weight too."""
+    latents would change the other module's float weight too. `progress` shows a bar over the blocks."""
+    from tqdm.auto import tqdm
+
     from qattune.quant.modules.fake_quant import FakeQuantLinear
 
     started = time.perf_counter()
@@ -204,18 +207,11 @@ def gptq_initialize(model: nn.Module, batches: Iterable[dict[str, Tensor]], *,
         if not inputs:
             raise QattuneError("rounding_init=gptq got no calibration batches; the training dataset is empty")
         tokens = sum(int(args[0].shape[0] * args[0].shape[1]) for args in inputs)
-        block_names = {id(block): f"layers.{i}." for i, block in enumerate(model.layers)}
-        for block in model.layers:
-            prefix = block_names[id(block)]
-            in_block = {name: m for name, m in targets.items() if name.startswith(prefix) and name not in skipped}
-            hessians = {name: torch.zeros(m.in_features, m.in_features, device=device, dtype=torch.float32)
-                        for name, m in in_block.items()}
-            handles = [m.register_forward_hook(_accumulate(hessians[name])) for name, m in in_block.items()]
-            try:
-                outputs = [block(*args) for args in inputs]
-            finally:
-                for handle in handles:
-                    handle.remove()
+        blocks = tqdm(model.layers, desc="GPTQ rounding", unit="block", disable=not progress, dynamic_ncols=True)
+        for index, block in enumerate(blocks):
+            in_block = {name: m for name, m in targets.items()
+                        if name.startswith(f"layers.{index}.") and name not in skipped}
+            hessians, outputs = _calibrate(block, inputs, in_block)
             for name, module in in_block.items():
                 _round_layer(module, hessians[name], damp, act_order, errors)
             if sequential:
@@ -231,6 +227,20 @@ def gptq_initialize(model: nn.Module, batches: Iterable[dict[str, Tensor]], *,
     return GPTQReport(layers=rounded, skipped={**skipped, **outside}, tokens=tokens,
                       seconds=time.perf_counter() - started,
                       error_ratio=errors[0] / errors[1] if errors[1] > 0 else 1.0)
+
+
+def _calibrate(block: nn.Module, inputs: list[tuple[Any, ...]], modules: dict[str, nn.Module]
+               ) -> tuple[dict[str, Tensor], list[Tensor]]:
+    """Run `block` on every input: the Hessians `Σ x xᵀ` of `modules`' inputs, and the block's outputs."""
+    hessians = {name: torch.zeros(m.in_features, m.in_features, device=m.weight.device, dtype=torch.float32)
+                for name, m in modules.items()}
+    handles = [m.register_forward_hook(_accumulate(hessians[name])) for name, m in modules.items()]
+    try:
+        outputs = [block(*args) for args in inputs]
+    finally:
+        for handle in handles:
+            handle.remove()
+    return hessians, outputs
 
 
 @contextlib.contextmanager

@@ -203,10 +203,15 @@ class TrainingSession:
         in dataset order (`QATQuantizer(rounding_init="gptq")`). A resumed run has its trained weights
         already; ranks that hold no weights (the meta device) receive rank 0's when the model is sharded."""
         initialize = getattr(quantizer, "initialize_rounding", None)
+        if getattr(quantizer, "rounding_init", "nearest") != "nearest" and self.cfg.get("fake_quant_after_n_steps"):
+            raise QattuneError(
+                f"quantizer.rounding_init={quantizer.rounding_init} moves the weights so that they round to its codes; "
+                "in float they are a worse model than the ones loaded, so a float phase would train the wrong "
+                "model: set fake_quant_after_n_steps=0")
         if initialize is None or self.resume_dir is not None or self.load_device.type == "meta":
             return
         batches = iter(self._loader(self.cfg.dataset, self.cfg.get("batch_size", 1), shuffle=False))
-        report = initialize(self.model, batches)
+        report = initialize(self.model, batches, progress=self.cfg.get("progress_bar", True) and self.dist.is_main)
         if report is not None and self.dist.is_main:
             print(report, flush=True)
 

@@ -120,26 +120,35 @@ def test_two_processes_start_from_a_checkpoint_only_rank0_reads(qat_run, tmp_pat
     assert two == pytest.approx(one, abs=3e-3)
 
 
-GPTQ_START = ["+quantizer.range_learning=true", "+quantizer.rounding_init=gptq", "+quantizer.gptq_batches=2"]
+GPTQ_START = ["+quantizer.range_learning=true", "+quantizer.rounding_init=gptq", "+quantizer.gptq_batches=2",
+              "fake_quant_after_n_steps=0"]
 
 
 def test_gptq_rounding_start_runs_once_and_resumes_exactly(tmp_path):
     out = tmp_path / "gptq"
-    first = run_cli("qat_distributed", "--config", "tiny/qat_full", f"output_dir={out}", "fake_quant_after_n_steps=4",
-                    *GPTQ_START, *SMALL)
+    first = run_cli("qat_distributed", "--config", "tiny/qat_full", f"output_dir={out}", *GPTQ_START, *SMALL)
     assert "GPTQ rounding: 14 layers from 512 calibration tokens" in first.stdout  # 2 batches of 4 x 64
     resumed_dir = tmp_path / "resumed"
     resumed_dir.mkdir()
     shutil.copytree(out / "step_4", resumed_dir / "step_4")
     resumed = run_cli("qat_distributed", "--config", "tiny/qat_full", f"output_dir={resumed_dir}",
-                      "fake_quant_after_n_steps=4", "resume_from_checkpoint=true", *GPTQ_START, *SMALL)
+                      "resume_from_checkpoint=true", *GPTQ_START, *SMALL)
     assert "GPTQ rounding" not in resumed.stdout  # the checkpoint holds the trained latents already
     assert [r["loss"] for r in metrics(resumed_dir)] == [r["loss"] for r in metrics(out)[4:]]
 
 
+def test_gptq_rounding_with_a_float_phase_is_one_line(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "qattune.cli.main", "run", "qat_distributed", "--config", "tiny/qat_full",
+                           f"output_dir={tmp_path}", *GPTQ_START, "fake_quant_after_n_steps=4", *SMALL],
+                          capture_output=True, text=True, timeout=600)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert "a float phase would train the wrong model: set fake_quant_after_n_steps=0" in lines[0]
+
+
 def test_two_processes_keep_rank0s_gptq_scales(qat_run, tmp_path):
     """Only rank 0 loads and rounds; rank 1 receives the latents and the scales when the model is sharded
-    and must not initialise its rows of the scales again when fake quantization turns on."""
+    and must not initialise its rows of the scales again when fake quantization turns on (step 0)."""
     from safetensors.torch import load_file
 
     from qattune.checkpoint import load_model
@@ -148,7 +157,7 @@ def test_two_processes_keep_rank0s_gptq_scales(qat_run, tmp_path):
 
     start = ["checkpointer={_component_: qattune.checkpoint.HFCheckpointer, "
              f"checkpoint_dir: {qat_run / 'step_4'}, output_dir: ${{output_dir}}}}", "+quantizer.range_init=cover",
-             "range_learning_lr=0", "fake_quant_after_n_steps=2", "max_steps_per_epoch=4", "save_every_n_steps=null"]
+             "range_learning_lr=0", "max_steps_per_epoch=4", "save_every_n_steps=null"]
     small = [o for o in SMALL if not o.startswith(("batch_size", "save_every", "max_steps"))]
     two = run_cli("qat_distributed", "--config", "tiny/qat_full", f"output_dir={tmp_path}", "batch_size=2",
                   *GPTQ_START, *start, *small, nproc=2)
