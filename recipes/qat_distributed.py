@@ -11,9 +11,10 @@ global step at every step, so a resumed run is always right. With `loss` set to
 which has learnt what the float phase taught (see `qattune.training.distillation`), or a float model
 from another run (`teacher_checkpoint_dir`, e.g. the bf16 fine-tune of the same data).
 With `quantizer.range_learning: true` the weight scales are trained too (LSQ), at `range_learning_lr`
-when set (default: the optimizer's rate); adding `quantizer.rounding_init: gptq` starts training from GPTQ's
-roundings (calibrated on training batches) instead of the nearest ones. Checkpoints are float models in the Hugging Face layout (plus
-learned quantization ranges, when range learning is on) with the scheme recorded, ready for `quantize`.
+when set (default: the optimizer's rate); adding `quantizer.rounding_init: gptq` starts training from
+GPTQ's roundings (calibrated on the first training batches) instead of the nearest ones. Checkpoints are
+float models in the Hugging Face layout (plus learned quantization ranges, when range learning is on)
+with the scheme recorded, ready for `quantize`.
 """
 
 from typing import Literal, Optional

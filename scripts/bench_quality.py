@@ -35,6 +35,7 @@ import argparse
 import json
 import time
 from pathlib import Path
+from typing import Sequence
 
 from qattune.cli.run import run_command
 
@@ -81,7 +82,7 @@ def _train(out: Path, recipe: str, config: str, steps: int, extra: list[str], re
 
 
 def _quantize(checkpoint: Path, out: Path, scheme: str, options: list[str], ptq: bool,
-              extra: tuple[str, ...] = ()) -> Path:
+              extra: Sequence[str] = ()) -> Path:
     kind = ["quantizer._component_=qattune.quant.PTQQuantizer"] if ptq else []
     run_command(["quantize", "--config", "quantization", f"checkpoint_dir={checkpoint}", f"output_dir={out}",
                  *_scheme_overrides(scheme, options), *kind, *extra])
@@ -109,7 +110,7 @@ def main() -> None:
         checkpoints = {"bf16": bf16, "ptq": _quantize(bf16, base / "ptq", scheme, args.quantizer_option, ptq=True)}
         if "qat_gptq" in args.variants and scheme in RANGE_LEARNING_SCHEMES:
             checkpoints["ptq_gptq"] = _quantize(bf16, base / "ptq_gptq", scheme, args.quantizer_option, ptq=False,
-                                                extra=tuple(GPTQ_PTQ))
+                                                extra=GPTQ_PTQ)
         for variant in args.variants:
             if variant.startswith(("qat_ranges", "qat_gptq")) and scheme not in RANGE_LEARNING_SCHEMES:
                 continue  # range learning needs integer weight formats
