@@ -10,6 +10,9 @@ from qattune.errors import QattuneError
 
 from .labels import IGNORE_INDEX
 
+MODEL_INPUT_KEYS = ("input_pos", "mask")
+"""Batch entries the model takes as keyword inputs besides `tokens` (packed batches carry both)."""
+
 
 def block_causal_mask(document_ids: torch.Tensor) -> torch.Tensor:
     """Bool mask [B, S, S]: query i may attend to key j iff j <= i and both are in the same document."""

@@ -32,6 +32,7 @@ from typing import Any, Iterable, Optional
 import torch
 from torch import Tensor, nn
 
+from qattune.data.collate import MODEL_INPUT_KEYS
 from qattune.errors import QattuneError
 from qattune.quant.formats.elements import reciprocal
 
@@ -170,7 +171,7 @@ def _tied(model: nn.Module) -> set[int]:
 
 @torch.no_grad()
 def gptq_initialize(model: nn.Module, batches: Iterable[dict[str, Tensor]], *,
-                    input_keys: tuple[str, ...] = ("input_pos", "mask"), damp: float = DEFAULT_DAMP,
+                    input_keys: tuple[str, ...] = MODEL_INPUT_KEYS, damp: float = DEFAULT_DAMP,
                     act_order: bool = False, sequential: bool = True, progress: bool = False) -> GPTQReport:
     """Set the latent weights of every range-learning fake-quantized Linear inside `model.layers` to
     GPTQ's (see the module docs), calibrated on `batches` (dicts with `tokens`, and the `input_keys` the

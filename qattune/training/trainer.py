@@ -16,6 +16,7 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 import torch
 from torch import nn
 
+from qattune.data.collate import MODEL_INPUT_KEYS
 from qattune.data.labels import IGNORE_INDEX
 from qattune.errors import QattuneError
 
@@ -37,8 +38,6 @@ from .rng import rng_state, set_rng_state
 
 SaveModelFn = Callable[[str, int], None]
 """`save_model(directory, global_step)`: called on every rank; writes the model files (rank 0)."""
-
-MODEL_INPUT_KEYS = ("input_pos", "mask")
 
 
 def num_training_steps(
