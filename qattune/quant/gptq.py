@@ -201,7 +201,7 @@ def gptq_initialize(model: nn.Module, batches: Iterable[dict[str, Tensor]], *,
         m.fake_quant_enabled = False
     model.eval()
     device = next(model.parameters()).device
-    errors = [0.0, 0.0]  # GPTQ's, nearest rounding's
+    gptq_error = nearest_error = 0.0
     tokens = 0
     try:
         inputs = _first_block_inputs(model, batches, input_keys, device)
@@ -212,9 +212,10 @@ def gptq_initialize(model: nn.Module, batches: Iterable[dict[str, Tensor]], *,
         for index, block in enumerate(blocks):
             in_block = {name: m for name, m in targets.items()
                         if name.startswith(f"layers.{index}.") and name not in skipped}
-            hessians, outputs = _calibrate(block, inputs, in_block)
+            hessians, outputs = _calibrate(block, inputs, in_block, keep_outputs=not sequential)
             for name, module in in_block.items():
-                _round_layer(module, hessians[name], damp, act_order, errors)
+                errors = _round_layer(module, hessians[name], damp, act_order)
+                gptq_error, nearest_error = gptq_error + errors[0], nearest_error + errors[1]
             if sequential:
                 with _rounded_weights(in_block.values()):
                     outputs = [block(*args) for args in inputs]
@@ -227,17 +228,22 @@ def gptq_initialize(model: nn.Module, batches: Iterable[dict[str, Tensor]], *,
     outside = {n: "outside the transformer blocks" for n in targets if not n.startswith("layers.") and n not in skipped}
     return GPTQReport(layers=rounded, skipped={**skipped, **outside}, tokens=tokens,
                       seconds=time.perf_counter() - started,
-                      error_ratio=errors[0] / errors[1] if errors[1] > 0 else 1.0)
+                      error_ratio=gptq_error / nearest_error if nearest_error > 0 else 1.0)
 
 
-def _calibrate(block: nn.Module, inputs: list[tuple[Any, ...]], modules: dict[str, nn.Module]
-               ) -> tuple[dict[str, Tensor], list[Tensor]]:
-    """Run `block` on every input: the Hessians `Σ x xᵀ` of `modules`' inputs, and the block's outputs."""
+def _calibrate(block: nn.Module, inputs: list[tuple[Any, ...]], modules: dict[str, nn.Module],
+               keep_outputs: bool) -> tuple[dict[str, Tensor], list[Tensor]]:
+    """Run `block` on every input: the Hessians `Σ x xᵀ` of `modules`' inputs, and (with `keep_outputs`)
+    the block's outputs."""
     hessians = {name: torch.zeros(m.in_features, m.in_features, device=m.weight.device, dtype=torch.float32)
                 for name, m in modules.items()}
     handles = [m.register_forward_hook(_accumulate(hessians[name])) for name, m in modules.items()]
+    outputs = []
     try:
-        outputs = [block(*args) for args in inputs]
+        for args in inputs:
+            output = block(*args)
+            if keep_outputs:
+                outputs.append(output)
     finally:
         for handle in handles:
             handle.remove()
@@ -267,7 +273,9 @@ def _accumulate(hessian: Tensor):
     return hook
 
 
-def _round_layer(module: nn.Module, hessian: Tensor, damp: float, act_order: bool, errors: list[float]) -> None:
+def _round_layer(module: nn.Module, hessian: Tensor, damp: float, act_order: bool) -> tuple[float, float]:
+    """Move `module`'s weight to GPTQ's latents; returns the layer's output errors with GPTQ's rounding
+    and with nearest rounding."""
     learner = module.weight_range_learner
     if not learner.is_initialized:
         learner.initialize(module.weight)
@@ -277,6 +285,6 @@ def _round_layer(module: nn.Module, hessian: Tensor, damp: float, act_order: boo
     latent = gptq_latents(weight, hessian, scale, zero, fmt.qmin, fmt.qmax, damp=damp, act_order=act_order)
     nearest, _ = fmt.fake_quantize_with_qparams(weight.float(), scale, zero)
     gptq, _ = fmt.fake_quantize_with_qparams(latent.float(), scale, zero)
-    errors[0] += output_error(weight, gptq, hessian)
-    errors[1] += output_error(weight, nearest, hessian)
+    errors = output_error(weight, gptq, hessian), output_error(weight, nearest, hessian)
     module.weight.copy_(latent)
+    return errors
