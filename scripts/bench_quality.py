@@ -14,7 +14,8 @@ topics the training never saw:
 - qat_distill: the qat run distilled (kd_weight 0.5) from the float model as it was when fake
   quantization turned on (`teacher_snapshot: fake_quant_start`);
 - qat_ranges: the qat run with learned weight scales (`quantizer.range_learning: true`) at 1/100 of
-  the learning rate (`range_learning_lr`); integer schemes only (8da4w), skipped for the others;
+  the learning rate (`range_learning_lr`); schemes with an integer grid only (8da4w, q4_0), skipped
+  for the others;
 - qat_ranges_cover: qat_ranges with the scales starting at each group's smallest grid whose end codes
   hold its extremes (`quantizer.range_init: cover`) instead of the absmax scale, which clips each
   group's largest positive weight;
@@ -40,7 +41,7 @@ from typing import Sequence
 from qattune.cli.run import run_command
 
 VARIANTS = ("qat_plain", "qat", "qat_distill", "qat_ranges", "qat_ranges_cover", "qat_ranges_mse", "qat_gptq")
-RANGE_LEARNING_SCHEMES = ("8da4w", "8w", "8da8w")
+RANGE_LEARNING_SCHEMES = ("8da4w", "8w", "8da8w", "q4_0")
 RANGE_LEARNING = ["+quantizer.range_learning=true", "range_learning_lr=2e-6"]  # the configs' lr 2e-4 / 100
 DISTILLATION = "loss={_component_: qattune.training.DistillationLoss, kd_weight: 0.5}"
 # PTQ with GPTQ rounding calibrates on what qat_gptq calibrates on: the training set's first 64 batches
@@ -113,7 +114,7 @@ def main() -> None:
                                                 extra=GPTQ_PTQ)
         for variant in args.variants:
             if variant.startswith(("qat_ranges", "qat_gptq")) and scheme not in RANGE_LEARNING_SCHEMES:
-                continue  # range learning needs integer weight formats
+                continue  # range learning needs an integer grid
             variant_started = time.perf_counter()
             config = "smollm2/135M_qat_gptq" if variant == "qat_gptq" else "smollm2/135M_qat_full"
             trained = _train(base / variant, "qat_distributed", config, args.steps,

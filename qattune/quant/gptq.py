@@ -87,7 +87,8 @@ def gptq_latents(weight: Tensor, hessian: Tensor, scale: Tensor, zero: Optional[
 
     `hessian` [in, in] is `Σ x xᵀ` over calibration inputs (any positive factor); `scale` / `zero` are
     the fixed per-group (or per-channel) qparams, of shape [out, groups] or anything reshaping to it, the
-    group being `in / groups` consecutive input columns; codes are `clamp(round(w / s) + z, qmin, qmax)`.
+    group being `in / groups` consecutive input columns; codes are `clamp(round(w / s) + z, qmin, qmax)`
+    (a scale may be negative, as Q4_0's are).
     Computed in float32 (float64 for a float64 weight; the Hessian's inverse in float64) on the weight's
     device; returns `weight`'s dtype.
     """
@@ -122,8 +123,9 @@ def gptq_latents(weight: Tensor, hessian: Tensor, scale: Tensor, zero: Optional[
             w[:, i:end] -= error.unsqueeze(1) * upper[i, i:end].unsqueeze(0)
             errors[:, i - start] = error
         w[:, end:] -= errors @ upper[start:end, end:]
-    lowest = _dequantize(torch.full_like(s, qmin - LATENT_MARGIN), s, z)
-    highest = _dequantize(torch.full_like(s, qmax + LATENT_MARGIN), s, z)
+    at_qmin = _dequantize(torch.full_like(s, qmin - LATENT_MARGIN), s, z)
+    at_qmax = _dequantize(torch.full_like(s, qmax + LATENT_MARGIN), s, z)  # below at_qmin where s < 0
+    lowest, highest = torch.minimum(at_qmin, at_qmax), torch.maximum(at_qmin, at_qmax)
     latent = torch.minimum(torch.maximum(latent, lowest), highest)  # clipped codes keep their gradient
     return latent[:, torch.argsort(order)].to(weight.dtype)
 

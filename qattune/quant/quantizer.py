@@ -16,7 +16,6 @@ from torch import nn
 
 from qattune.errors import QattuneError
 from qattune.quant.filters import DEFAULT_OUTPUT_HEAD_PATTERN, ModuleNameFilter
-from qattune.quant.formats import IntAffine
 from qattune.quant.modules import FakeQuantEmbedding, FakeQuantLinear, QuantizedEmbedding, QuantizedLinear
 from qattune.quant.modules.activation_cache import SharedActivationFakeQuant
 from qattune.quant.modules.weight_cache import refresh_caches
@@ -136,21 +135,22 @@ class _SchemeQuantizer:
 
     # -- module builders -------------------------------------------------------------------------
     def _check_range_learning(self, plans: list[LayerPlan]) -> None:
-        """Range learning needs integer weight formats; refuse before any module is swapped."""
-        for plan in plans:
-            if plan.quantized and not isinstance(plan.weight_format, IntAffine):
-                raise QattuneError(
-                    f"range_learning=true: scheme {self.config.scheme!r} quantizes layer {plan.name!r} with "
-                    f"{plan.weight_format.name}, but range learning supports integer formats only "
-                    "(schemes 8da4w, 8w, 8da8w); set range_learning=false or pick one of those schemes"
-                )
+        """Range learning needs an integer grid for the scheme's weights; refuse before any module is
+        swapped. Layers in a format without one (Q8_0 embeddings and head of q4_0) keep dynamic scales."""
+        quantized = [plan for plan in plans if plan.quantized]
+        if quantized and not any(plan.weight_format.learnable_grid() for plan in quantized):
+            raise QattuneError(
+                f"range_learning=true: scheme {self.config.scheme!r} quantizes weights with "
+                f"{quantized[0].weight_format.name}, which has no integer grid to learn scales on "
+                "(schemes with one: 8da4w, 8w, 8da8w, q4_0); set range_learning=false or pick one of those"
+            )
 
     def _range_learner(self, plan: LayerPlan) -> Optional[nn.Module]:
-        if not self.config.range_learning:
+        grid = plan.weight_format.learnable_grid() if self.config.range_learning else None
+        if grid is None:
             return None
         weight = plan.module.weight
-        learner = LearnedRangeFakeQuantizer(plan.weight_format, tuple(weight.shape), self.range_init)
-        return learner.to(weight.device)
+        return LearnedRangeFakeQuantizer(grid, tuple(weight.shape), self.range_init).to(weight.device)
 
     def _fake_quant_module(
         self, plan: LayerPlan, shared_activations: dict[str, SharedActivationFakeQuant]
@@ -196,7 +196,9 @@ class QATQuantizer(_SchemeQuantizer):
         include: module-name regexes (re.search); if given, only matching layers are quantized.
         exclude: module-name regexes; matching layers stay in float.
         output_head_pattern: regex naming the output head.
-        range_learning: learn the weight scales (LSQ) for integer schemes; `convert` uses them.
+        range_learning: learn the weight scales (LSQ) of layers whose format is an integer grid (8da4w,
+            8w, 8da8w; q4_0's Q4_0 layers, while its Q8_0 embeddings and head keep dynamic scales);
+            `convert` (and the GGUF export) uses them.
         range_init: where learned scales start: "absmax" (the dynamic scales: training starts at plain
             fake quantization), "cover" (per group, the smallest grid whose end codes hold the
             extremes) or "mse" (per group, the clipping range of least squared error).

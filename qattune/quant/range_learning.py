@@ -3,18 +3,22 @@
 The scale (and, for asymmetric formats, the zero point) are `nn.Parameter`s initialised from the first
 tensor the module sees: with the format's own dynamic qparams (`init="absmax"`, so training starts
 exactly at dynamic fake quantization), with the smallest grid whose end codes hold each group's
-extremes (`init="cover"`, see `covering_qparams`), or with the clipping range of least squared error per
-group (`init="mse"`, see `search_clipping_qparams`). Gradients (Esser et al. 2020, "Learned Step Size
-Quantization"; zero point as in LSQ+, Bhalgat et al. 2020), with `v = x / s`, `r = round(v)`, `z` the
-rounded zero point:
+extremes (`init="cover"`, see `IntAffine.covering_qparams`), or with the clipping range of least squared
+error per group (`init="mse"`, see `search_clipping_qparams`). The format is an integer grid
+(`IntAffine`, or a format's `learnable_grid()` such as Q4_0's), whose scale may be negative (Q4_0's is
+for about half its blocks).
+
+Gradients (Esser et al. 2020, "Learned Step Size Quantization"; zero point as in LSQ+, Bhalgat et al.
+2020), with `v = x / s`, `r = round(v)`, `z` the rounded zero point:
 
 - input: the straight-through estimator, 1 where `qmin <= r + z <= qmax`, else 0;
 - scale: `r - v` in range, `qmin - z` / `qmax - z` where clipped below / above;
 - zero point: 0 in range, `-s` where clipped;
 
 both parameter gradients summed over the elements sharing the parameter and multiplied by
-`1 / sqrt(n * qmax)`, where `n` is the number of elements that share one scale (the whole tensor for a
-per-tensor scale, as in the LSQ paper; the group for per-group scales).
+`1 / sqrt(n * p)`, where `n` is the number of elements that share one scale (the whole tensor for a
+per-tensor scale, as in the LSQ paper; the group for per-group scales) and `p` the number of positive
+levels (`qmax`, less the mid-point on a symmetric unsigned grid such as Q4_0's).
 
 `quantize(x)` quantizes with the learned parameters, so `convert` reproduces what was trained.
 """
@@ -33,25 +37,15 @@ from qattune.quant.formats.base import QuantizedTensor
 from qattune.quant.formats.int_affine import IntAffine
 
 MIN_LEARNED_SCALE = 1e-9
+"""The smallest magnitude a learned scale computes with (its sign is kept)."""
 CLIP_RATIOS = tuple(1.0 - 0.025 * i for i in range(17))
 """Range shrink factors `search_clipping_qparams` tries: 1.0 (the full range) down to 0.6."""
 RANGE_INITS = ("absmax", "cover", "mse")
 
 
-@torch.no_grad()
-def covering_qparams(fmt: IntAffine, x: Tensor) -> tuple[Tensor, Optional[Tensor]]:
-    """Per group, the smallest scale whose end codes hold the group's extremes: `max(max / qmax, min /
-    qmin)`, so the largest value maps to `qmax` or the most negative one to `qmin` and every value lies
-    at least half a step inside the clipping boundary. The format's symmetric absmax scale maps the
-    largest positive value to `qmax + 0.5` steps instead, the rounding boundary, where most such values
-    round up and clip: with a fixed (learned) scale that weight gets no gradient from the start.
-    Asymmetric formats map their range to their end codes already: their own qparams are returned."""
-    if not (fmt.symmetric and fmt.signed):
-        return fmt.choose_qparams(x)
-    lo, hi = torch.aminmax(fmt.blocks(x.detach()).float(), dim=-1)
-    scale = torch.maximum(hi.clamp(min=0.0) / fmt.qmax, lo.clamp(max=0.0) / fmt.qmin)
-    eps = torch.finfo(x.dtype).eps if fmt.eps is None else fmt.eps
-    return scale.clamp(min=eps).reshape(fmt.scale_shape(x.shape)), None
+def _nonzero(scale: Tensor) -> Tensor:
+    """`scale` with magnitudes below MIN_LEARNED_SCALE raised to it, keeping the sign."""
+    return torch.where(scale < 0, scale.clamp(max=-MIN_LEARNED_SCALE), scale.clamp(min=MIN_LEARNED_SCALE))
 
 
 def _local(tensor: Tensor) -> Tensor:
@@ -90,7 +84,7 @@ class _LSQFakeQuantize(torch.autograd.Function):
     def forward(  # type: ignore[override]
         ctx, x: Tensor, scale: Tensor, zero: Optional[Tensor], fmt: IntAffine, grad_factor: float
     ) -> Tensor:
-        s = scale.float().clamp(min=MIN_LEARNED_SCALE)
+        s = fmt.grid_scale(_nonzero(scale.float()))
         z = None if zero is None else zero.float().clamp(fmt.qmin, fmt.qmax).round()
         x_hat, _ = fmt.fake_quantize_with_qparams(x, s, z)
         ctx.fmt, ctx.grad_factor = fmt, grad_factor
@@ -132,7 +126,7 @@ class LearnedRangeFakeQuantizer(nn.Module):
     def __init__(self, fmt: IntAffine, shape: Sequence[int], init: str = "absmax") -> None:
         super().__init__()
         if not isinstance(fmt, IntAffine):
-            raise QattuneError(f"range learning supports integer formats only, got {fmt.name!r}")
+            raise QattuneError(f"range learning supports integer grids only, got {fmt.name!r}")
         if init not in RANGE_INITS:
             raise QattuneError(f"range_init={init!r} is not one of {', '.join(RANGE_INITS)}")
         self.fmt = fmt
@@ -149,7 +143,8 @@ class LearnedRangeFakeQuantizer(nn.Module):
         self.register_buffer("initialized", torch.tensor(False))
         self._initialized = False
         n_per_scale = math.prod(shape) // math.prod(scale_shape)
-        self.grad_factor = 1.0 / math.sqrt(n_per_scale * fmt.qmax)
+        positive_levels = fmt.qmax - (fmt.qmax + fmt.qmin + 1) // 2 if fmt.symmetric else fmt.qmax
+        self.grad_factor = 1.0 / math.sqrt(n_per_scale * positive_levels)
 
     def _check_shape(self, x: Tensor, scale: Optional[Tensor] = None) -> None:
         scale = self.scale if scale is None else scale
@@ -178,10 +173,10 @@ class LearnedRangeFakeQuantizer(nn.Module):
         if self.init == "mse":
             new_scale, zero = search_clipping_qparams(self.fmt, x)
         elif self.init == "cover":
-            new_scale, zero = covering_qparams(self.fmt, x)
+            new_scale, zero = self.fmt.covering_qparams(x)
         else:
             new_scale, zero = self.fmt.choose_qparams(x)
-        scale.copy_(new_scale.clamp(min=MIN_LEARNED_SCALE))
+        scale.copy_(_nonzero(new_scale))
         if self.learns_zero:
             _local(self.zero_point).copy_(zero)
         self.initialized.fill_(True)
@@ -192,8 +187,9 @@ class LearnedRangeFakeQuantizer(nn.Module):
         self._initialized = bool(self.initialized)
 
     def effective_qparams(self) -> tuple[Tensor, Optional[Tensor]]:
-        """The scale and integral zero point the forward uses (clamped, rounded), detached."""
-        scale = self.scale.detach().float().clamp(min=MIN_LEARNED_SCALE)
+        """The scale and integral zero point the forward uses (kept off zero, on the format's grid,
+        rounded), detached."""
+        scale = self.fmt.grid_scale(_nonzero(self.scale.detach().float()))
         if self.zero_point is None:
             return scale, None
         zero = self.zero_point.detach().float().clamp(self.fmt.qmin, self.fmt.qmax).round()

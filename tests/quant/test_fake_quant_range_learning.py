@@ -103,7 +103,7 @@ def test_wrong_shape_and_non_integer_formats_are_errors():
         fq(torch.randn(5, 32))
     from qattune.quant.formats import NF4
 
-    with pytest.raises(QattuneError, match="integer formats only"):
+    with pytest.raises(QattuneError, match="integer grids only"):
         LearnedRangeFakeQuantizer(NF4(), (4, 64))
     with pytest.raises(QattuneError, match="never run or loaded"):
         LearnedRangeFakeQuantizer(IntAffine(8, True, None), (4, 32)).quantize(torch.randn(4, 32))
@@ -210,12 +210,10 @@ def test_range_init_mse_starts_learned_scales_at_the_search_and_is_checked():
 
 
 def test_cover_init_is_the_smallest_grid_whose_end_codes_hold_the_extremes():
-    from qattune.quant.range_learning import covering_qparams
-
     torch.manual_seed(0)
     w = torch.randn(64, 256)
     fmt = IntAffine(4, True, 32)
-    scale, zero = covering_qparams(fmt, w)
+    scale, zero = fmt.covering_qparams(w)
     groups = w.reshape(64, 8, 32)
     by_hand = torch.maximum(groups.amax(-1) / 7, groups.amin(-1) / -8)  # qmax 7, qmin -8
     assert zero is None and torch.equal(scale, by_hand)
@@ -235,12 +233,11 @@ def test_cover_init_is_the_smallest_grid_whose_end_codes_hold_the_extremes():
     assert int(clipped_groups.sum()) > 0.75 * int(positive_absmax.sum())
     # asymmetric formats cover their range already: their own qparams
     asym = IntAffine(4, False, 32)
-    assert all(torch.equal(a, b) for a, b in zip(covering_qparams(asym, w), asym.choose_qparams(w)))
+    assert all(torch.equal(a, b) for a, b in zip(asym.covering_qparams(w), asym.choose_qparams(w)))
 
 
 def test_range_init_cover_starts_learned_scales_there():
     from qattune.quant import QATQuantizer
-    from qattune.quant.range_learning import covering_qparams
     from torch import nn
 
     torch.manual_seed(0)
@@ -248,4 +245,28 @@ def test_range_init_cover_starts_learned_scales_there():
     model = quantizer.prepare(nn.Sequential(nn.Linear(64, 16)))
     model(torch.randn(2, 64))  # the first forward initialises the scales
     learner = model[0].weight_range_learner
-    assert torch.equal(learner.scale.detach(), covering_qparams(learner.fmt, model[0].weight.detach())[0])
+    assert torch.equal(learner.scale.detach(), learner.fmt.covering_qparams(model[0].weight.detach())[0])
+
+
+def test_lsq_gradients_on_the_q4_0_grid_with_a_negative_scale_by_hand():
+    """Q4_0's grid, codes 0..15 around 8, d = -0.5: values (q - 8) * d run from 3.5 down to -4."""
+    from qattune.quant.formats.gguf_blocks import Q4_0Grid
+
+    x = torch.zeros(1, 32)
+    x[0, :4] = torch.tensor([0.3, -2.6, 9.0, -9.0])
+    fq = LearnedRangeFakeQuantizer(Q4_0Grid(), x.shape)
+    fq.initialize(x)
+    with torch.no_grad():
+        fq.scale.fill_(-0.5)
+    xr = x.clone().requires_grad_(True)
+    y = fq(xr)
+    # v = x / d = -0.6, 5.2, -18, 18 -> round + 8 = 7, 13, -10, 26 -> clamp 7, 13, 0, 15
+    assert y[0, :4].tolist() == [0.5, -2.5, 4.0, -3.5] and not y[0, 4:].any()
+    upstream = torch.zeros(1, 32)
+    upstream[0, :4] = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    y.backward(upstream)
+    # d y / d d: round(v) - v in range (-0.4, -0.2), qmin - 8 = -8 below, qmax - 8 = 7 above; 7 positive levels
+    expected = (1 * -0.4 + 2 * -0.2 + 3 * -8 + 4 * 7) / math.sqrt(32 * 7)
+    assert fq.scale.grad.item() == pytest.approx(expected, rel=1e-6)
+    assert xr.grad[0, :4].tolist() == [1.0, 2.0, 0.0, 0.0]
+    assert fq.effective_qparams()[0].item() == -0.5

@@ -124,3 +124,41 @@ def test_trunc_plus_8_5_equals_float32_sum_then_trunc():
     t = t[(t >= -8.5) & (t < 8.5)].astype(np.float32)
     expected = np.trunc(t + np.float32(8.5))  # numpy: float32 sum, then trunc
     assert np.array_equal(trunc_plus_8_5(torch.from_numpy(t)).numpy(), expected)
+
+
+def test_q4_0_grid_at_q4_0s_own_scale_is_q4_0_up_to_its_float16_encoding():
+    """The fixed-scale grid that range learning and GPTQ use for Q4_0: at Q4_0's own `d` it stores
+    Q4_0's scales and, but for the encoding with float16 `d` and ties to even, its codes."""
+    from qattune.quant.formats.gguf_blocks import Q4_0Grid
+
+    grid, q4_0 = Q4_0Grid(), GGUFQ4_0()
+    x = torch.randn(256, 512, generator=torch.Generator().manual_seed(0))
+    d, zero = grid.choose_qparams(x)
+    assert d.shape == (256, 16) and torch.equal(zero, torch.full_like(d, 8.0))
+    ours, reference = grid.quantize_with_qparams(x, d, zero), q4_0.quantize(x)
+    assert ours.codes.dtype == torch.uint8 and ours.zero is None
+    assert torch.equal(ours.scale, reference.scale)  # float16 d = m / -8, negative where m > 0
+    moved = ours.codes.int() - reference.codes.int()
+    assert 0 < int(moved.ne(0).sum()) < 1e-3 * x.numel() and int(moved.abs().max()) == 1
+    # fake quantization is what a Q4_0 reader makes of the stored codes and scales, bit for bit
+    fake, _ = grid.fake_quantize_with_qparams(x, d, zero)
+    assert torch.equal(fake, q4_0.dequantize(ours))
+
+
+def test_q4_0_grid_cover_takes_the_sign_with_the_smaller_step_and_clips_nothing():
+    from qattune.quant.formats.gguf_blocks import Q4_0Grid
+
+    grid = Q4_0Grid()
+    x = torch.zeros(1, 96)
+    x[0, :32] = torch.linspace(-1.0, 0.7, 32)  # negative extreme: d > 0, -8 d = -1 (0.7 / 7 = 0.1 < 1 / 8)
+    x[0, 32:64] = torch.linspace(-0.7, 1.0, 32)  # positive extreme: d < 0, -8 d = 1
+    x[0, 64:] = torch.linspace(-0.7, 0.75, 32)  # 0.75 / 7 > 0.7 / 8 but 0.75 / 8 < 0.7 / 7: d = -0.1
+    d, zero = grid.covering_qparams(x)
+    torch.testing.assert_close(d, torch.tensor([[0.125, -0.125, -0.1]]))
+    fake, in_range = grid.fake_quantize_with_qparams(x, d, zero)
+    assert bool(in_range.all())
+    assert float((fake - x).abs().max()) <= 0.5 * 0.125 + 1e-3
+    # an all-zero block keeps a scale float16 can store, and quantizes to zeros
+    d0, z0 = grid.covering_qparams(torch.zeros(1, 32))
+    assert float(grid.grid_scale(d0)) == 2.0**-24
+    assert torch.equal(grid.fake_quantize_with_qparams(torch.zeros(1, 32), d0, z0)[0], torch.zeros(1, 32))

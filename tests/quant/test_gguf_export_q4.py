@@ -60,6 +60,42 @@ def test_q4_0_export_dequantizes_exactly_to_qattune_weights(tmp_path):
         assert list(t.shape) == list(reversed(ours.shape))  # GGUF lists ne[0] (the row length) first
 
 
+def test_q4_0_learned_scales_reach_the_file_as_trained(tmp_path):
+    """Range learning on q4_0: the Q4_0 layers train their block scales (the Q8_0 embedding and head keep
+    dynamic ones); the converted model and the GGUF file compute exactly the fake-quantized weights."""
+    torch.manual_seed(0)
+    model = nn.ModuleDict({"tok_embeddings": nn.Embedding(96, 64), "wq": nn.Linear(64, 64, bias=False),
+                           "w1": nn.Linear(64, 128, bias=False), "w2": nn.Linear(128, 64, bias=False),
+                           "norm": nn.RMSNorm(64), "output": nn.Linear(64, 96, bias=False)})
+    quantizer = QATQuantizer("q4_0", range_learning=True, range_init="cover")
+    quantizer.prepare(model)
+    learners = {name for name, m in model.items() if getattr(m, "weight_range_learner", None) is not None}
+    assert learners == {"wq", "w1", "w2"}
+    quantizer.set_fake_quant(model, True)  # starts the learned scales from the weights
+    start = {name: model[name].weight_range_learner.scale.detach().clone() for name in learners}
+    assert bool((start["wq"] < 0).any() and (start["wq"] > 0).any())  # both signs, as Q4_0's own
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    tokens = torch.randint(0, 96, (4, 16))
+    for _ in range(3):
+        hidden = model["tok_embeddings"](tokens)
+        hidden = model["w2"](torch.relu(model["w1"](model["wq"](hidden))))
+        loss = nn.functional.cross_entropy(model["output"](model["norm"](hidden)).flatten(0, 1), tokens.flatten())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert all(not torch.equal(model[name].weight_range_learner.scale, start[name]) for name in learners)
+    with torch.no_grad():
+        trained = {name: model[name].weight_range_learner(model[name].weight) for name in learners}
+    quantizer.convert(model)
+    tensors, _ = export(tmp_path, model)
+    for name in learners:
+        t = tensors[NAMES[name]]
+        assert t.tensor_type == T.Q4_0
+        read_back = torch.from_numpy(np.array(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32))
+        assert torch.equal(model[name].dequantized_weight(), trained[name])
+        assert torch.equal(read_back, trained[name]), name
+
+
 def test_q4_0_and_q8_0_blocks_are_llama_cpp_bytes(tmp_path):
     """Independent reference: gguf-py's quantizer (bit-exact with ggml-quants.c) on the float weights."""
     model, floats = converted_tiny()

@@ -199,3 +199,42 @@ def test_sequential_calibration_feeds_later_blocks_the_rounded_blocks_outputs():
         latents[sequential] = {n: p.detach().clone() for n, p in model.named_parameters() if n.endswith("proj.weight")}
     for name, value in latents[True].items():
         assert torch.equal(value, latents[False][name]) == name.startswith("layers.0."), name
+
+
+def test_latents_round_to_the_textbook_codes_on_q4_0_grids_with_negative_scales():
+    """Q4_0's grid: codes 0..15 around the mid-point 8, with a negative scale for the blocks whose
+    largest magnitude is positive (values from 7 d to -8 d)."""
+    from qattune.quant.formats.gguf_blocks import Q4_0Grid
+
+    torch.manual_seed(5)
+    w = torch.randn(8, 64, dtype=torch.float64)
+    x = correlated_inputs(512, 64, seed=5)
+    h = x.T @ x
+    s, z = Q4_0Grid().choose_qparams(w)
+    s, z = s.double(), z.double()
+    assert bool((s < 0).any() and (s > 0).any())
+    latent = gptq_latents(w, h, s, z, 0, 15, act_order=True, block_size=24)
+    s_full, z_full = s.repeat_interleave(32, dim=1), z.repeat_interleave(32, dim=1)
+    expected = reference_gptq_codes(w, h, s_full, z_full, 0, 15, 0.01, True)
+    assert torch.equal(codes_of(latent, s_full, z_full, 0, 15), expected)
+    steps = latent / s_full + 8  # on the code axis: inside the outer bins either way round
+    assert steps.max() <= 15 + 0.49 + 1e-9 and steps.min() >= -0.49 - 1e-9
+
+
+def test_gptq_initialize_on_q4_0_rounds_the_q4_0_layers_only():
+    model = tiny_model(False)
+    calibration = batches(3)
+    with torch.no_grad():
+        float_logits = [model(b["tokens"]) for b in calibration]
+    quantizer = QATQuantizer("q4_0", range_learning=True, range_init="cover", rounding_init="gptq")
+    quantizer.prepare(model)
+    nearest_model = copy.deepcopy(model)
+    report = quantizer.initialize_rounding(model, iter(calibration))
+    assert report.layers == 14 and report.skipped == {}  # the Q8_0 head has no learned ranges: not a target
+    assert torch.equal(model.output.weight, nearest_model.output.weight)
+    assert torch.equal(model.tok_embeddings.weight, nearest_model.tok_embeddings.weight)
+    nearest_model.load_state_dict({k: v for k, v in model.state_dict().items() if "learner" in k}, strict=False)
+    err_gptq = sum(float((fake_quant_logits(model, b) - f).square().sum()) for b, f in zip(calibration, float_logits))
+    err_nearest = sum(float((fake_quant_logits(nearest_model, b) - f).square().sum())
+                      for b, f in zip(calibration, float_logits))
+    assert err_gptq < err_nearest

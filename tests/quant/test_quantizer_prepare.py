@@ -213,9 +213,11 @@ def test_range_learning_learns_scales_and_convert_uses_them():
 
 
 def test_range_learning_refused_for_float_schemes():
-    with pytest.raises(QattuneError, match=r"range_learning=true: scheme 'fp8' quantizes layer '0' with "
-                                           r"float8_rowwise, but range learning supports integer formats only"):
+    with pytest.raises(QattuneError, match=r"range_learning=true: scheme 'fp8' quantizes weights with "
+                                           r"float8_rowwise, which has no integer grid to learn scales on"):
         QATQuantizer("fp8", range_learning=True).prepare(nn.Sequential(nn.Linear(64, 16)))
+    with pytest.raises(QattuneError, match=r"scheme 'q8_0' quantizes weights with q8_0, which has no integer grid"):
+        QATQuantizer("q8_0", range_learning=True).prepare(nn.Sequential(nn.Linear(64, 16)))
 
 
 def test_ptq_prepare_is_the_same_fake_quantization():

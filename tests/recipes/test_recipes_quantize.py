@@ -232,7 +232,6 @@ CALIBRATION = "+dataset={_component_: qattune.data.python_docs_dataset, split: t
 def test_gptq_ptq_keeps_the_cover_scales_and_lowers_the_output_error(tmp_path, float_checkpoint):
     from qattune.data import python_docs_dataset
     from qattune.quant.formats import IntAffine
-    from qattune.quant.range_learning import covering_qparams
     from qattune.tokenizers import byte_tokenizer
 
     model, source = float_checkpoint
@@ -240,7 +239,7 @@ def test_gptq_ptq_keeps_the_cover_scales_and_lowers_the_output_error(tmp_path, f
                    *GPTQ_PTQ, CALIBRATION)
     assert "GPTQ rounding: 14 layers from 512 calibration tokens" in proc.stdout  # 4 batches of 2 x 64
     gptq = quantized_model(tmp_path / "quantized")
-    scale, _ = covering_qparams(IntAffine(4, True, 32), model.layers[0].attn.q_proj.weight)
+    scale, _ = IntAffine(4, True, 32).covering_qparams(model.layers[0].attn.q_proj.weight)
     codes = gptq.layers[0].attn.q_proj.dequantized_weight().reshape(64, 2, 32) / scale.reshape(64, 2, 1)
     torch.testing.assert_close(codes, codes.round(), rtol=0, atol=1e-4)  # on the cover grid
     assert codes.round().min() >= -8 and codes.round().max() <= 7
@@ -263,3 +262,35 @@ def test_gptq_ptq_without_calibration_data_is_one_line(tmp_path, float_checkpoin
     proc = run_cli("quantize", "--config", "tiny/quantize", f"output_dir={tmp_path}", f"checkpoint_dir={source}",
                    *GPTQ_PTQ, ok=False)
     assert "quantizer.rounding_init=gptq calibrates on text: set dataset" in one_error_line(proc)
+
+
+def test_q4_0_qat_from_gptq_reaches_the_gguf_file_as_trained(tmp_path):
+    """qat_distributed with q4_0, learned block scales and a GPTQ start, then quantize to GGUF: the file's
+    Q4_0 tensors are the trained model's fake-quantized weights, with its learned (signed) scales."""
+    out = tmp_path / "qat"
+    trained = run_cli("qat_distributed", "--config", "tiny/qat_full", f"output_dir={out}", *TRAIN,
+                      "quantizer.scheme=q4_0", "~quantizer.group_size", "+quantizer.range_init=cover",
+                      "+quantizer.rounding_init=gptq", "+quantizer.gptq_batches=2", "range_learning_lr=1e-5")
+    assert "GPTQ rounding: 14 layers from 512 calibration tokens" in trained.stdout  # 2 batches of 4 x 64
+    tokenizer_file = tmp_path / "tokenizer.gguf"
+    write_tokenizer_gguf(tokenizer_file)
+    run_cli("quantize", "--config", "tiny/quantize", f"output_dir={out}", f"checkpoint_dir={out / 'step_4'}",
+            "quantizer.scheme=q4_0", "~quantizer.group_size",
+            "tokenizer._component_=qattune.tokenizers.gguf_tokenizer", f"+tokenizer.path={tokenizer_file}")
+    step = out / "step_4"
+    fake = build_model_from_checkpoint(HFCheckpointer(str(step)))
+    QATQuantizer("q4_0", range_learning=True).prepare(fake)
+    ranges = load_file(str(step / "extra_state.safetensors"))
+    fake.load_state_dict(ranges, strict=False)
+    down = fake.layers[1].mlp.down_proj
+    scale = ranges["layers.1.mlp.down_proj.weight_range_learner.scale"]
+    assert bool((scale < 0).any() and (scale > 0).any())
+    with torch.no_grad():
+        expected = down.weight_range_learner(down.weight)
+    reader = gguf.GGUFReader(str(out / "quantized" / "model-q4_0.gguf"))
+    tensor = next(t for t in reader.tensors if t.name == "blk.1.ffn_down.weight")
+    assert tensor.tensor_type == gguf.GGMLQuantizationType.Q4_0
+    read_back = torch.from_numpy(np.array(gguf.quants.dequantize(tensor.data, tensor.tensor_type), dtype=np.float32))
+    torch.testing.assert_close(read_back, expected, rtol=0, atol=0)
+    with torch.no_grad():
+        torch.testing.assert_close(quantized_model(out / "quantized")(TOKENS), fake.eval()(TOKENS), rtol=1e-4, atol=1e-4)

@@ -153,7 +153,6 @@ def test_two_processes_keep_rank0s_gptq_scales(qat_run, tmp_path):
 
     from qattune.checkpoint import load_model
     from qattune.quant.formats import IntAffine
-    from qattune.quant.range_learning import covering_qparams
 
     start = ["checkpointer={_component_: qattune.checkpoint.HFCheckpointer, "
              f"checkpoint_dir: {qat_run / 'step_4'}, output_dir: ${{output_dir}}}}", "+quantizer.range_init=cover",
@@ -168,7 +167,7 @@ def test_two_processes_keep_rank0s_gptq_scales(qat_run, tmp_path):
     block_scales = [name for name in scales if name.startswith("layers.") and name.endswith(".scale")]
     assert len(block_scales) == 14
     for name in block_scales:
-        expected, _ = covering_qparams(fmt, weights[name.replace("weight_range_learner.scale", "weight")])
+        expected, _ = fmt.covering_qparams(weights[name.replace("weight_range_learner.scale", "weight")])
         assert torch.equal(scales[name], expected.reshape(scales[name].shape)), name
 
 

@@ -84,6 +84,11 @@ class NumericFormat(ABC):
 
         return fake_quantize_ste(x, self)
 
+    def learnable_grid(self) -> Optional["NumericFormat"]:
+        """The integer grid (an `IntAffine`) that quantizes like this format with a given scale, for range
+        learning and GPTQ; None when the format has no fixed-scale integer form."""
+        return None
+
     def check_width(self, width: int) -> None:
         """Raise a QattuneError when this format cannot quantize rows of `width` elements."""
         if self.block_size is not None:

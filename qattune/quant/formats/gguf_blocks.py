@@ -15,6 +15,7 @@ from torch import Tensor
 
 from qattune.quant.formats.base import NumericFormat, QuantizedTensor, to_blocks
 from qattune.quant.formats.elements import divide, exp2_int, floor_log2, reciprocal, round_to_dtype
+from qattune.quant.formats.int_affine import IntAffine
 
 GGUF_BLOCK_SIZE = 32
 
@@ -105,3 +106,55 @@ class GGUFQ4_0(_GGUFBlockFormat):
 
     def _decode(self, qb: Tensor, d16: Tensor) -> Tensor:
         return (qb - 8.0) * d16.float()
+
+    def learnable_grid(self) -> "Q4_0Grid":
+        return Q4_0Grid()
+
+
+class Q4_0Grid(IntAffine):
+    """Q4_0 with a given block scale `d` (learned ranges, GPTQ): codes `clamp(round(x / d) + 8, 0, 15)`,
+    values `(q - 8) * d`, `d` rounded to float16 for both, as Q4_0 stores it; `quantize_with_qparams`
+    gives Q4_0's own codes and scales, so llama.cpp reads exactly what was trained.
+
+    Like Q4_0's `d = m / -8`, a scale may be negative: the grid `(q - 8) * d` then reaches 8 steps on the
+    positive side and 7 on the negative one. `choose_qparams` is Q4_0's own `d`; with it the grid differs
+    from `GGUFQ4_0` only in encoding with the float16 `d` (llama.cpp encodes with the float32 one) and
+    rounding ties to even: one code in a few thousand moves by a step. `covering_qparams` picks, per
+    block, the sign whose grid holds the block's extremes with the smaller step.
+    """
+
+    scale_dtype = torch.float16
+    smallest_scale = 2.0**-24
+    """The smallest float16 magnitude: a smaller scale would round to 0."""
+
+    def __init__(self) -> None:
+        super().__init__(bits=4, symmetric=True, group_size=GGUF_BLOCK_SIZE, signed=False)
+        self.name = "q4_0_grid"
+
+    def grid_scale(self, scale: Tensor) -> Tensor:
+        d16 = round_to_dtype(scale, torch.float16)
+        return torch.where(d16 == 0, torch.copysign(torch.full_like(d16, self.smallest_scale), scale), d16)
+
+    def _mid_point(self, scale: Tensor) -> Tensor:
+        return torch.full_like(scale, 8.0)
+
+    def choose_qparams(self, x: Tensor) -> tuple[Tensor, Optional[Tensor]]:
+        xb = self.blocks(x.detach()).float()
+        d = torch.gather(xb, -1, xb.abs().argmax(dim=-1, keepdim=True))[..., 0] / -8.0
+        d = d.reshape(self.scale_shape(x.shape))
+        return d, self._mid_point(d)
+
+    @torch.no_grad()
+    def covering_qparams(self, x: Tensor) -> tuple[Tensor, Optional[Tensor]]:
+        lo, hi = torch.aminmax(self.blocks(x.detach()).float(), dim=-1)
+        lo, hi = lo.clamp(max=0.0), hi.clamp(min=0.0)
+        positive = torch.maximum(hi / 7.0, -lo / 8.0)  # d > 0: values from -8 d to 7 d
+        negative = torch.maximum(hi / 8.0, -lo / 7.0)  # d < 0: values from 7 d to -8 d
+        floor = self.smallest_scale
+        d = torch.where(negative < positive, -negative.clamp(min=floor), positive.clamp(min=floor))
+        d = d.reshape(self.scale_shape(x.shape))
+        return d, self._mid_point(d)
+
+    def quantize_with_qparams(self, x: Tensor, scale: Tensor, zero: Optional[Tensor]) -> QuantizedTensor:
+        q = super().quantize_with_qparams(x, scale, zero)
+        return QuantizedTensor(codes=q.codes, scale=self.grid_scale(scale.float()).to(torch.float16))

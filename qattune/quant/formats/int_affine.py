@@ -28,6 +28,9 @@ class IntAffine(NumericFormat):
     (unsigned); the zero point, where there is one, is stored in the codes' dtype; scales are float32.
     """
 
+    scale_dtype: Optional[torch.dtype] = None
+    """Where set, the grid computes with its scales rounded to this dtype (the dtype a format stores them in)."""
+
     def __init__(
         self,
         bits: int,
@@ -71,6 +74,13 @@ class IntAffine(NumericFormat):
         n_blocks = 1 if self.block_size is None else width // self.block_size
         return (*shape[:-1], n_blocks)
 
+    def learnable_grid(self) -> "IntAffine":
+        return self
+
+    def grid_scale(self, scale: Tensor) -> Tensor:
+        """The scale the grid computes with: `scale`, rounded to `scale_dtype` where that is set."""
+        return scale if self.scale_dtype is None else round_to_dtype(scale, self.scale_dtype)
+
     # -- qparams --------------------------------------------------------------------------------
     def choose_qparams(self, x: Tensor) -> tuple[Tensor, Optional[Tensor]]:
         """torchao `_choose_qparams_affine`: float32 scale and (asymmetric / unsigned) float zero point.
@@ -98,11 +108,29 @@ class IntAffine(NumericFormat):
         shape = self.scale_shape(x.shape)
         return scale.reshape(shape), None if zero is None else zero.reshape(shape)
 
+    @torch.no_grad()
+    def covering_qparams(self, x: Tensor) -> tuple[Tensor, Optional[Tensor]]:
+        """Per group, the smallest scale whose end codes hold the group's extremes: `max(max / qmax, min /
+        qmin)` around the zero point, so the largest value maps to `qmax` or the most negative one to
+        `qmin` and every value lies at least half a step inside the clipping boundary. The symmetric
+        absmax scale maps the largest positive value to `qmax + 0.5` steps instead, the rounding boundary,
+        where most such values round up and clip: with a fixed (learned) scale that weight gets no
+        gradient from the start. Asymmetric formats map their range to their end codes already: their own
+        qparams are returned."""
+        if not self.symmetric:
+            return self.choose_qparams(x)
+        scale, zero = self.choose_qparams(x)
+        mid = 0 if zero is None else int((self.qmax + self.qmin + 1) / 2)
+        lo, hi = torch.aminmax(self.blocks(x.detach()).float(), dim=-1)
+        cover = torch.maximum(hi.clamp(min=0.0) / (self.qmax - mid), lo.clamp(max=0.0) / (self.qmin - mid))
+        eps = torch.finfo(x.dtype).eps if self.eps is None else self.eps
+        return cover.clamp(min=eps).reshape(scale.shape), zero
+
     # -- element maps -----------------------------------------------------------------------------
     def _encode(self, x: Tensor, scale: Tensor, zero: Optional[Tensor]) -> tuple[Tensor, Tensor]:
         """Float codes (clamped) and the not-clipped mask, in blocked layout."""
         xb = self.blocks(x).float()
-        s = scale.reshape(*xb.shape[:-1], 1)
+        s = self.grid_scale(scale.reshape(*xb.shape[:-1], 1))
         q = torch.round(xb * reciprocal(s))
         if zero is not None:
             q = q + zero.reshape(s.shape)
@@ -110,7 +138,7 @@ class IntAffine(NumericFormat):
         return clamped, clamped == q
 
     def _decode(self, qb: Tensor, scale: Tensor, zero: Optional[Tensor]) -> Tensor:
-        s = scale.reshape(*qb.shape[:-1], 1).float()
+        s = self.grid_scale(scale.reshape(*qb.shape[:-1], 1).float())
         if zero is not None:
             qb = qb - zero.reshape(s.shape).float()
         return qb * s
