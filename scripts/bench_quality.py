@@ -23,7 +23,7 @@ topics the training never saw:
   range (`quantizer.range_init: mse`) instead of its full range;
 - qat_gptq: qattune's best measured recipe (`smollm2/135M_qat_gptq`): qat_ranges_cover starting from
   GPTQ's roundings (`quantizer.rounding_init: gptq`, calibrated on the first training batches) instead
-  of the nearest ones;
+  of the nearest ones (for q4_0 that is `smollm2/135M_qat_gptq_q4_0`);
 - ptq_gptq (with qat_gptq): the bf16 fine-tune quantized with GPTQ rounding (the same calibration, no
   training): how much of qat_gptq's gain GPTQ alone gives.
 
