@@ -102,13 +102,15 @@ def test_two_processes_match_one_with_the_same_global_batch(qat_run, tmp_path):
     assert two[4:] == pytest.approx(one[4:], abs=3e-3)
 
 
-def test_two_processes_start_from_a_checkpoint_only_rank0_reads(qat_run, tmp_path):
+@pytest.mark.parametrize("scheme", [[], ["quantizer.scheme=q4_0", "~quantizer.group_size"]], ids=["8da4w", "q4_0"])
+def test_two_processes_start_from_a_checkpoint_only_rank0_reads(qat_run, tmp_path, scheme):
     """Sharded loading: rank 0 loads the checkpoint, the other rank builds on meta and receives its
-    shards; learned ranges start from the weight shards when fake quantization turns on."""
+    shards; learned ranges (q4_0's signed block scales too) start from the weight shards when fake
+    quantization turns on."""
     start = ["checkpointer={_component_: qattune.checkpoint.HFCheckpointer, "
              f"checkpoint_dir: {qat_run / 'step_4'}, output_dir: ${{output_dir}}}}",
              "+quantizer.range_learning=true", "fake_quant_after_n_steps=2", "max_steps_per_epoch=4",
-             "save_every_n_steps=null"]
+             "save_every_n_steps=null", *scheme]
     small = [o for o in SMALL if not o.startswith(("batch_size", "save_every", "max_steps"))]
     run_cli("qat_distributed", "--config", "tiny/qat_full", f"output_dir={tmp_path / 'one'}", "batch_size=4",
             *start, *small)
