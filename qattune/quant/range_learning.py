@@ -139,11 +139,11 @@ class LearnedRangeFakeQuantizer(nn.Module):
         elif fmt.signed:
             self.zero_point = None
         else:  # symmetric unsigned: the fixed mid-point
-            self.register_buffer("zero_point", torch.full(scale_shape, float((fmt.qmax + fmt.qmin + 1) // 2)))
+            self.register_buffer("zero_point", torch.full(scale_shape, float(fmt.mid_point)))
         self.register_buffer("initialized", torch.tensor(False))
         self._initialized = False
         n_per_scale = math.prod(shape) // math.prod(scale_shape)
-        positive_levels = fmt.qmax - (fmt.qmax + fmt.qmin + 1) // 2 if fmt.symmetric else fmt.qmax
+        positive_levels = fmt.qmax - fmt.mid_point if fmt.symmetric else fmt.qmax
         self.grad_factor = 1.0 / math.sqrt(n_per_scale * positive_levels)
 
     def _check_shape(self, x: Tensor, scale: Optional[Tensor] = None) -> None:

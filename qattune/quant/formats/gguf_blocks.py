@@ -135,14 +135,11 @@ class Q4_0Grid(IntAffine):
         d16 = round_to_dtype(scale, torch.float16)
         return torch.where(d16 == 0, torch.copysign(torch.full_like(d16, self.smallest_scale), scale), d16)
 
-    def _mid_point(self, scale: Tensor) -> Tensor:
-        return torch.full_like(scale, 8.0)
-
     def choose_qparams(self, x: Tensor) -> tuple[Tensor, Optional[Tensor]]:
         xb = self.blocks(x.detach()).float()
         d = torch.gather(xb, -1, xb.abs().argmax(dim=-1, keepdim=True))[..., 0] / -8.0
         d = d.reshape(self.scale_shape(x.shape))
-        return d, self._mid_point(d)
+        return d, torch.full_like(d, float(self.mid_point))
 
     @torch.no_grad()
     def covering_qparams(self, x: Tensor) -> tuple[Tensor, Optional[Tensor]]:
@@ -153,7 +150,7 @@ class Q4_0Grid(IntAffine):
         floor = self.smallest_scale
         d = torch.where(negative < positive, -negative.clamp(min=floor), positive.clamp(min=floor))
         d = d.reshape(self.scale_shape(x.shape))
-        return d, self._mid_point(d)
+        return d, torch.full_like(d, float(self.mid_point))
 
     def quantize_with_qparams(self, x: Tensor, scale: Tensor, zero: Optional[Tensor]) -> QuantizedTensor:
         q = super().quantize_with_qparams(x, scale, zero)

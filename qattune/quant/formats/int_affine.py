@@ -54,6 +54,8 @@ class IntAffine(NumericFormat):
         self.eps = eps
         self.qmin = -(2 ** (bits - 1)) if signed else 0
         self.qmax = 2 ** (bits - 1) - 1 if signed else 2**bits - 1
+        # a symmetric grid's zero point: 0 for signed codes, 2^(bits-1) for unsigned ones
+        self.mid_point = (self.qmax + self.qmin + 1) // 2
         self.codes_dtype = torch.int8 if signed else torch.uint8
         kind = "sym" if symmetric else "asym"
         self.name = f"{'int' if signed else 'uint'}{bits}_{kind}"
@@ -99,8 +101,7 @@ class IntAffine(NumericFormat):
         if self.symmetric:
             scale = round_to_dtype(divide(torch.maximum(-lo, hi), levels / 2), dtype)
             scale = round_to_dtype(scale.clamp(min=eps), dtype)
-            mid = int((self.qmax + self.qmin + 1) / 2)
-            zero = None if mid == 0 else torch.full_like(scale, float(mid))
+            zero = None if self.mid_point == 0 else torch.full_like(scale, float(self.mid_point))
         else:
             span = round_to_dtype(hi - lo, dtype)
             scale = round_to_dtype(round_to_dtype(divide(span, levels), dtype).clamp(min=eps), dtype)
@@ -119,12 +120,12 @@ class IntAffine(NumericFormat):
         qparams are returned."""
         if not self.symmetric:
             return self.choose_qparams(x)
-        scale, zero = self.choose_qparams(x)
-        mid = 0 if zero is None else int((self.qmax + self.qmin + 1) / 2)
+        mid = self.mid_point
         lo, hi = torch.aminmax(self.blocks(x.detach()).float(), dim=-1)
         cover = torch.maximum(hi.clamp(min=0.0) / (self.qmax - mid), lo.clamp(max=0.0) / (self.qmin - mid))
         eps = torch.finfo(x.dtype).eps if self.eps is None else self.eps
-        return cover.clamp(min=eps).reshape(scale.shape), zero
+        scale = cover.clamp(min=eps).reshape(self.scale_shape(x.shape))
+        return scale, None if mid == 0 else torch.full_like(scale, float(mid))
 
     # -- element maps -----------------------------------------------------------------------------
     def _encode(self, x: Tensor, scale: Tensor, zero: Optional[Tensor]) -> tuple[Tensor, Tensor]:
