@@ -186,6 +186,7 @@ def gptq_initialize(model: nn.Module, batches: Iterable[dict[str, Tensor]], *,
     from tqdm.auto import tqdm
 
     from qattune.quant.modules.fake_quant import FakeQuantLinear
+    from qattune.quant.quantizer import fake_quant_modules
 
     started = time.perf_counter()
     if not hasattr(model, "layers"):
@@ -196,10 +197,10 @@ def gptq_initialize(model: nn.Module, batches: Iterable[dict[str, Tensor]], *,
         raise QattuneError("rounding_init=gptq found no layer with learned ranges; set quantizer.range_learning=true")
     tied = _tied(model)
     skipped = {name: "its weight is tied to another module" for name, m in targets.items() if id(m.weight) in tied}
-    fake_quant_modules = [m for m in model.modules() if hasattr(m, "fake_quant_enabled")]
-    was_enabled = [m.fake_quant_enabled for m in fake_quant_modules]
+    fake_quantized = fake_quant_modules(model)
+    was_enabled = [m.fake_quant_enabled for m in fake_quantized]
     was_training = model.training
-    for m in fake_quant_modules:
+    for m in fake_quantized:
         m.fake_quant_enabled = False
     model.eval()
     device = next(model.parameters()).device
@@ -223,7 +224,7 @@ def gptq_initialize(model: nn.Module, batches: Iterable[dict[str, Tensor]], *,
                     outputs = [block(*args) for args in inputs]
             inputs = [(output, *args[1:]) for output, args in zip(outputs, inputs)]
     finally:
-        for m, enabled in zip(fake_quant_modules, was_enabled):
+        for m, enabled in zip(fake_quantized, was_enabled):
             m.fake_quant_enabled = enabled
         model.train(was_training)
     rounded = len([n for n in targets if n.startswith("layers.") and n not in skipped])
