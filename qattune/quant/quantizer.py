@@ -18,6 +18,7 @@ from qattune.errors import QattuneError
 from qattune.quant.filters import DEFAULT_OUTPUT_HEAD_PATTERN, ModuleNameFilter
 from qattune.quant.modules import FakeQuantEmbedding, FakeQuantLinear, QuantizedEmbedding, QuantizedLinear
 from qattune.quant.modules.activation_cache import SharedActivationFakeQuant
+from qattune.quant.modules.recompute import RecomputedWeights
 from qattune.quant.modules.weight_cache import refresh_caches
 from qattune.quant.plan import LayerPlan, check_block_sizes, iter_layers, plan_layer
 from qattune.quant.range_learning import RANGE_INITS, LearnedRangeFakeQuantizer
@@ -70,11 +71,20 @@ def set_fake_quant(model: nn.Module, enabled: bool) -> None:
             learner.initialize(module.weight)
 
 
+def _block_of(name: str) -> Optional[str]:
+    """The repeated block a layer belongs to: its name up to the last numeric part ("layers.3.attn.q_proj"
+    -> "layers.3"); None outside any."""
+    parts = name.split(".")
+    numeric = [i for i, part in enumerate(parts) if part.isdigit()]
+    return ".".join(parts[:numeric[-1] + 1]) if numeric else None
+
+
 class _SchemeQuantizer:
     """The protocol shared by QAT and PTQ: a scheme config, name filters, and the last report."""
 
     range_init: str = "absmax"
     recompute_weights: bool = False
+    recompute_activations: bool = False
     pack_masks: bool = False
 
     def __init__(self, config: SchemeConfig) -> None:
@@ -108,9 +118,10 @@ class _SchemeQuantizer:
         if self.config.range_learning:
             self._check_range_learning(plans)
         shared_activations: dict[str, SharedActivationFakeQuant] = {}
+        recomputed_weights: dict[tuple[str, str], RecomputedWeights] = {}
         for plan in plans:
             if plan.quantized:
-                _set_submodule(model, plan.name, self._fake_quant_module(plan, shared_activations))
+                _set_submodule(model, plan.name, self._fake_quant_module(plan, shared_activations, recomputed_weights))
         if not hasattr(model, _REFRESH_HOOK_ATTR):
             setattr(model, _REFRESH_HOOK_ATTR, model.register_forward_pre_hook(_refresh_weight_caches))
         self._finish("prepare", plans)
@@ -153,19 +164,27 @@ class _SchemeQuantizer:
         return LearnedRangeFakeQuantizer(grid, tuple(weight.shape), self.range_init).to(weight.device)
 
     def _fake_quant_module(
-        self, plan: LayerPlan, shared_activations: dict[str, SharedActivationFakeQuant]
+        self, plan: LayerPlan, shared_activations: dict[str, SharedActivationFakeQuant],
+        recomputed_weights: dict[tuple[str, str], RecomputedWeights],
     ) -> nn.Module:
         """The fake-quant module of one layer; Linear layers with the same activation format share one
-        activation fake quantizer, which reuses its result when they read the same tensor."""
+        activation fake quantizer, which reuses its result when they read the same tensor, and under
+        `recompute_weights` those of one block and weight format quantize their weights together."""
         learner = self._range_learner(plan)
         if plan.kind == "Embedding":
             return FakeQuantEmbedding(plan.module, plan.weight_format, learner)
         shared = None
         if plan.activation_format is not None:
             shared = shared_activations.setdefault(repr(plan.activation_format),
-                                                   SharedActivationFakeQuant(plan.activation_format, self.pack_masks))
+                                                   SharedActivationFakeQuant(plan.activation_format, self.pack_masks,
+                                                                             self.recompute_activations))
         linear = FakeQuantLinear(plan.module, plan.weight_format, plan.activation_format, learner, shared)
         linear.recompute_weight = self.recompute_weights
+        block = _block_of(plan.name)
+        if self.recompute_weights and learner is None and block is not None:
+            group = recomputed_weights.setdefault((block, repr(plan.weight_format)), RecomputedWeights(plan.weight_format))
+            group.members.append(linear)
+            linear.recomputed_weights = group
         return linear
 
     def _quantized_module(self, plan: LayerPlan) -> nn.Module:
@@ -205,6 +224,10 @@ class QATQuantizer(_SchemeQuantizer):
         recompute_weights: keep no fake-quantized copy of trained Linear weights between the forward and
             the backward, or between steps; quantize them again in the backward instead (saves one copy
             of the weights' memory, costs one more fake quantization per layer and micro-batch).
+        recompute_activations: Linear layers with quantized activations (8da4w, 8da8w) keep their float
+            input for the backward, as float training does, instead of its fake quantization and clipped
+            mask, and quantize it again there (once per input shared by q/k/v or gate/up). With
+            `recompute_weights`, QAT keeps for the backward exactly what float training keeps.
         pack_masks: keep the activations' clipped masks for the backward at one bit per element instead
             of one byte (an eighth of their memory, 1.55 GiB on a 1B model at seq 2048 and batch 4; costs
             some speed where the step is bound by the host launching kernels). With `recompute_weights`,
@@ -231,6 +254,7 @@ class QATQuantizer(_SchemeQuantizer):
         range_learning: bool = False,
         range_init: Literal["absmax", "cover", "mse"] = "absmax",
         recompute_weights: bool = False,
+        recompute_activations: bool = False,
         pack_masks: bool = False,
         rounding_init: Literal["nearest", "gptq"] = "nearest",
         gptq_batches: int = 64,
@@ -253,6 +277,7 @@ class QATQuantizer(_SchemeQuantizer):
             raise QattuneError(f"quantizer option gptq_batches={gptq_batches}: give at least 1 calibration batch")
         self.range_init = range_init
         self.recompute_weights = recompute_weights
+        self.recompute_activations = recompute_activations
         self.pack_masks = pack_masks
         self.rounding_init = rounding_init
         self.gptq_batches = gptq_batches

@@ -34,3 +34,24 @@ def test_fake_quantized_layer_on_cuda_matches_cpu(scheme, width, tokens):
     torch.testing.assert_close(outs[1], outs[0], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(grads[1][0], grads[0][0], rtol=1e-4, atol=1e-3)
     torch.testing.assert_close(grads[1][1], grads[0][1], rtol=1e-4, atol=1e-3)
+
+
+def test_recomputed_weights_and_activations_on_cuda_give_the_stored_gradients():
+    """bf16 on CUDA, activations large enough for the Triton-compiled fake quantization (forward and the
+    backward's recomputation): the gradients are those of the path that stores the quantized tensors."""
+    from qattune.models import llama
+
+    torch.manual_seed(0)
+    base = llama(vocab_size=256, num_layers=2, num_heads=8, num_kv_heads=4, embed_dim=512, intermediate_dim=1024,
+                 max_seq_len=128).to(torch.bfloat16).cuda()
+    tokens = torch.randint(0, 256, (2, 128), device="cuda")
+    runs = []
+    for recompute in (False, True):
+        model = QATQuantizer("8da4w", recompute_weights=recompute, recompute_activations=recompute).prepare(
+            copy.deepcopy(base))
+        loss = model(tokens).float().logsumexp(-1).mean()
+        loss.backward()
+        runs.append((loss.detach(), [p.grad for p in model.parameters()]))
+    torch.testing.assert_close(runs[1][0], runs[0][0], rtol=0, atol=0)
+    for recomputed, stored in zip(runs[1][1], runs[0][1]):
+        torch.testing.assert_close(recomputed, stored)

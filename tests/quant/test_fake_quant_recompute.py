@@ -1,4 +1,5 @@
-"""`recompute_weights`: the backward re-quantizes the weight instead of keeping its fake-quantized copy."""
+"""`recompute_weights` / `recompute_activations`: the backward re-quantizes the weight (the input) instead
+of keeping its fake-quantized copy."""
 
 import copy
 
@@ -9,6 +10,7 @@ from torch import nn
 from qattune.models import llama
 from qattune.quant import QATQuantizer
 from qattune.quant.modules import FakeQuantLinear
+from qattune.quant.modules import activation_cache, recompute
 from qattune.training.blocks import compiles_fake_quant_wrong
 
 
@@ -72,16 +74,106 @@ def test_frozen_weights_keep_their_cache_and_evaluation_needs_no_grad():
         torch.testing.assert_close(model(tokens), reference(tokens), rtol=0, atol=0)
 
 
+def _grads_after_one_step(model: nn.Module, tokens: torch.Tensor) -> tuple[int, torch.Tensor, list[torch.Tensor]]:
+    saved, loss = _saved_bytes(model, tokens)
+    loss.backward()
+    return saved, loss.detach(), [p.grad for p in model.parameters()]
+
+
+@pytest.mark.parametrize("recompute_weights", [False, True])
+def test_recomputed_activations_give_the_stored_gradients_and_keep_what_float_keeps(recompute_weights):
+    """bf16, where per-token int8 clips some tokens' extremes by a code: the recomputed clipped masks must
+    zero the same gradient elements as the stored ones, bit for bit."""
+    base, tokens = _model().to(torch.bfloat16), torch.randint(0, 128, (2, 16))
+    float_saved, _ = _saved_bytes(copy.deepcopy(base), tokens)
+    runs = {}
+    for recompute_activations in (False, True):
+        model = QATQuantizer("8da4w", recompute_weights=recompute_weights,
+                             recompute_activations=recompute_activations).prepare(copy.deepcopy(base))
+        runs[recompute_activations] = _grads_after_one_step(model, tokens)
+    (saved_s, loss_s, grads_s), (saved_r, loss_r, grads_r) = runs[False], runs[True]
+    assert torch.equal(loss_r, loss_s)
+    assert all(torch.equal(g_r, g_s) for g_r, g_s in zip(grads_r, grads_s))
+    assert saved_s > saved_r  # the stored path kept clipped masks: something clipped
+    if recompute_weights:
+        assert saved_r == float_saved  # exactly what float training keeps
+    else:  # plus the cached fake-quantized weights and their clipped masks (2 + 1 bytes per bf16 weight)
+        fq_bytes = sum(m.weight.numel() * 3 for m in model.modules() if isinstance(m, FakeQuantLinear))
+        assert saved_r == float_saved + fq_bytes
+
+
+def test_recomputed_activations_are_quantized_once_per_input_and_freed_after_the_backward(monkeypatch):
+    """q/k/v and gate/up read one input each: one quantization per input in the forward and one in the
+    backward (2 layers x 4 inputs, plus the output head's), and nothing is held after the backward."""
+    calls = {"forward": 0, "backward": 0}
+    recomputed: list[recompute.RecomputedActivation] = []
+
+    def counting(where, original):
+        def fake_quantize_clipped(fmt, x, packed=False):
+            calls[where] += fmt.name == "int8_asym"
+            return original(fmt, x, packed)
+        return fake_quantize_clipped
+
+    monkeypatch.setattr(activation_cache, "fake_quantize_clipped", counting("forward", activation_cache.fake_quantize_clipped))
+    monkeypatch.setattr(recompute, "fake_quantize_clipped", counting("backward", recompute.fake_quantize_clipped))
+    original_get = recompute.RecomputedActivation.get
+    monkeypatch.setattr(recompute.RecomputedActivation, "get",
+                        lambda self, fmt, x: recomputed.append(self) or original_get(self, fmt, x))
+    model = QATQuantizer("8da4w", recompute_weights=True, recompute_activations=True).prepare(_model())
+    model(torch.randint(0, 128, (2, 16))).sum().backward()
+    assert calls == {"forward": 9, "backward": 9}
+    assert len(recomputed) == 2 * (3 + 1 + 2 + 1) + 1  # every quantized Linear's backward read one
+    assert all(r.value is None and r.readers == 0 for r in recomputed)
+    assert model.layers[0].attn.q_proj.activation_fake_quant._output is None
+    assert copy.deepcopy(model).layers[0].attn.q_proj.activation_fake_quant.recompute
+
+
+@pytest.mark.slow
+def test_a_blocks_recomputed_weights_are_quantized_in_one_call_with_the_same_numbers(monkeypatch):
+    """As on a GPU (turned on here for the CPU, with small weights taking the compiled path): one batched
+    call per block in the forward and one in the backward, bit-identical to quantizing layer by layer,
+    and nothing held afterwards. Slow only because the batched graph takes seconds to compile on a CPU."""
+    from qattune.quant.modules import fused
+
+    monkeypatch.setattr(fused, "FUSE_MIN_NUMEL", 1024)
+    batched_calls = []
+    original = recompute.fake_quantize_many_into
+    monkeypatch.setattr(recompute, "fake_quantize_many_into", lambda *args: batched_calls.append(len(args[1])) or original(*args))
+    base, tokens = _model().to(torch.bfloat16), torch.randint(0, 128, (2, 16))
+    runs = []
+    for devices in ((), ("cpu",)):
+        monkeypatch.setattr(recompute, "BATCHED_RECOMPUTE_DEVICES", devices)
+        model = QATQuantizer("8da4w", recompute_weights=True, recompute_activations=True).prepare(copy.deepcopy(base))
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        run = []
+        for _ in range(2):  # the second step's weights changed: the batch must follow them
+            _, loss, grads = _grads_after_one_step(model, tokens)
+            run.append((loss, [g.clone() for g in grads]))
+            optimizer.step()
+            optimizer.zero_grad()
+        runs.append(run)
+    assert batched_calls == [7] * 8  # 2 blocks x (forward, backward) x 2 steps, all 7 weights of a block
+    for (loss_l, grads_l), (loss_b, grads_b) in zip(*runs):
+        assert torch.equal(loss_b, loss_l)
+        assert all(torch.equal(g_b, g_l) for g_b, g_l in zip(grads_b, grads_l))
+    groups = {id(m.recomputed_weights): m.recomputed_weights for m in model.modules() if isinstance(m, FakeQuantLinear)
+              and m.recomputed_weights is not None}
+    assert len(groups) == 2 and all(not ready for g in groups.values() for ready in g._ready)
+    assert model.output.recomputed_weights is None  # outside the blocks: quantized on its own
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(compiles_fake_quant_wrong(), reason="compile_blocks refuses fake quantization on this torch")
-def test_recomputed_weights_under_torch_compile_train_like_eager():
+@pytest.mark.parametrize("recompute_activations", [False, True])
+def test_recomputed_weights_under_torch_compile_train_like_eager(recompute_activations):
     """Slow only because torch.compile builds C++ kernels on the CPU."""
     from qattune.training import compile_blocks
 
     base, tokens = _model(), torch.randint(0, 128, (2, 16))
     losses = []
     for compiled in (False, True):
-        model = QATQuantizer("8da4w", recompute_weights=True).prepare(copy.deepcopy(base))
+        model = QATQuantizer("8da4w", recompute_weights=True,
+                             recompute_activations=recompute_activations).prepare(copy.deepcopy(base))
         if compiled:
             compile_blocks(model)
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)

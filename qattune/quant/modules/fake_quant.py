@@ -7,6 +7,8 @@ The weight's fake quantization is cached per optimizer step (see `weight_cache`)
 where it is computed in every forward instead: range learning (the weight goes through a learnable-scale
 quantizer whose scale is a parameter), weights sharded by FSDP2 (a cache would hold the full unsharded
 weight on every rank), and trained Linear weights under `recompute_weights` (see `recompute`). Under
+`recompute_activations` the Linear keeps its float input for the backward rather than the quantized one
+(`SharedActivationFakeQuant.linear`). Under
 torch.compile the compiled code does not check the cache: the prepared model's forward pre-hook
 (eager; `cache_entry_for_forward` and `weight_cache.refresh_caches`) brings every cache up to date
 first, and layers it has not vouched for compute their fake-quantized weight inline, which is always
@@ -24,7 +26,7 @@ from torch.distributed.tensor import DTensor
 
 from qattune.quant.formats import NumericFormat
 from qattune.quant.modules.activation_cache import SharedActivationFakeQuant
-from qattune.quant.modules.recompute import recomputed_fake_quant_linear
+from qattune.quant.modules.recompute import RecomputedWeights, recomputed_fake_quant_linear
 from qattune.quant.modules.weight_cache import WeightFakeQuantCache
 
 
@@ -116,13 +118,22 @@ class FakeQuantLinear(nn.Linear, _WeightFakeQuant):
             shared_activation = SharedActivationFakeQuant(activation_format)
         self.activation_fake_quant = shared_activation
         self._init_weight_fake_quant(weight_format, weight_range_learner)
+        self.recomputed_weights: Optional[RecomputedWeights] = None  # its block's, under recompute_weights
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fake_quant_enabled and self.activation_fake_quant is not None:
-            x = self.activation_fake_quant(x)
-        if self.fake_quant_enabled and torch.is_grad_enabled() and self._recomputes_weight():
-            return recomputed_fake_quant_linear(x, self.weight, self.bias, self.weight_format)
-        return F.linear(x, self._forward_weight(), self.bias)
+        if not self.fake_quant_enabled:
+            return F.linear(x, self.weight, self.bias)
+        recompute_weight = torch.is_grad_enabled() and self._recomputes_weight()
+        weight, weight_format = (self.weight, self.weight_format) if recompute_weight else (self._forward_weight(), None)
+        weights = (self.recomputed_weights, self) if recompute_weight and self.recomputed_weights else None
+        activation = self.activation_fake_quant
+        if activation is not None and activation.recompute and torch.is_grad_enabled():
+            return activation.linear(x, weight, self.bias, weight_format, weights)
+        if activation is not None:
+            x = activation(x)
+        if recompute_weight:
+            return recomputed_fake_quant_linear(x, weight, self.bias, weight_format, weights=weights)
+        return F.linear(x, weight, self.bias)
 
     def to_float(self) -> nn.Linear:
         """A plain nn.Linear sharing this module's parameters."""

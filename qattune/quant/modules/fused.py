@@ -139,6 +139,12 @@ def fake_quantize_clipped(fmt, x: Tensor, packed: bool = False) -> tuple[Tensor,
     return x_hat.reshape(x.shape), clipped
 
 
+def fusable(fmt, x: Tensor) -> bool:
+    """Whether `fmt`'s fake quantization of `x` takes the compiled path here (large enough, grad mode
+    off, not already inside torch.compile, compiling not failed for this format)."""
+    return _wants_fused(fmt, x)
+
+
 def _in_place_applies(fmt, x: Tensor, out: Tensor, clipped: Optional[Tensor]) -> bool:
     return _wants_fused(fmt, x) and out.is_contiguous() and (clipped is None or clipped.is_contiguous())
 
