@@ -8,7 +8,8 @@ Variants (each also per-block `torch.compile`d with `--modes eager compile`):
   `QATQuantizer(<scheme>, recompute_weights=True)`, which keeps no fake-quantized weight copy and
   re-quantizes in the backward (less memory, more work);
 - `qat_lowmem/<scheme>` (schemes with activations, by default 8da4w; any when named): as `qat_recompute`,
-  plus `pack_masks=True` (activation clipped masks at one bit per element);
+  plus `recompute_activations=True` (the float inputs kept for the backward, as float training keeps
+  them, and quantized again there);
 - `qat_lora/8da4w`: the 8da4w-prepared model with rank-8 LoRA on q/k/v/o and the MLP (frozen base);
 - `torchao/8da4w`: torchao's `Int8DynActInt4WeightQATQuantizer(groupsize=32)` (what torchtune's QAT
   recipe runs), when torchao is installed.
@@ -102,7 +103,7 @@ def _qattune_qat_recompute(scheme: str) -> Callable[[nn.Module], nn.Module]:
 
 
 def _qattune_qat_lowmem(scheme: str) -> Callable[[nn.Module], nn.Module]:
-    return lambda model: QATQuantizer(scheme, recompute_weights=True, pack_masks=True).prepare(model)
+    return lambda model: QATQuantizer(scheme, recompute_weights=True, recompute_activations=True).prepare(model)
 
 
 def _qattune_qat_lora(model: nn.Module) -> nn.Module:

@@ -10,8 +10,7 @@ each token's minimum and maximum onto the end codes, so only a rounding tie at a
 that check would read a flag back from the device, a sync per activation that would stop the host from
 queueing work ahead, so the mask is kept there (with bf16 scales a token's maximum often does clip by a
 code); under torch.compile it is kept too (a data-dependent branch would break the graph). The mask is
-one byte per element, or one bit with `pack_mask` (the quantizer's `pack_masks`: an eighth of the
-memory, a few more kernels).
+one byte per element (the quantizer's `recompute_activations` keeps none: `modules.recompute`).
 
 Inside qattune's modules, whose fake-quantized tensors only feed their own matmul, the few clipped
 elements are zeroed in place in the gradient autograd made for that use (`zero_where_clipped`): a
@@ -33,7 +32,6 @@ import torch
 from torch import Tensor
 
 from qattune.quant.modules.fused import fake_quantize_clipped
-from qattune.quant.modules.packed_mask import unpack_mask
 
 
 class MaskedFakeQuantizer(Protocol):
@@ -54,36 +52,31 @@ def zero_where_clipped(grad: Tensor, clipped: Tensor, in_place: bool) -> Tensor:
 class _STEFakeQuantize(torch.autograd.Function):
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx, x: Tensor, fmt: MaskedFakeQuantizer, grad_in_place: bool, packed: bool
+        ctx, x: Tensor, fmt: MaskedFakeQuantizer, grad_in_place: bool
     ) -> Tensor:
-        x_hat, clipped = fake_quantize_clipped(fmt, x, packed=packed)
+        x_hat, clipped = fake_quantize_clipped(fmt, x)
         if clipped is not None and not torch.compiler.is_compiling():
             if not ctx.needs_input_grad[0] or (clipped.device.type == "cpu" and not bool(clipped.any())):
                 clipped = None  # no backward, or nothing clipped (the rule for per-token activations)
         ctx.has_mask = clipped is not None
         ctx.grad_in_place = grad_in_place
-        ctx.packed_width = x.shape[-1] if packed else None
         if clipped is not None:
             ctx.save_for_backward(clipped)
         return x_hat
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Optional[Tensor], None, None, None]:  # type: ignore[override]
+    def backward(ctx, grad: Tensor) -> tuple[Optional[Tensor], None, None]:  # type: ignore[override]
         if not ctx.has_mask:
-            return grad, None, None, None
+            return grad, None, None
         (clipped,) = ctx.saved_tensors
-        if ctx.packed_width is not None:
-            clipped = unpack_mask(clipped, ctx.packed_width)
-        return zero_where_clipped(grad, clipped, ctx.grad_in_place), None, None, None
+        return zero_where_clipped(grad, clipped, ctx.grad_in_place), None, None
 
 
-def fake_quantize_ste(x: Tensor, fmt: MaskedFakeQuantizer, grad_in_place: bool = False,
-                      pack_mask: bool = False) -> Tensor:
+def fake_quantize_ste(x: Tensor, fmt: MaskedFakeQuantizer, grad_in_place: bool = False) -> Tensor:
     """`fmt`'s fake quantization of `x`, with the straight-through gradient (zero where clipped).
     `grad_in_place=True` (for an output that only feeds the caller's own matmul) zeroes the incoming
-    gradient in place instead of copying it; `pack_mask=True` keeps the clipped mask at one bit per
-    element (`modules.packed_mask`)."""
-    return _STEFakeQuantize.apply(x, fmt, grad_in_place, pack_mask)
+    gradient in place instead of copying it."""
+    return _STEFakeQuantize.apply(x, fmt, grad_in_place)
 
 
 class _STEWithQParams(torch.autograd.Function):

@@ -85,7 +85,6 @@ class _SchemeQuantizer:
     range_init: str = "absmax"
     recompute_weights: bool = False
     recompute_activations: bool = False
-    pack_masks: bool = False
 
     def __init__(self, config: SchemeConfig) -> None:
         self.config = config
@@ -176,13 +175,13 @@ class _SchemeQuantizer:
         shared = None
         if plan.activation_format is not None:
             shared = shared_activations.setdefault(repr(plan.activation_format),
-                                                   SharedActivationFakeQuant(plan.activation_format, self.pack_masks,
-                                                                             self.recompute_activations))
+                                                   SharedActivationFakeQuant(plan.activation_format, self.recompute_activations))
         linear = FakeQuantLinear(plan.module, plan.weight_format, plan.activation_format, learner, shared)
         linear.recompute_weight = self.recompute_weights
         block = _block_of(plan.name)
         if self.recompute_weights and learner is None and block is not None:
-            group = recomputed_weights.setdefault((block, repr(plan.weight_format)), RecomputedWeights(plan.weight_format))
+            group = recomputed_weights.setdefault((block, repr(plan.weight_format)),
+                                                  RecomputedWeights(plan.weight_format))
             group.members.append(linear)
             linear.recomputed_weights = group
         return linear
@@ -223,15 +222,14 @@ class QATQuantizer(_SchemeQuantizer):
             extremes) or "mse" (per group, the clipping range of least squared error).
         recompute_weights: keep no fake-quantized copy of trained Linear weights between the forward and
             the backward, or between steps; quantize them again in the backward instead (saves one copy
-            of the weights' memory, costs one more fake quantization per layer and micro-batch).
+            of the weights' memory, costs one more fake quantization per layer and micro-batch; on a GPU
+            the weights of one transformer block are quantized in one call).
         recompute_activations: Linear layers with quantized activations (8da4w, 8da8w) keep their float
             input for the backward, as float training does, instead of its fake quantization and clipped
             mask, and quantize it again there (once per input shared by q/k/v or gate/up). With
-            `recompute_weights`, QAT keeps for the backward exactly what float training keeps.
-        pack_masks: keep the activations' clipped masks for the backward at one bit per element instead
-            of one byte (an eighth of their memory, 1.55 GiB on a 1B model at seq 2048 and batch 4; costs
-            some speed where the step is bound by the host launching kernels). With `recompute_weights`,
-            8da4w trains within 1.02x of bf16's GPU memory (docs/benchmarks.md).
+            `recompute_weights`, QAT keeps for the backward exactly what float training keeps: on an H100
+            (Llama-3.2-1B sizes, seq 2048, batch 4) 8da4w and 8da8w peaked at 1.001x of bf16's memory, at
+            0.85-0.91x its speed (docs/benchmarks.md).
         rounding_init: where the trained weights' roundings start: "nearest" (the weights as loaded) or
             "gptq" (the recipe moves each block weight so that nearest rounding gives GPTQ's code,
             calibrated on `gptq_batches` training batches; see `qattune.quant.gptq`). "gptq" needs
@@ -255,7 +253,6 @@ class QATQuantizer(_SchemeQuantizer):
         range_init: Literal["absmax", "cover", "mse"] = "absmax",
         recompute_weights: bool = False,
         recompute_activations: bool = False,
-        pack_masks: bool = False,
         rounding_init: Literal["nearest", "gptq"] = "nearest",
         gptq_batches: int = 64,
     ) -> None:
@@ -278,7 +275,6 @@ class QATQuantizer(_SchemeQuantizer):
         self.range_init = range_init
         self.recompute_weights = recompute_weights
         self.recompute_activations = recompute_activations
-        self.pack_masks = pack_masks
         self.rounding_init = rounding_init
         self.gptq_batches = gptq_batches
 

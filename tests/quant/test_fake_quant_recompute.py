@@ -109,13 +109,13 @@ def test_recomputed_activations_are_quantized_once_per_input_and_freed_after_the
     recomputed: list[recompute.RecomputedActivation] = []
 
     def counting(where, original):
-        def fake_quantize_clipped(fmt, x, packed=False):
+        def fake_quantize_clipped(fmt, x):
             calls[where] += fmt.name == "int8_asym"
-            return original(fmt, x, packed)
+            return original(fmt, x)
         return fake_quantize_clipped
 
-    monkeypatch.setattr(activation_cache, "fake_quantize_clipped", counting("forward", activation_cache.fake_quantize_clipped))
-    monkeypatch.setattr(recompute, "fake_quantize_clipped", counting("backward", recompute.fake_quantize_clipped))
+    for module, where in ((activation_cache, "forward"), (recompute, "backward")):
+        monkeypatch.setattr(module, "fake_quantize_clipped", counting(where, module.fake_quantize_clipped))
     original_get = recompute.RecomputedActivation.get
     monkeypatch.setattr(recompute.RecomputedActivation, "get",
                         lambda self, fmt, x: recomputed.append(self) or original_get(self, fmt, x))
@@ -138,7 +138,8 @@ def test_a_blocks_recomputed_weights_are_quantized_in_one_call_with_the_same_num
     monkeypatch.setattr(fused, "FUSE_MIN_NUMEL", 1024)
     batched_calls = []
     original = recompute.fake_quantize_many_into
-    monkeypatch.setattr(recompute, "fake_quantize_many_into", lambda *args: batched_calls.append(len(args[1])) or original(*args))
+    monkeypatch.setattr(recompute, "fake_quantize_many_into",
+                        lambda *args: batched_calls.append(len(args[1])) or original(*args))
     base, tokens = _model().to(torch.bfloat16), torch.randint(0, 128, (2, 16))
     runs = []
     for devices in ((), ("cpu",)):

@@ -58,9 +58,8 @@ class _QuantizedInput:
 class SharedActivationFakeQuant:
     """`fmt.fake_quantize(x)`, reusing the last result when `x` is the tensor it saw last."""
 
-    def __init__(self, fmt: NumericFormat, pack_masks: bool = False, recompute: bool = False) -> None:
+    def __init__(self, fmt: NumericFormat, recompute: bool = False) -> None:
         self.format = fmt
-        self.pack_masks = pack_masks  # clipped masks kept bit-packed for the backward (`modules.packed_mask`)
         self.recompute = recompute  # layers quantize their input again in the backward (`linear`)
         self._input: Optional[weakref.ref] = None
         self._output: Optional[object] = None  # the STE's output, or `linear`'s `_QuantizedInput`
@@ -73,13 +72,13 @@ class SharedActivationFakeQuant:
 
     def __call__(self, x: Tensor) -> Tensor:
         if torch.compiler.is_compiling() or x.is_inference():  # inference tensors have no version counter
-            return fake_quantize_ste(x, self.format, grad_in_place=True, pack_mask=self.pack_masks)
+            return fake_quantize_ste(x, self.format, grad_in_place=True)
         state = (x._version, torch.is_grad_enabled())
         remembered = self._remembered(x, state)
         if remembered is not None:
             return remembered
         # only the layers' own matmuls read the result, so its gradient may be zeroed in place
-        out = fake_quantize_ste(x, self.format, grad_in_place=True, pack_mask=self.pack_masks)
+        out = fake_quantize_ste(x, self.format, grad_in_place=True)
         self._input, self._output, self._state = weakref.ref(x), out, state
         _forget_when_backward_reaches(self, out, out)  # once backward consumes its graph, it must not be reused
         return out
@@ -105,10 +104,10 @@ class SharedActivationFakeQuant:
         return out
 
     def __getstate__(self) -> dict:  # copies and pickles carry the settings, not the remembered tensors
-        return {"format": self.format, "pack_masks": self.pack_masks, "recompute": self.recompute}
+        return {"format": self.format, "recompute": self.recompute}
 
     def __setstate__(self, state: dict) -> None:
-        self.__init__(state["format"], state.get("pack_masks", False), state.get("recompute", False))
+        self.__init__(state["format"], state.get("recompute", False))
 
     def clear(self) -> None:
         """Drop the remembered activation."""

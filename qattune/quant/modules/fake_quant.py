@@ -125,7 +125,8 @@ class FakeQuantLinear(nn.Linear, _WeightFakeQuant):
             return F.linear(x, self.weight, self.bias)
         recompute_weight = torch.is_grad_enabled() and self._recomputes_weight()
         weight, weight_format = (self.weight, self.weight_format) if recompute_weight else (self._forward_weight(), None)
-        weights = (self.recomputed_weights, self) if recompute_weight and self.recomputed_weights else None
+        group = self.recomputed_weights if recompute_weight else None
+        weights = (group, self) if group is not None else None
         activation = self.activation_fake_quant
         if activation is not None and activation.recompute and torch.is_grad_enabled():
             return activation.linear(x, weight, self.bias, weight_format, weights)

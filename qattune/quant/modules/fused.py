@@ -27,8 +27,6 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-from qattune.quant.modules.packed_mask import pack_mask
-
 logger = logging.getLogger(__name__)
 
 FUSE_MIN_NUMEL = 1 << 16  # smaller tensors: the eager passes are cheap and compiling would not pay
@@ -74,12 +72,6 @@ def _fake_quantize_bytes(fmt, x: Tensor) -> tuple[Tensor, Optional[Tensor]]:
     return x_hat, None if in_range is None else _clipped_bytes(in_range)
 
 
-def _fake_quantize_packed(fmt, x: Tensor) -> tuple[Tensor, Optional[Tensor]]:
-    """The compiled body for a bit-packed clipped mask (`packed_mask.pack_mask`)."""
-    x_hat, in_range = fmt.fake_quantize_with_mask(x)
-    return x_hat, None if in_range is None else pack_mask(in_range.logical_not())
-
-
 def _fake_quantize_into(fmt, x: Tensor, out: Tensor, clipped: Optional[Tensor]) -> None:
     """The compiled in-place body: the fake-quantized value into `out`, the clipped mask into `clipped`
     (uint8 0/1). Writing into buffers kept from the last call spares a fresh allocation (on a CPU, page
@@ -113,29 +105,26 @@ def _compile_failed(fmt: object, error: Exception) -> None:
                    type(fmt).__name__, type(error).__name__, str(error).splitlines()[0] if str(error) else "")
 
 
-def _eager_clipped(fmt, x: Tensor, packed: bool) -> tuple[Tensor, Optional[Tensor]]:
+def _eager_clipped(fmt, x: Tensor) -> tuple[Tensor, Optional[Tensor]]:
     x_hat, in_range = fmt.fake_quantize_with_mask(x)
-    if in_range is None:
-        return x_hat, None
-    return x_hat, pack_mask(in_range.logical_not()) if packed else in_range.logical_not()
+    return x_hat, None if in_range is None else in_range.logical_not()
 
 
-def fake_quantize_clipped(fmt, x: Tensor, packed: bool = False) -> tuple[Tensor, Optional[Tensor]]:
+def fake_quantize_clipped(fmt, x: Tensor) -> tuple[Tensor, Optional[Tensor]]:
     """`fmt`'s fake quantization of `x` and the mask of the elements it clipped (bool; the negation of
-    `fmt.fake_quantize_with_mask`'s, None for a format that never clips; `packed`: as `pack_mask` packs
-    it, eight elements per byte), compiled for large tensors when grad mode is off (as in the STE's
-    forward and the weight-cache refresh)."""
+    `fmt.fake_quantize_with_mask`'s, None for a format that never clips), compiled for large tensors
+    when grad mode is off (as in the STE's forward and the weight-cache refresh)."""
     if not _wants_fused(fmt, x):
-        return _eager_clipped(fmt, x, packed)
+        return _eager_clipped(fmt, x)
     rows = x.reshape(-1, x.shape[-1])
     torch._dynamo.maybe_mark_dynamic(rows, 0)
     try:
-        x_hat, clipped = _compiled_for(fmt, _fake_quantize_packed if packed else _fake_quantize_bytes)(fmt, rows)
+        x_hat, clipped = _compiled_for(fmt)(fmt, rows)
     except Exception as error:  # compile unavailable here: stay eager for this format
         _compile_failed(fmt, error)
-        return _eager_clipped(fmt, x, packed)
+        return _eager_clipped(fmt, x)
     if clipped is not None:
-        clipped = clipped.reshape(*x.shape[:-1], -1) if packed else clipped.view(torch.bool).reshape(x.shape)
+        clipped = clipped.view(torch.bool).reshape(x.shape)
     return x_hat.reshape(x.shape), clipped
 
 

@@ -27,9 +27,7 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
-
-from torch import nn
+from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 
 from qattune.quant.fake_quant import zero_where_clipped
@@ -109,7 +107,8 @@ class RecomputedWeights:
         outs = [torch.empty_like(w) for _, w in batch]
         clipped = [torch.empty_like(w, dtype=torch.bool) if with_mask and self._clips else None for _, w in batch]
         if fake_quantize_many_into(self.format, [w for _, w in batch], outs, clipped):
-            ready.update({id(layer): (_weight_key(w), out, mask) for (layer, w), out, mask in zip(batch, outs, clipped)})
+            ready.update({id(layer): (_weight_key(w), out, mask)
+                          for (layer, w), out, mask in zip(batch, outs, clipped)})
             self._unbatched -= set(ready)
 
 
