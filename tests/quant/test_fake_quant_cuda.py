@@ -55,3 +55,22 @@ def test_recomputed_weights_and_activations_on_cuda_give_the_stored_gradients():
     torch.testing.assert_close(runs[1][0], runs[0][0], rtol=0, atol=0)
     for recomputed, stored in zip(runs[1][1], runs[0][1]):
         torch.testing.assert_close(recomputed, stored)
+
+
+@pytest.mark.parametrize("scheme", ["8da4w", "fp8", "nvfp4"])
+def test_compiled_fake_quantization_called_directly_on_cuda_equals_the_cpu(scheme):
+    """The first call of a signature goes through Dynamo, the next ones call its graph directly
+    (`direct_call`): both equal the CPU's values and masks bit for bit."""
+    from qattune.quant.modules.fused import fake_quantize_clipped
+
+    torch.manual_seed(0)
+    layer = QATQuantizer(scheme).prepare(nn.Sequential(nn.Linear(1024, 512, bias=False)))[0]
+    formats = [layer.weight_format] + ([layer.activation_format] if layer.activation_format is not None else [])
+    for fmt in formats:
+        x = (torch.randn(512, 1024) * 3).to(torch.bfloat16)
+        with torch.no_grad():
+            expected = fake_quantize_clipped(fmt, x)
+            for _ in range(3):
+                got = fake_quantize_clipped(fmt, x.cuda())
+                assert torch.equal(got[0].cpu(), expected[0])
+                assert (got[1] is None and expected[1] is None) or torch.equal(got[1].cpu(), expected[1])

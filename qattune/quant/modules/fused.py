@@ -27,12 +27,15 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
+from qattune.quant.modules.direct_call import DirectCompiled
+
 logger = logging.getLogger(__name__)
 
 FUSE_MIN_NUMEL = 1 << 16  # smaller tensors: the eager passes are cheap and compiling would not pay
 _FUSED_DEVICES = ("cpu", "cuda")
 
 _enabled = os.environ.get("QATTUNE_FUSED_FAKE_QUANT", "1") != "0"
+_direct_calls = os.environ.get("QATTUNE_DIRECT_COMPILED", "1") != "0"
 _compiled: dict[str, Callable] = {}
 _failed: set[type] = set()
 
@@ -90,12 +93,14 @@ def _fake_quantize_many_into(fmt, xs: list[Tensor], outs: list[Tensor], clippeds
 
 def _compiled_for(fmt: object, body: Callable = _fake_quantize_bytes) -> Callable:
     """One compiled function per format configuration and body, each with its own code object, so
-    torch.compile's per-function recompile limit counts only that format's widths and dtypes."""
+    torch.compile's per-function recompile limit counts only that format's widths and dtypes. The
+    functional body's repeated calls skip Dynamo (`direct_call`; `QATTUNE_DIRECT_COMPILED=0`: never)."""
     key = f"{body.__name__}:{fmt!r}"
     if key not in _compiled:
         code = body.__code__.replace(co_name=f"{body.__name__.lstrip('_')}_{type(fmt).__name__}_{len(_compiled)}")
         function = types.FunctionType(code, body.__globals__, code.co_name)
-        _compiled[key] = torch.compile(function, dynamic=False)
+        direct = body is _fake_quantize_bytes and _direct_calls
+        _compiled[key] = DirectCompiled(function) if direct else torch.compile(function, dynamic=False)
     return _compiled[key]
 
 
