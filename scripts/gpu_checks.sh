@@ -24,7 +24,7 @@ for part in $parts; do
   echo "== $part"
   case $part in
     tests)
-      timeout 300 $python -m pytest -p no:warnings -p no:logging -q -rs --tb=line tests/quant/test_convert_kernels.py \
+      timeout 480 $python -m pytest -p no:warnings -p no:logging -q -rs --tb=line tests/quant/test_convert_kernels.py \
         tests/generation/test_generation_decode.py tests/quant/test_fake_quant_cuda.py \
         tests/quant/test_formats_float.py::test_divide_by_is_exact_in_compiled_cuda_code 2>&1 | tee "$out/tests.log" ;;
     generate)  # every scheme, the decode step replayed from a CUDA graph
