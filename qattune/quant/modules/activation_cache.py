@@ -88,7 +88,7 @@ class SharedActivationFakeQuant:
         """The `recompute` layer: `recomputed_fake_quant_linear` of `x` in this format (`weight_format`,
         `weights`: as there), sharing the input's quantization with the other layers that read `x`, in
         the forward and in the backward."""
-        if torch.compiler.is_compiling():
+        if torch.compiler.is_compiling() or x.is_inference():
             return recomputed_fake_quant_linear(x, weight, bias, weight_format, self.format)
         state = (x._version, "recompute")
         remembered = self._remembered(x, state)
