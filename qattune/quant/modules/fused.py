@@ -51,7 +51,9 @@ def fused_fake_quant_enabled() -> bool:
     return _enabled
 
 
-def _wants_fused(fmt: object, x: Tensor) -> bool:
+def fusable(fmt: object, x: Tensor) -> bool:
+    """Whether `fmt`'s fake quantization of `x` takes the compiled path here (large enough, grad mode
+    off, not already inside torch.compile, compiling not failed for this format)."""
     return (
         _enabled
         and type(fmt) not in _failed
@@ -119,7 +121,7 @@ def fake_quantize_clipped(fmt, x: Tensor) -> tuple[Tensor, Optional[Tensor]]:
     """`fmt`'s fake quantization of `x` and the mask of the elements it clipped (bool; the negation of
     `fmt.fake_quantize_with_mask`'s, None for a format that never clips), compiled for large tensors
     when grad mode is off (as in the STE's forward and the weight-cache refresh)."""
-    if not _wants_fused(fmt, x):
+    if not fusable(fmt, x):
         return _eager_clipped(fmt, x)
     rows = x.reshape(-1, x.shape[-1])
     torch._dynamo.maybe_mark_dynamic(rows, 0)
@@ -133,14 +135,8 @@ def fake_quantize_clipped(fmt, x: Tensor) -> tuple[Tensor, Optional[Tensor]]:
     return x_hat.reshape(x.shape), clipped
 
 
-def fusable(fmt, x: Tensor) -> bool:
-    """Whether `fmt`'s fake quantization of `x` takes the compiled path here (large enough, grad mode
-    off, not already inside torch.compile, compiling not failed for this format)."""
-    return _wants_fused(fmt, x)
-
-
 def _in_place_applies(fmt, x: Tensor, out: Tensor, clipped: Optional[Tensor]) -> bool:
-    return _wants_fused(fmt, x) and out.is_contiguous() and (clipped is None or clipped.is_contiguous())
+    return fusable(fmt, x) and out.is_contiguous() and (clipped is None or clipped.is_contiguous())
 
 
 def _as_rows(x: Tensor, out: Tensor, clipped: Optional[Tensor]) -> tuple[Tensor, Tensor, Optional[Tensor]]:

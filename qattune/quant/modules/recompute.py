@@ -95,10 +95,9 @@ class RecomputedWeights:
     def _quantize_all(self, ready: dict, with_mask: bool) -> None:
         """Quantize the weights of every member that recomputes now, in one call, into `ready`."""
         ready.clear()
-        layers = [layer for layer in self.members if layer.fake_quant_enabled and layer._recomputes_weight()
-                  and not isinstance(layer.weight, DTensor)]
-        batch = [(layer, layer.weight.detach()) for layer in layers]
-        batch = [(layer, w) for layer, w in batch if fusable(self.format, w)]
+        batch = [(layer, layer.weight.detach()) for layer in self.members if layer.fake_quant_enabled
+                 and layer._recomputes_weight() and not isinstance(layer.weight, DTensor)
+                 and fusable(self.format, layer.weight)]
         self._unbatched = {id(layer) for layer in self.members}
         if len(batch) < 2:
             return
