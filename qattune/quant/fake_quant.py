@@ -49,6 +49,12 @@ def zero_where_clipped(grad: Tensor, clipped: Tensor, in_place: bool) -> Tensor:
     return grad.masked_fill(clipped, 0.0)
 
 
+def _any_set(mask: Tensor) -> bool:
+    """Whether a bool mask holds a True: read as bytes, since `Tensor.any` on a CPU bool tensor took
+    about 35x as long (335 against 9 us for a 1024 x 1536 activation)."""
+    return bool(mask.view(torch.uint8).max()) if mask.numel() else False
+
+
 class _STEFakeQuantize(torch.autograd.Function):
     @staticmethod
     def forward(  # type: ignore[override]
@@ -56,7 +62,7 @@ class _STEFakeQuantize(torch.autograd.Function):
     ) -> Tensor:
         x_hat, clipped = fake_quantize_clipped(fmt, x)
         if clipped is not None and not torch.compiler.is_compiling():
-            if not ctx.needs_input_grad[0] or (clipped.device.type == "cpu" and not bool(clipped.any())):
+            if not ctx.needs_input_grad[0] or (clipped.device.type == "cpu" and not _any_set(clipped)):
                 clipped = None  # no backward, or nothing clipped (the rule for per-token activations)
         ctx.has_mask = clipped is not None
         ctx.grad_in_place = grad_in_place
