@@ -1,0 +1,40 @@
+"""scripts/bench_quality.py --seeds: the recovered share summarised over seeds."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+_SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "bench_quality.py"
+
+
+@pytest.fixture(scope="module")
+def bench_quality():
+    spec = importlib.util.spec_from_file_location("bench_quality", _SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _results(qat_share: float, ptq_gptq_share: float) -> dict:
+    return {"8da4w": {"perplexity": {"bf16": 8.9, "ptq": 13.2, "qat_gptq": 9.7},
+                      "recovered_share": {"qat_gptq": qat_share, "ptq_gptq": ptq_gptq_share}}}
+
+
+def test_summary_gives_each_variants_mean_min_and_max_over_the_seeds(bench_quality):
+    summary = bench_quality.summarize_seeds({0: _results(0.815, 0.615), 1: _results(0.804, 0.60),
+                                             2: _results(0.719, 0.63)})
+    assert summary["8da4w"]["qat_gptq"] == {"mean": 0.7793, "min": 0.719, "max": 0.815, "seeds": 3}
+    assert summary["8da4w"]["ptq_gptq"] == {"mean": 0.615, "min": 0.6, "max": 0.63, "seeds": 3}
+
+
+def test_seeds_default_to_one_run_at_seed_0(bench_quality, monkeypatch, tmp_path):
+    calls = []
+    monkeypatch.setattr(bench_quality, "_run_seed", lambda root, seed, args, minutes: calls.append((root, seed)) or {})
+    monkeypatch.setattr("sys.argv", ["bench_quality.py", "--output-dir", str(tmp_path)])
+    bench_quality.main()
+    assert calls == [(tmp_path.resolve(), 0)]
+    calls.clear()
+    monkeypatch.setattr("sys.argv", ["bench_quality.py", "--output-dir", str(tmp_path), "--seeds", "0", "3"])
+    bench_quality.main()
+    assert calls == [(tmp_path.resolve(), 0), (tmp_path.resolve() / "seed_3", 3)]
