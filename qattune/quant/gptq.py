@@ -18,8 +18,9 @@ usual.
 
 Calibration runs block by block, as GPTQ does: the inputs of the first transformer block are captured
 once; each block's Linear inputs are accumulated into Hessians, its layers are rounded, and its outputs
-with the rounded weights become the next block's inputs. Blocks are read from `model.layers` and called
-as `block(hidden, *rest)`.
+with the rounded weights become the next block's inputs (with `reconstruction_epochs`, the block is then
+trained towards its float outputs, and its fully fake-quantized outputs go on: `block_reconstruction`).
+Blocks are read from `model.layers` and called as `block(hidden, *rest)`.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from torch import Tensor, nn
 
 from qattune.data.collate import MODEL_INPUT_KEYS
 from qattune.errors import QattuneError
+from qattune.quant.block_reconstruction import DEFAULT_LR as RECONSTRUCTION_LR, fake_quantized_outputs, reconstruct_block
 from qattune.quant.formats.elements import reciprocal
 
 DEFAULT_DAMP = 0.01
@@ -54,11 +56,15 @@ class GPTQReport:
     tokens: int
     seconds: float
     error_ratio: float
+    reconstruction_ratio: Optional[float] = None
+    """The blocks' fake-quantized output error after block reconstruction, relative to before it."""
 
     def __str__(self) -> str:
         skipped = "".join(f"\n  kept nearest rounding: {name} ({why})" for name, why in self.skipped.items())
+        reconstructed = ("" if self.reconstruction_ratio is None else
+                         f"; block reconstruction: blocks' output error {self.reconstruction_ratio:.2f}x GPTQ's")
         return (f"GPTQ rounding: {self.layers} layers from {self.tokens:,} calibration tokens in "
-                f"{self.seconds:.0f} s; output error {self.error_ratio:.2f}x nearest rounding's{skipped}")
+                f"{self.seconds:.0f} s; output error {self.error_ratio:.2f}x nearest rounding's{reconstructed}{skipped}")
 
 
 def _codes(w: Tensor, scale: Tensor, zero: Optional[Tensor], qmin: int, qmax: int) -> Tensor:
@@ -174,7 +180,8 @@ def _tied(model: nn.Module) -> set[int]:
 @torch.no_grad()
 def gptq_initialize(model: nn.Module, batches: Iterable[dict[str, Tensor]], *,
                     input_keys: tuple[str, ...] = MODEL_INPUT_KEYS, damp: float = DEFAULT_DAMP,
-                    act_order: bool = False, sequential: bool = True, progress: bool = False) -> GPTQReport:
+                    act_order: bool = False, sequential: bool = True, reconstruction_epochs: int = 0,
+                    reconstruction_lr: float = RECONSTRUCTION_LR, progress: bool = False) -> GPTQReport:
     """Set the latent weights of every range-learning fake-quantized Linear inside `model.layers` to
     GPTQ's (see the module docs), calibrated on `batches` (dicts with `tokens`, and the `input_keys` the
     model takes). Learned scales not yet initialised are initialised first, from the weights as they are.
@@ -182,7 +189,10 @@ def gptq_initialize(model: nn.Module, batches: Iterable[dict[str, Tensor]], *,
     `sequential`: each block's inputs come from the blocks before it with their weights rounded (as GPTQ
     does), so a block's rounding also makes up for the earlier blocks' error; else from the float model.
     Layers whose weight another module shares (a tied output head) keep nearest rounding: moving their
-    latents would change the other module's float weight too. `progress` shows a bar over the blocks."""
+    latents would change the other module's float weight too. `reconstruction_epochs` > 0: after each
+    block's rounding, its latents are trained towards the float block's outputs for that many passes
+    over the calibration batches, at `reconstruction_lr` (`qattune.quant.block_reconstruction`).
+    `progress` shows a bar over the blocks."""
     from tqdm.auto import tqdm
 
     from qattune.quant.modules.fake_quant import FakeQuantLinear
@@ -205,6 +215,7 @@ def gptq_initialize(model: nn.Module, batches: Iterable[dict[str, Tensor]], *,
     model.eval()
     device = next(model.parameters()).device
     gptq_error = nearest_error = 0.0
+    reconstructed = [0.0, 0.0]  # the blocks' output errors before and after reconstruction
     tokens = 0
     try:
         inputs = _first_block_inputs(model, batches, input_keys, device)
@@ -215,11 +226,17 @@ def gptq_initialize(model: nn.Module, batches: Iterable[dict[str, Tensor]], *,
         for index, block in enumerate(blocks):
             in_block = {name: m for name, m in targets.items()
                         if name.startswith(f"layers.{index}.") and name not in skipped}
-            hessians, outputs = _calibrate(block, inputs, in_block, keep_outputs=not sequential)
+            hessians, outputs = _calibrate(block, inputs, in_block, keep_outputs=not sequential or reconstruction_epochs > 0)
             for name, module in in_block.items():
                 errors = _round_layer(module, hessians[name], damp, act_order)
                 gptq_error, nearest_error = gptq_error + errors[0], nearest_error + errors[1]
-            if sequential:
+            if reconstruction_epochs > 0:
+                before, after = reconstruct_block(block, inputs, outputs, [m.weight for m in in_block.values()],
+                                                  epochs=reconstruction_epochs, lr=reconstruction_lr, seed=index)
+                reconstructed = [reconstructed[0] + before, reconstructed[1] + after]
+            if sequential and reconstruction_epochs > 0:
+                outputs = fake_quantized_outputs(block, inputs)  # activations too, as the block was trained
+            elif sequential:
                 with _rounded_weights(in_block.values()):
                     outputs = [block(*args) for args in inputs]
             inputs = [(output, *args[1:]) for output, args in zip(outputs, inputs)]
@@ -231,7 +248,9 @@ def gptq_initialize(model: nn.Module, batches: Iterable[dict[str, Tensor]], *,
     outside = {n: "outside the transformer blocks" for n in targets if not n.startswith("layers.") and n not in skipped}
     return GPTQReport(layers=rounded, skipped={**skipped, **outside}, tokens=tokens,
                       seconds=time.perf_counter() - started,
-                      error_ratio=gptq_error / nearest_error if nearest_error > 0 else 1.0)
+                      error_ratio=gptq_error / nearest_error if nearest_error > 0 else 1.0,
+                      reconstruction_ratio=(reconstructed[1] / reconstructed[0] if reconstructed[0] > 0 else 1.0)
+                      if reconstruction_epochs > 0 else None)
 
 
 def _calibrate(block: nn.Module, inputs: list[tuple[Any, ...]], modules: dict[str, nn.Module],

@@ -237,6 +237,10 @@ class QATQuantizer(_SchemeQuantizer):
             Measured on SmolLM2-135M: it raises the share of PTQ's loss QAT recovers from 79% to 81.5%
             (docs/benchmarks.md).
         gptq_batches: training batches GPTQ calibrates on (rounding_init="gptq").
+        reconstruction_epochs: with rounding_init="gptq", after each transformer block's rounding, train
+            its latent weights (fake quantization on) towards the float block's outputs for this many
+            passes over the calibration batches (`qattune.quant.block_reconstruction`); 0: GPTQ alone.
+        reconstruction_lr: the learning rate of that training (Adam, cosine schedule).
     """
 
     def __init__(
@@ -255,6 +259,8 @@ class QATQuantizer(_SchemeQuantizer):
         recompute_activations: bool = False,
         rounding_init: Literal["nearest", "gptq"] = "nearest",
         gptq_batches: int = 64,
+        reconstruction_epochs: int = 0,
+        reconstruction_lr: float = 5e-5,
     ) -> None:
         super().__init__(resolve_scheme_config(
             scheme, group_size, quantize_activations, quantize_embedding, quantize_output,
@@ -272,6 +278,14 @@ class QATQuantizer(_SchemeQuantizer):
                                "add range_learning=true")
         if gptq_batches < 1:
             raise QattuneError(f"quantizer option gptq_batches={gptq_batches}: give at least 1 calibration batch")
+        if reconstruction_epochs < 0 or reconstruction_lr <= 0:
+            raise QattuneError(f"quantizer options reconstruction_epochs={reconstruction_epochs}, reconstruction_lr="
+                               f"{reconstruction_lr}: give epochs >= 0 and a positive learning rate")
+        if reconstruction_epochs and rounding_init != "gptq":
+            raise QattuneError(f"quantizer option reconstruction_epochs={reconstruction_epochs} trains each block "
+                               "after GPTQ has rounded it; add rounding_init=gptq, or remove reconstruction_epochs")
+        self.reconstruction_epochs = reconstruction_epochs
+        self.reconstruction_lr = reconstruction_lr
         self.range_init = range_init
         self.recompute_weights = recompute_weights
         self.recompute_activations = recompute_activations
@@ -281,12 +295,15 @@ class QATQuantizer(_SchemeQuantizer):
     def initialize_rounding(self, model: nn.Module, batches: Iterable[dict[str, torch.Tensor]],
                             progress: bool = False) -> Optional[GPTQReport]:
         """Before training a prepared model: with rounding_init="gptq", move the block weights to GPTQ's
-        roundings, calibrated on `batches` (at most `gptq_batches` are read); a no-op for "nearest"."""
+        roundings (then, with `reconstruction_epochs`, train each block towards its float outputs),
+        calibrated on `batches` (at most `gptq_batches` are read); a no-op for "nearest"."""
         if self.rounding_init != "gptq":
             return None
         from qattune.quant.gptq import gptq_initialize
 
-        return gptq_initialize(model, itertools.islice(batches, self.gptq_batches), progress=progress)
+        return gptq_initialize(model, itertools.islice(batches, self.gptq_batches), progress=progress,
+                               reconstruction_epochs=self.reconstruction_epochs,
+                               reconstruction_lr=self.reconstruction_lr)
 
 
 class PTQQuantizer(_SchemeQuantizer):
