@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -63,8 +63,9 @@ def _training_only(block: nn.Module, params: list[nn.Parameter]) -> Iterator[Non
 
 
 @contextlib.contextmanager
-def _fake_quantized(modules: Iterable[nn.Module]) -> Iterator[None]:
-    modules = list(modules)
+def _fake_quantized(block: nn.Module) -> Iterator[None]:
+    """Within the block, every fake-quantized module computes fake-quantized (the flags are restored)."""
+    modules = [m for m in block.modules() if hasattr(m, "fake_quant_enabled")]
     was = [m.fake_quant_enabled for m in modules]
     for m in modules:
         m.fake_quant_enabled = True
@@ -78,7 +79,7 @@ def _fake_quantized(modules: Iterable[nn.Module]) -> Iterator[None]:
 def fake_quantized_outputs(block: nn.Module, inputs: list[tuple[Any, ...]]) -> list[Tensor]:
     """The block's outputs with its fake quantization on (weights and activations), as the quantized
     model computes them: what the next block is calibrated and trained on after reconstruction."""
-    with _fake_quantized(m for m in block.modules() if hasattr(m, "fake_quant_enabled")), torch.no_grad():
+    with _fake_quantized(block), torch.no_grad():
         return [block(*args) for args in inputs]
 
 
@@ -90,13 +91,12 @@ def reconstruct_block(block: nn.Module, inputs: list[tuple[Any, ...]], targets: 
     (the float block's output for each input). Returns the mean channel-weighted error before and after.
     The batch order is drawn from `seed`."""
     weights = _channel_weights(targets)
-    fake_quantized = [m for m in block.modules() if hasattr(m, "fake_quant_enabled")]
 
     def mean_error() -> float:
         with torch.no_grad():
             return sum(float(_error(block(*args), target, weights)) for args, target in zip(inputs, targets)) / len(inputs)
 
-    with _fake_quantized(fake_quantized):
+    with _fake_quantized(block):
         before = mean_error()
         if epochs <= 0 or not latents:
             return before, before

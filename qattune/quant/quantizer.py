@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from qattune.errors import QattuneError
+from qattune.quant.block_reconstruction import DEFAULT_LR as RECONSTRUCTION_LR
 from qattune.quant.filters import DEFAULT_OUTPUT_HEAD_PATTERN, ModuleNameFilter
 from qattune.quant.modules import FakeQuantEmbedding, FakeQuantLinear, QuantizedEmbedding, QuantizedLinear
 from qattune.quant.modules.activation_cache import SharedActivationFakeQuant
@@ -260,7 +261,7 @@ class QATQuantizer(_SchemeQuantizer):
         rounding_init: Literal["nearest", "gptq"] = "nearest",
         gptq_batches: int = 64,
         reconstruction_epochs: int = 0,
-        reconstruction_lr: float = 5e-5,
+        reconstruction_lr: float = RECONSTRUCTION_LR,
     ) -> None:
         super().__init__(resolve_scheme_config(
             scheme, group_size, quantize_activations, quantize_embedding, quantize_output,
