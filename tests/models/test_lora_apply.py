@@ -1,5 +1,8 @@
 """apply_lora / merge_lora / split_lora on a tiny Transformer: float, fake-quantized (QAT) and nf4 (QLoRA) bases."""
 
+# Whole-model logits reach ~75 here, where one float32 ulp is ~8e-6: merged and unmerged models sum the
+# same products in another order, so their logits are compared with a relative tolerance of a few ulps.
+
 import pytest
 import torch
 from torch import nn
@@ -100,7 +103,7 @@ def test_merge_gives_same_logits_and_plain_state_dict():
     assert list(state) == list(merged.state_dict())
     assert all(torch.equal(state[k], v) for k, v in merged.state_dict().items())
     assert torch.allclose(merged.layers[1].attn.q_proj.weight, expected_q, atol=1e-6, rtol=0)
-    assert torch.allclose(merged(x), unmerged, atol=1e-5, rtol=0)
+    assert torch.allclose(merged(x), unmerged, atol=1e-5, rtol=1e-5)
     assert all(p.requires_grad for p in merged.parameters())
 
 
@@ -114,7 +117,7 @@ def test_merge_keeps_qkv_bias_and_tied_head():
     unmerged = model(x)
     merged = merge_lora(model)
     assert merged.weights_tied()
-    assert torch.allclose(merged(x), unmerged, atol=1e-5, rtol=0)
+    assert torch.allclose(merged(x), unmerged, atol=1e-5, rtol=1e-5)
 
 
 def test_split_lora_returns_the_base_and_settings():
@@ -230,7 +233,7 @@ def test_lora_over_fake_quantized_base():
     merged = merge_lora(model)
     assert not any(isinstance(m, (FakeQuantLinear, LoRALinear)) for m in merged.modules())
     assert list(merged.state_dict()) == list(tiny().state_dict())
-    assert torch.allclose(merged(x), float_lora, atol=1e-5, rtol=0)
+    assert torch.allclose(merged(x), float_lora, atol=1e-5, rtol=1e-5)
     converted = QATQuantizer("8da4w", group_size=32).convert(merged)
     assert isinstance(converted.layers[0].attn.q_proj, QuantizedLinear)
 
@@ -279,7 +282,7 @@ def test_qlora_over_nf4_base():
     expected_q = base_weight + (q.lora_b @ q.lora_a) * 2.0
     assert torch.allclose(merged.layers[0].attn.q_proj.weight, expected_q, atol=1e-6, rtol=0)
     assert torch.equal(merged.layers[0].attn.k_proj.weight, nf4_dequantize(tiny().layers[0].attn.k_proj.weight))
-    assert torch.allclose(merged(x), unmerged, atol=1e-5, rtol=0)
+    assert torch.allclose(merged(x), unmerged, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("base_kind", ["fake_quant_8da4w", "nf4"])
