@@ -35,6 +35,7 @@ from torch import Tensor, nn
 
 from qattune.data.collate import MODEL_INPUT_KEYS
 from qattune.errors import QattuneError
+from qattune.quant.awq import awq_scale_block
 from qattune.quant.block_reconstruction import DEFAULT_LR as RECONSTRUCTION_LR, fake_quantized_outputs, reconstruct_block
 from qattune.quant.formats.elements import reciprocal
 
@@ -58,13 +59,18 @@ class GPTQReport:
     error_ratio: float
     reconstruction_ratio: Optional[float] = None
     """The blocks' fake-quantized output error after block reconstruction, relative to before it."""
+    awq_ratio: Optional[float] = None
+    """With AWQ scaling: the layers' output error with nearest rounding of the scaled weights, relative
+    to nearest rounding of the weights as loaded (`error_ratio` is then relative to the latter too)."""
 
     def __str__(self) -> str:
         skipped = "".join(f"\n  kept nearest rounding: {name} ({why})" for name, why in self.skipped.items())
+        scaled = "" if self.awq_ratio is None else f" (AWQ scaling alone: {self.awq_ratio:.2f}x)"
         reconstructed = ("" if self.reconstruction_ratio is None else
                          f"; block reconstruction: blocks' output error {self.reconstruction_ratio:.2f}x GPTQ's")
         return (f"GPTQ rounding: {self.layers} layers from {self.tokens:,} calibration tokens in "
-                f"{self.seconds:.0f} s; output error {self.error_ratio:.2f}x nearest rounding's{reconstructed}{skipped}")
+                f"{self.seconds:.0f} s; output error {self.error_ratio:.2f}x nearest rounding's{scaled}{reconstructed}"
+                f"{skipped}")
 
 
 def _codes(w: Tensor, scale: Tensor, zero: Optional[Tensor], qmin: int, qmax: int) -> Tensor:
@@ -180,8 +186,9 @@ def _tied(model: nn.Module) -> set[int]:
 @torch.no_grad()
 def gptq_initialize(model: nn.Module, batches: Iterable[dict[str, Tensor]], *,
                     input_keys: tuple[str, ...] = MODEL_INPUT_KEYS, damp: float = DEFAULT_DAMP,
-                    act_order: bool = False, sequential: bool = True, reconstruction_epochs: int = 0,
-                    reconstruction_lr: float = RECONSTRUCTION_LR, progress: bool = False) -> GPTQReport:
+                    act_order: bool = False, sequential: bool = True, awq_scaling: bool = False,
+                    reconstruction_epochs: int = 0, reconstruction_lr: float = RECONSTRUCTION_LR,
+                    progress: bool = False) -> GPTQReport:
     """Set the latent weights of every range-learning fake-quantized Linear inside `model.layers` to
     GPTQ's (see the module docs), calibrated on `batches` (dicts with `tokens`, and the `input_keys` the
     model takes). Learned scales not yet initialised are initialised first, from the weights as they are.
@@ -189,7 +196,9 @@ def gptq_initialize(model: nn.Module, batches: Iterable[dict[str, Tensor]], *,
     `sequential`: each block's inputs come from the blocks before it with their weights rounded (as GPTQ
     does), so a block's rounding also makes up for the earlier blocks' error; else from the float model.
     Layers whose weight another module shares (a tied output head) keep nearest rounding: moving their
-    latents would change the other module's float weight too. `reconstruction_epochs` > 0: after each
+    latents would change the other module's float weight too. `awq_scaling`: before each block is
+    calibrated, its Linear inputs are scaled channel-wise, an exact change in float that lowers the
+    rounding error (`qattune.quant.awq`). `reconstruction_epochs` > 0: after each
     block's rounding, its latents are trained towards the float block's outputs for that many passes
     over the calibration batches, at `reconstruction_lr` (`qattune.quant.block_reconstruction`).
     `progress` shows a bar over the blocks."""
@@ -216,6 +225,7 @@ def gptq_initialize(model: nn.Module, batches: Iterable[dict[str, Tensor]], *,
     device = next(model.parameters()).device
     gptq_error = nearest_error = 0.0
     reconstructed = [0.0, 0.0]  # the blocks' output errors before and after reconstruction
+    unscaled_error = scaled_error = 0.0  # nearest rounding's output error before and after AWQ scaling
     tokens = 0
     try:
         inputs = _first_block_inputs(model, batches, input_keys, device)
@@ -226,6 +236,9 @@ def gptq_initialize(model: nn.Module, batches: Iterable[dict[str, Tensor]], *,
         for index, block in enumerate(blocks):
             in_block = {name: m for name, m in targets.items()
                         if name.startswith(f"layers.{index}.") and name not in skipped}
+            if awq_scaling:
+                scaling = awq_scale_block(block, inputs)
+                unscaled_error, scaled_error = unscaled_error + scaling.unscaled_error, scaled_error + scaling.error
             hessians, outputs = _calibrate(block, inputs, in_block, keep_outputs=not sequential or reconstruction_epochs > 0)
             for name, module in in_block.items():
                 errors = _round_layer(module, hessians[name], damp, act_order)
@@ -248,9 +261,14 @@ def gptq_initialize(model: nn.Module, batches: Iterable[dict[str, Tensor]], *,
     outside = {n: "outside the transformer blocks" for n in targets if not n.startswith("layers.") and n not in skipped}
     return GPTQReport(layers=rounded, skipped={**skipped, **outside}, tokens=tokens,
                       seconds=time.perf_counter() - started,
-                      error_ratio=gptq_error / nearest_error if nearest_error > 0 else 1.0,
+                      error_ratio=_ratio(gptq_error, unscaled_error if awq_scaling else nearest_error),
+                      awq_ratio=_ratio(scaled_error, unscaled_error) if awq_scaling else None,
                       reconstruction_ratio=(reconstructed[1] / reconstructed[0] if reconstructed[0] > 0 else 1.0)
                       if reconstruction_epochs > 0 else None)
+
+
+def _ratio(error: float, reference: float) -> float:
+    return error / reference if reference > 0 else 1.0
 
 
 def _calibrate(block: nn.Module, inputs: list[tuple[Any, ...]], modules: dict[str, nn.Module],

@@ -170,17 +170,30 @@ class LearnedRangeFakeQuantizer(nn.Module):
         """
         x, scale = _local(x), _local(self.scale)
         self._check_shape(x, scale)
-        if self.init == "mse":
-            new_scale, zero = search_clipping_qparams(self.fmt, x)
-        elif self.init == "cover":
-            new_scale, zero = self.fmt.covering_qparams(x)
-        else:
-            new_scale, zero = self.fmt.choose_qparams(x)
+        new_scale, zero = self._initial_qparams(x)
         scale.copy_(_nonzero(new_scale))
         if self.learns_zero:
             _local(self.zero_point).copy_(zero)
         self.initialized.fill_(True)
         self._initialized = True
+
+    @torch.no_grad()
+    def _initial_qparams(self, x: Tensor) -> tuple[Tensor, Optional[Tensor]]:
+        if self.init == "mse":
+            return search_clipping_qparams(self.fmt, x)
+        if self.init == "cover":
+            return self.fmt.covering_qparams(x)
+        return self.fmt.choose_qparams(x)
+
+    @torch.no_grad()
+    def fake_quantize_as_initialized(self, x: Tensor) -> Tensor:
+        """`x` fake-quantized with the qparams `initialize(x)` would set (the parameters are not touched):
+        what a weight would round to if the scales started from it."""
+        self._check_shape(x)
+        scale, zero = self._initial_qparams(x)
+        zero = None if zero is None else zero.float().clamp(self.fmt.qmin, self.fmt.qmax).round()
+        x_hat, _ = self.fmt.fake_quantize_with_qparams(x, self.fmt.grid_scale(_nonzero(scale.float())), zero)
+        return x_hat
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[no-untyped-def]
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)

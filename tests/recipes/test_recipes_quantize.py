@@ -294,3 +294,21 @@ def test_q4_0_qat_from_gptq_reaches_the_gguf_file_as_trained(tmp_path):
     torch.testing.assert_close(read_back, expected, rtol=0, atol=0)
     with torch.no_grad():
         torch.testing.assert_close(quantized_model(out / "quantized")(TOKENS), fake.eval()(TOKENS), rtol=1e-4, atol=1e-4)
+
+
+def test_qat_from_awq_scaled_gptq_converts_to_the_model_it_trained(tmp_path):
+    """AWQ scaling moves factors into the norm gains and weights before GPTQ; the checkpoint is a plain
+    model carrying them, and `quantize` turns it into the fake-quantized model that was trained."""
+    out = tmp_path / "qat"
+    trained = run_cli("qat_distributed", "--config", "tiny/qat_full", f"output_dir={out}", *TRAIN,
+                      "+quantizer.range_init=cover", "+quantizer.rounding_init=gptq", "+quantizer.gptq_batches=2",
+                      "+quantizer.awq_scaling=true", "range_learning_lr=1e-5")
+    assert re.search(r"GPTQ rounding: 14 layers from 512 calibration tokens .*\(AWQ scaling alone: 0\.\d\dx\)",
+                     trained.stdout)
+    run_cli("quantize", "--config", "tiny/quantize", f"output_dir={out}", f"checkpoint_dir={out / 'step_4'}")
+    step = out / "step_4"
+    fake = build_model_from_checkpoint(HFCheckpointer(str(step)))
+    QATQuantizer("8da4w", group_size=32, range_learning=True).prepare(fake)
+    fake.load_state_dict(load_file(str(step / "extra_state.safetensors")), strict=False)
+    with torch.no_grad():
+        torch.testing.assert_close(quantized_model(out / "quantized")(TOKENS), fake.eval()(TOKENS), rtol=1e-4, atol=1e-4)
