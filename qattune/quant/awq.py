@@ -23,7 +23,8 @@ search.
 The error of a layer `W` [out, in] whose columns are scaled by `s` and rounded to `Q` is computed from
 the calibration inputs' `H = Σ x xᵀ` as `trace(E H Eᵀ)`, where `E = W - Q / s`. The rounding is the one
 the layer's learned scales start from (`LearnedRangeFakeQuantizer.fake_quantize_as_initialized`), so
-the search sees the grid that GPTQ then rounds on.
+the search sees the grid that GPTQ then rounds on. The statistics come from GPTQ's calibration pass and
+are rescaled for GPTQ afterwards (the scaled inputs are `x / s`), so the scaling costs no pass of its own.
 
 Measured on SmolLM2-135M (8da4w g32, 120 QAT steps from GPTQ's start): see docs/benchmarks.md.
 """
@@ -31,33 +32,16 @@ Measured on SmolLM2-135M (8da4w g32, 120 QAT steps from GPTQ's start): see docs/
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Callable, Mapping, Optional
 
 import torch
 from torch import Tensor, nn
 
 from qattune.errors import QattuneError
+from qattune.quant.calibration import InputStats
 
 ALPHAS = tuple(i / 10 for i in range(11))
 """The exponents tried for `s = mean|x| ** alpha`; 0 is the unscaled layer."""
-
-
-@dataclass
-class _InputStats:
-    """Per-channel `Σ |x|`, `H = Σ x xᵀ` and the token count of one Linear input."""
-
-    abs_sum: Tensor
-    hessian: Tensor
-    tokens: int = 0
-
-    def add(self, x: Tensor) -> None:
-        x = x.detach().reshape(-1, x.shape[-1]).float()
-        self.abs_sum += x.abs().sum(0)
-        self.hessian.addmm_(x.T, x)
-        self.tokens += x.shape[0]
-
-    def mean_abs(self) -> Tensor:
-        return (self.abs_sum / max(self.tokens, 1)).clamp(min=1e-6)
 
 
 def _rounding_error(layer: nn.Module, scale: Tensor, hessian: Tensor) -> float:
@@ -111,10 +95,12 @@ def _check_block(block: nn.Module) -> None:
 
 @dataclass(frozen=True)
 class BlockScaling:
-    """What `awq_scale_block` chose for one block: alpha and factors per place, and the layers' summed
-    rounding errors before and after, in the block's original basis (the rows of v_proj and up_proj
-    are divided by the next place's factors, which divides their output errors too; the next layer
-    multiplies them back)."""
+    """What `awq_scale_block` chose for one block, per place ("qkv", "o", "gate_up", "down"): alpha, and
+    the factors (one per consumer input channel; for "o" one per value channel, shared by the query
+    heads that read it). `error` / `unscaled_error`: the quantized layers' summed rounding errors with
+    and without the factors, each layer's measured when its place was chosen, i.e. v_proj's and
+    up_proj's before their rows were divided by the next place's factors (which divides their output
+    errors too, and the next layer multiplies them back)."""
 
     alphas: dict[str, float]
     factors: dict[str, Tensor]
@@ -123,49 +109,38 @@ class BlockScaling:
 
 
 @torch.no_grad()
-def awq_scale_block(block: nn.Module, inputs: list[tuple[Any, ...]]) -> BlockScaling:
-    """Scale `block`'s Linear inputs channel-wise (see the module docs), in place, from its outputs on
-    `inputs` (the positional arguments of each calibration batch), and start the learned scales of its
-    Linear layers again from the scaled weights. The block computes the same function in float
-    afterwards (up to float rounding)."""
+def awq_scale_block(block: nn.Module, stats: Mapping[nn.Module, InputStats]) -> BlockScaling:
+    """Scale `block`'s Linear inputs channel-wise (see the module docs), in place, choosing the factors
+    from `stats`, the statistics of the quantized Linear layers' inputs on the calibration batches
+    (GPTQ's calibration pass). Afterwards the block computes the same function in float (up to float
+    rounding), each layer's `stats` are those of its scaled inputs, and the learned scales of its
+    Linear layers start again from the scaled weights. Places whose consumers are not quantized (none
+    in `stats`) are left as they are."""
     _check_block(block)
     attn, mlp = block.attn, block.mlp
-    places = {"qkv": attn.q_proj, "o": attn.o_proj, "gate_up": mlp.gate_proj, "down": mlp.down_proj}
-    stats = {name: _InputStats(torch.zeros(m.in_features, device=m.weight.device),
-                               torch.zeros(m.in_features, m.in_features, device=m.weight.device))
-             for name, m in places.items()}
-
-    def record(place: str):
-        def hook(_module: nn.Module, args: tuple[Tensor, ...], _output: Tensor) -> None:
-            stats[place].add(args[0])
-        return hook
-
-    handles = [m.register_forward_hook(record(name)) for name, m in places.items()]
-    try:
-        for args in inputs:
-            block(*args)
-    finally:
-        for handle in handles:
-            handle.remove()
-
     alphas: dict[str, float] = {}
     chosen_factors: dict[str, Tensor] = {}
     error = unscaled = 0.0
 
-    def fold(place: str, consumers: list[nn.Module], magnitude: Optional[Tensor] = None,
-             expand: Callable[[Tensor], Tensor] = lambda s: s) -> Tensor:
-        """Choose `place`'s factors, multiply the consumers' columns by them, return them (the caller
-        divides the producer)."""
+    def fold(place: str, consumers: list[nn.Module], per_factor: Callable[[Tensor], Tensor] = lambda m: m,
+             expand: Callable[[Tensor], Tensor] = lambda f: f) -> Tensor:
+        """Choose `place`'s factors from its quantized consumers' statistics, multiply the consumers'
+        columns by them, rescale their statistics, and return them (the caller divides the producer).
+        `per_factor` maps the consumers' per-channel magnitudes to one per factor; `expand` spreads the
+        factors back over the channels."""
         nonlocal error, unscaled
-        quantized = [m for m in consumers if getattr(m, "weight_range_learner", None) is not None]
-        magnitude = stats[place].mean_abs() if magnitude is None else magnitude
+        quantized = [m for m in consumers if m in stats]
         if not quantized:  # nothing here is rounded: leave the place as it is
-            alphas[place], chosen_factors[place] = 0.0, torch.ones_like(magnitude)
+            alphas[place] = 0.0
+            chosen_factors[place] = per_factor(torch.ones(consumers[0].in_features, device=consumers[0].weight.device))
             return chosen_factors[place]
-        alpha, factors, chosen, base = _search(quantized, magnitude, stats[place].hessian, expand)
+        reference = stats[quantized[0]]  # the consumers share their input
+        alpha, factors, chosen, base = _search(quantized, per_factor(reference.mean_abs()), reference.hessian, expand)
         alphas[place], chosen_factors[place], error, unscaled = alpha, factors, error + chosen, unscaled + base
         for m in consumers:
             m.weight.mul_(expand(factors).to(m.weight.dtype))
+        for m in quantized:
+            stats[m].scale_inputs(expand(factors))
         return factors
 
     s = fold("qkv", [attn.q_proj, attn.k_proj, attn.v_proj])
@@ -174,8 +149,7 @@ def awq_scale_block(block: nn.Module, inputs: list[tuple[Any, ...]]) -> BlockSca
     # o_proj's input channel (query head h, dim d) is value head h // groups, dim d: one factor per
     # value channel, from the mean magnitude over the query heads that read it
     kv_heads, groups, head_dim = attn.num_kv_heads, attn.num_heads // attn.num_kv_heads, attn.head_dim
-    per_value = stats["o"].mean_abs().reshape(kv_heads, groups, head_dim).mean(1).reshape(-1)
-    s = fold("o", [attn.o_proj], per_value,
+    s = fold("o", [attn.o_proj], per_factor=lambda m: m.reshape(kv_heads, groups, head_dim).mean(1).reshape(-1),
              expand=lambda f: f.reshape(kv_heads, 1, head_dim).expand(-1, groups, -1).reshape(-1))
     attn.v_proj.weight.div_(s.to(attn.v_proj.weight.dtype).unsqueeze(1))
     if attn.v_proj.bias is not None:

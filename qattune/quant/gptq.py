@@ -37,6 +37,7 @@ from qattune.data.collate import MODEL_INPUT_KEYS
 from qattune.errors import QattuneError
 from qattune.quant.awq import awq_scale_block
 from qattune.quant.block_reconstruction import DEFAULT_LR as RECONSTRUCTION_LR, fake_quantized_outputs, reconstruct_block
+from qattune.quant.calibration import InputStats
 from qattune.quant.formats.elements import reciprocal
 
 DEFAULT_DAMP = 0.01
@@ -236,10 +237,11 @@ def gptq_initialize(model: nn.Module, batches: Iterable[dict[str, Tensor]], *,
         for index, block in enumerate(blocks):
             in_block = {name: m for name, m in targets.items()
                         if name.startswith(f"layers.{index}.") and name not in skipped}
-            if awq_scaling:
-                scaling = awq_scale_block(block, inputs)
+            stats, outputs = _calibrate(block, inputs, in_block, keep_outputs=not sequential or reconstruction_epochs > 0)
+            if awq_scaling:  # exact in float: the outputs stay, the inputs' statistics are rescaled
+                scaling = awq_scale_block(block, {in_block[name]: layer_stats for name, layer_stats in stats.items()})
                 unscaled_error, scaled_error = unscaled_error + scaling.unscaled_error, scaled_error + scaling.error
-            hessians, outputs = _calibrate(block, inputs, in_block, keep_outputs=not sequential or reconstruction_epochs > 0)
+            hessians = {name: layer_stats.hessian for name, layer_stats in stats.items()}
             for name, module in in_block.items():
                 errors = _round_layer(module, hessians[name], damp, act_order)
                 gptq_error, nearest_error = gptq_error + errors[0], nearest_error + errors[1]
@@ -272,12 +274,11 @@ def _ratio(error: float, reference: float) -> float:
 
 
 def _calibrate(block: nn.Module, inputs: list[tuple[Any, ...]], modules: dict[str, nn.Module],
-               keep_outputs: bool) -> tuple[dict[str, Tensor], list[Tensor]]:
-    """Run `block` on every input: the Hessians `Σ x xᵀ` of `modules`' inputs, and (with `keep_outputs`)
-    the block's outputs."""
-    hessians = {name: torch.zeros(m.in_features, m.in_features, device=m.weight.device, dtype=torch.float32)
-                for name, m in modules.items()}
-    handles = [m.register_forward_hook(_accumulate(hessians[name])) for name, m in modules.items()]
+               keep_outputs: bool) -> tuple[dict[str, InputStats], list[Tensor]]:
+    """Run `block` on every input: the statistics of `modules`' inputs (the Hessians `Σ x xᵀ` among
+    them), and (with `keep_outputs`) the block's outputs."""
+    stats = {name: InputStats.zeros(m.in_features, m.weight.device) for name, m in modules.items()}
+    handles = [m.register_forward_hook(_accumulate(stats[name])) for name, m in modules.items()]
     outputs = []
     try:
         for args in inputs:
@@ -287,7 +288,7 @@ def _calibrate(block: nn.Module, inputs: list[tuple[Any, ...]], modules: dict[st
     finally:
         for handle in handles:
             handle.remove()
-    return hessians, outputs
+    return stats, outputs
 
 
 @contextlib.contextmanager
@@ -306,10 +307,9 @@ def _rounded_weights(modules: Iterable[nn.Module]):
             module.weight.copy_(latent)
 
 
-def _accumulate(hessian: Tensor):
+def _accumulate(stats: InputStats):
     def hook(_module: nn.Module, args: tuple[Tensor, ...], _output: Tensor) -> None:
-        x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
-        hessian.addmm_(x.T, x)
+        stats.add(args[0])
     return hook
 
 

@@ -8,7 +8,7 @@ from qattune.errors import QattuneError
 from qattune.models import llama
 from qattune.quant import QATQuantizer
 from qattune.quant.awq import ALPHAS, awq_scale_block
-from qattune.quant.gptq import _first_block_inputs
+from qattune.quant.gptq import _calibrate, _first_block_inputs
 
 LAYERS = ("attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 
@@ -32,6 +32,13 @@ def calibration(n=3, seed=1):
 def block_inputs(model, batches):
     with torch.no_grad():
         return _first_block_inputs(model, batches, (), torch.device("cpu"))
+
+
+def block_stats(block, inputs):
+    """GPTQ's calibration statistics of the block's quantized layers, by module."""
+    modules = {n: m for n, m in block.named_modules() if getattr(m, "weight_range_learner", None) is not None}
+    stats, _ = _calibrate(block, inputs, modules, keep_outputs=False)
+    return {modules[n]: layer_stats for n, layer_stats in stats.items()}
 
 
 def cover_rounding(w):
@@ -73,7 +80,7 @@ def test_scaling_leaves_the_float_model_unchanged(qkv_bias, num_heads, num_kv_he
     for block in model.layers:
         with torch.no_grad():
             outputs = [block(*args) for args in inputs]
-        awq_scale_block(block, inputs)
+        awq_scale_block(block, block_stats(block, inputs))
         inputs = [(out, *args[1:]) for out, args in zip(outputs, inputs)]
     with torch.no_grad():
         after = [model(b["tokens"]) for b in batches]
@@ -87,7 +94,7 @@ def test_reported_errors_equal_the_output_errors_summed_directly():
     inputs = block_inputs(model, calibration())
     block = model.layers[0]
     unscaled = direct_rounding_error(block, inputs)
-    result = awq_scale_block(block, inputs)
+    result = awq_scale_block(block, block_stats(block, inputs))
     assert result.unscaled_error == pytest.approx(unscaled, rel=1e-4)
     rows = {"attn.v_proj": result.factors["o"], "mlp.up_proj": result.factors["down"]}
     assert result.error == pytest.approx(direct_rounding_error(block, inputs, rows), rel=1e-4)
@@ -99,6 +106,18 @@ def test_reported_errors_equal_the_output_errors_summed_directly():
                                cover_rounding(q.weight.detach()))
 
 
+def test_the_rescaled_statistics_are_those_of_the_scaled_block():
+    model, _ = prepared_model()
+    inputs = block_inputs(model, calibration())
+    block = model.layers[0]
+    stats = block_stats(block, inputs)
+    awq_scale_block(block, stats)
+    fresh = block_stats(block, inputs)
+    for module, rescaled in stats.items():
+        torch.testing.assert_close(rescaled.hessian, fresh[module].hessian, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(rescaled.abs_sum, fresh[module].abs_sum, rtol=1e-4, atol=1e-4)
+
+
 def test_an_outlier_input_channel_is_scaled_up_and_the_error_falls():
     model, _ = prepared_model()
     block = model.layers[0]
@@ -106,7 +125,7 @@ def test_an_outlier_input_channel_is_scaled_up_and_the_error_falls():
         block.attn_norm.weight[5] = 30.0  # channel 5 of q/k/v's input is 30x the others
         gain = block.attn_norm.weight.detach().clone()
     inputs = block_inputs(model, calibration())
-    result = awq_scale_block(block, inputs)
+    result = awq_scale_block(block, block_stats(block, inputs))
     assert result.alphas["qkv"] > 0
     assert result.error < 0.5 * result.unscaled_error
     factors = gain / block.attn_norm.weight.detach()  # the gain was divided by the factors
@@ -135,8 +154,8 @@ def test_awq_scaling_options_are_checked():
             self.attn = nn.Linear(4, 4)
 
     with pytest.raises(QattuneError, match="needs Llama-style transformer blocks; this block has no attn_norm"):
-        awq_scale_block(NotLlama(), [])
+        awq_scale_block(NotLlama(), {})
     model, _ = prepared_model()
     model.layers[0].mlp_norm = nn.LayerNorm(96)
     with pytest.raises(QattuneError, match="folds its factors into qattune's RMSNorm gains; mlp_norm is a LayerNorm"):
-        awq_scale_block(model.layers[0], [])
+        awq_scale_block(model.layers[0], {})
