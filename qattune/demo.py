@@ -2,8 +2,8 @@
 
 1. fine-tune SmolLM2-135M-Instruct in float on the CPython docs (`smollm2/135M_full`): the bf16 baseline;
 2. the same run with 8da4w QAT, qattune's best measured recipe (`smollm2/135M_qat_gptq`: fake
-   quantization from the first step, the block weights starting from GPTQ's roundings, the group scales
-   learned slowly);
+   quantization from the first step, the block weights starting from GPTQ's roundings after AWQ
+   scaling of their channels, the group scales learned slowly);
 3. quantize: PTQ of the float fine-tune, and `convert` of the QAT fine-tune, both to real 8da4w models;
 4. evaluate the three side by side on held-out docs (perplexity; share of the PTQ loss QAT recovered);
 5. generate an answer with the QAT-quantized model.
@@ -35,7 +35,7 @@ def run_demo(output_dir: str, steps: int, eval_documents: int, prompt: str = DEF
 
     _banner(f"1/5 float fine-tune of SmolLM2-135M ({steps} steps): the bf16 baseline")
     run_command(["full_finetune", "--config", "smollm2/135M_full", f"output_dir={out}/bf16", *budget])
-    _banner(f"2/5 QAT fine-tune, 8da4w group 32 ({steps} steps, fake-quantized from GPTQ's roundings)")
+    _banner(f"2/5 QAT fine-tune, 8da4w group 32 ({steps} steps, from AWQ-scaled GPTQ roundings)")
     run_command(["qat_distributed", "--config", "smollm2/135M_qat_gptq", f"output_dir={out}/qat", *budget])
     _banner("3/5 quantize: PTQ of the float fine-tune, convert of the QAT fine-tune (both real 8da4w)")
     run_command(["quantize", "--config", "quantization", f"checkpoint_dir={out}/bf16/{step_dir}",

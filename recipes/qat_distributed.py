@@ -12,7 +12,9 @@ which has learnt what the float phase taught (see `qattune.training.distillation
 from another run (`teacher_checkpoint_dir`, e.g. the bf16 fine-tune of the same data).
 With `quantizer.range_learning: true` the weight scales are trained too (LSQ), at `range_learning_lr`
 when set (default: the optimizer's rate); adding `quantizer.rounding_init: gptq` starts training from
-GPTQ's roundings (calibrated on the first training batches) instead of the nearest ones. Checkpoints are
+GPTQ's roundings (calibrated on the first training batches) instead of the nearest ones, and
+`quantizer.awq_scaling: true` scales each block's channels before GPTQ rounds it (AWQ, exact in float;
+the norm gains and weights carry the factors). Checkpoints are
 float models in the Hugging Face layout (plus learned quantization ranges, when range learning is on)
 with the scheme recorded, ready for `quantize`.
 """

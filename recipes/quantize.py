@@ -7,7 +7,8 @@ The checkpoint (Hugging Face folder, Meta, GGUF, or a qattune training output `s
 ranges (`extra_state.safetensors`) are loaded into a range-learning `prepare` first, so `convert` uses
 them. The scheme must be the one the checkpoint was trained with (`qattune_training.json` says which).
 PTQ with GPTQ rounding: a float checkpoint, `quantizer.range_learning: true` and `quantizer.rounding_init:
-gptq`, calibrated on `dataset` (e.g. the fine-tune's training split) through `tokenizer`.
+gptq` (and `quantizer.awq_scaling: true` to scale the blocks' channels first, AWQ), calibrated on
+`dataset` (e.g. the fine-tune's training split) through `tokenizer`.
 Writes `output_dir/quantized/`: model.safetensors + quantization_config.json (qattune's eval and
 generate load it), config.json and tokenizer files, and for q4_0/q8_0 `model-<scheme>.gguf`.
 """

@@ -23,9 +23,10 @@ topics the training never saw:
   range (`quantizer.range_init: mse`) instead of its full range;
 - qat_gptq: qattune's best measured recipe (`smollm2/135M_qat_gptq`): qat_ranges_cover starting from
   GPTQ's roundings (`quantizer.rounding_init: gptq`, calibrated on the first training batches) instead
-  of the nearest ones (for q4_0 that is `smollm2/135M_qat_gptq_q4_0`);
-- ptq_gptq (with qat_gptq): the bf16 fine-tune quantized with GPTQ rounding (the same calibration, no
-  training): how much of qat_gptq's gain GPTQ alone gives.
+  of the nearest ones, after AWQ scaling of the blocks' channels (`quantizer.awq_scaling`; for q4_0
+  the recipe is `smollm2/135M_qat_gptq_q4_0`);
+- ptq_gptq (with qat_gptq): the bf16 fine-tune quantized with AWQ scaling and GPTQ rounding (the same
+  calibration, no training): how much of qat_gptq's gain they give without training.
 
 Every stage is a `qattune run` of the shipped recipes and configs, so the numbers are what users get.
 """
@@ -45,9 +46,10 @@ VARIANTS = ("qat_plain", "qat", "qat_distill", "qat_ranges", "qat_ranges_cover",
 RANGE_LEARNING_SCHEMES = ("8da4w", "8w", "8da8w", "q4_0")
 RANGE_LEARNING = ["+quantizer.range_learning=true", "range_learning_lr=2e-6"]  # the configs' lr 2e-4 / 100
 DISTILLATION = "loss={_component_: qattune.training.DistillationLoss, kd_weight: 0.5}"
-# PTQ with GPTQ rounding calibrates on what qat_gptq calibrates on: the training set's first 64 batches
+# PTQ with GPTQ rounding calibrates on what qat_gptq calibrates on (the training set's first 64 batches), with
+# the same AWQ scaling first
 GPTQ_PTQ = ["+quantizer.range_learning=true", "+quantizer.range_init=cover", "+quantizer.rounding_init=gptq",
-            "+quantizer.gptq_batches=64", "batch_size=2",
+            "+quantizer.gptq_batches=64", "+quantizer.awq_scaling=true", "batch_size=2",
             "+dataset={_component_: qattune.data.python_docs_dataset, split: train, max_seq_len: 128, packed: true}"]
 
 

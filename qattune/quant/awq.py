@@ -26,7 +26,9 @@ the layer's learned scales start from (`LearnedRangeFakeQuantizer.fake_quantize_
 the search sees the grid that GPTQ then rounds on. The statistics come from GPTQ's calibration pass and
 are rescaled for GPTQ afterwards (the scaled inputs are `x / s`), so the scaling costs no pass of its own.
 
-Measured on SmolLM2-135M (8da4w g32, 120 QAT steps from GPTQ's start): see docs/benchmarks.md.
+Measured on SmolLM2-135M (8da4w g32, 120 QAT steps from GPTQ's start; docs/benchmarks.md): nearest
+rounding's output error over the blocks falls to 0.09x (GPTQ's then to 0.04x, against 0.13x without the
+scaling), and QAT recovers 86.1% of PTQ's perplexity loss over three seeds.
 """
 
 from __future__ import annotations

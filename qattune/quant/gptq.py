@@ -62,7 +62,8 @@ class GPTQReport:
     """The blocks' fake-quantized output error after block reconstruction, relative to before it."""
     awq_ratio: Optional[float] = None
     """With AWQ scaling: the layers' output error with nearest rounding of the scaled weights, relative
-    to nearest rounding of the weights as loaded (`error_ratio` is then relative to the latter too)."""
+    to nearest rounding of the weights as loaded. `error_ratio` is then relative to the latter too
+    (v_proj's and up_proj's output errors counted on their scaled rows, as GPTQ rounds them)."""
 
     def __str__(self) -> str:
         skipped = "".join(f"\n  kept nearest rounding: {name} ({why})" for name, why in self.skipped.items())
