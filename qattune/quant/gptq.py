@@ -198,9 +198,9 @@ def gptq_initialize(model: nn.Module, batches: Iterable[dict[str, Tensor]], *,
     `sequential`: each block's inputs come from the blocks before it with their weights rounded (as GPTQ
     does), so a block's rounding also makes up for the earlier blocks' error; else from the float model.
     Layers whose weight another module shares (a tied output head) keep nearest rounding: moving their
-    latents would change the other module's float weight too. `awq_scaling`: before each block is
-    calibrated, its Linear inputs are scaled channel-wise, an exact change in float that lowers the
-    rounding error (`qattune.quant.awq`). `reconstruction_epochs` > 0: after each
+    latents would change the other module's float weight too. `awq_scaling`: once a block is
+    calibrated and before it is rounded, its Linear inputs are scaled channel-wise, an exact change in
+    float that lowers the rounding error (`qattune.quant.awq`). `reconstruction_epochs` > 0: after each
     block's rounding, its latents are trained towards the float block's outputs for that many passes
     over the calibration batches, at `reconstruction_lr` (`qattune.quant.block_reconstruction`).
     `progress` shows a bar over the blocks."""
