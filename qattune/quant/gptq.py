@@ -242,9 +242,8 @@ def gptq_initialize(model: nn.Module, batches: Iterable[dict[str, Tensor]], *,
             if awq_scaling:  # exact in float: the outputs stay, the inputs' statistics are rescaled
                 scaling = awq_scale_block(block, {in_block[name]: layer_stats for name, layer_stats in stats.items()})
                 unscaled_error, scaled_error = unscaled_error + scaling.unscaled_error, scaled_error + scaling.error
-            hessians = {name: layer_stats.hessian for name, layer_stats in stats.items()}
             for name, module in in_block.items():
-                errors = _round_layer(module, hessians[name], damp, act_order)
+                errors = _round_layer(module, stats[name].hessian, damp, act_order)
                 gptq_error, nearest_error = gptq_error + errors[0], nearest_error + errors[1]
             if reconstruction_epochs > 0:
                 before, after = reconstruct_block(block, inputs, outputs, [m.weight for m in in_block.values()],

@@ -48,6 +48,13 @@ def _nonzero(scale: Tensor) -> Tensor:
     return torch.where(scale < 0, scale.clamp(max=-MIN_LEARNED_SCALE), scale.clamp(min=MIN_LEARNED_SCALE))
 
 
+def _grid_qparams(fmt: IntAffine, scale: Tensor, zero: Optional[Tensor]) -> tuple[Tensor, Optional[Tensor]]:
+    """The scale and zero point a learned-range quantizer computes with: the scale kept off zero and
+    on the format's grid, the zero point clamped to the codes and rounded."""
+    s = fmt.grid_scale(_nonzero(scale.float()))
+    return s, None if zero is None else zero.float().clamp(fmt.qmin, fmt.qmax).round()
+
+
 def _local(tensor: Tensor) -> Tensor:
     """This rank's shard of an FSDP2 DTensor (the tensor itself otherwise)."""
     return tensor.to_local() if isinstance(tensor, DTensor) else tensor
@@ -84,8 +91,7 @@ class _LSQFakeQuantize(torch.autograd.Function):
     def forward(  # type: ignore[override]
         ctx, x: Tensor, scale: Tensor, zero: Optional[Tensor], fmt: IntAffine, grad_factor: float
     ) -> Tensor:
-        s = fmt.grid_scale(_nonzero(scale.float()))
-        z = None if zero is None else zero.float().clamp(fmt.qmin, fmt.qmax).round()
+        s, z = _grid_qparams(fmt, scale, zero)
         x_hat, _ = fmt.fake_quantize_with_qparams(x, s, z)
         ctx.fmt, ctx.grad_factor = fmt, grad_factor
         ctx.save_for_backward(x, s, z)
@@ -190,9 +196,7 @@ class LearnedRangeFakeQuantizer(nn.Module):
         """`x` fake-quantized with the qparams `initialize(x)` would set (the parameters are not touched):
         what a weight would round to if the scales started from it."""
         self._check_shape(x)
-        scale, zero = self._initial_qparams(x)
-        zero = None if zero is None else zero.float().clamp(self.fmt.qmin, self.fmt.qmax).round()
-        x_hat, _ = self.fmt.fake_quantize_with_qparams(x, self.fmt.grid_scale(_nonzero(scale.float())), zero)
+        x_hat, _ = self.fmt.fake_quantize_with_qparams(x, *_grid_qparams(self.fmt, *self._initial_qparams(x)))
         return x_hat
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[no-untyped-def]
@@ -202,11 +206,8 @@ class LearnedRangeFakeQuantizer(nn.Module):
     def effective_qparams(self) -> tuple[Tensor, Optional[Tensor]]:
         """The scale and integral zero point the forward uses (kept off zero, on the format's grid,
         rounded), detached."""
-        scale = self.fmt.grid_scale(_nonzero(self.scale.detach().float()))
-        if self.zero_point is None:
-            return scale, None
-        zero = self.zero_point.detach().float().clamp(self.fmt.qmin, self.fmt.qmax).round()
-        return scale, zero
+        zero = None if self.zero_point is None else self.zero_point.detach()
+        return _grid_qparams(self.fmt, self.scale.detach(), zero)
 
     def forward(self, x: Tensor) -> Tensor:
         if not self._initialized:
