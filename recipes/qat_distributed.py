@@ -14,7 +14,8 @@ With `quantizer.range_learning: true` the weight scales are trained too (LSQ), a
 when set (default: the optimizer's rate); adding `quantizer.rounding_init: gptq` starts training from
 GPTQ's roundings (calibrated on the first training batches) instead of the nearest ones, and
 `quantizer.awq_scaling: true` scales each block's channels before GPTQ rounds it (AWQ, exact in float;
-the norm gains and weights carry the factors). Checkpoints are
+the norm gains and weights carry the factors). They run before training, or with a float phase at step
+N on the weights it trained (in one process: the whole model is needed then). Checkpoints are
 float models in the Hugging Face layout (plus learned quantization ranges, when range learning is on)
 with the scheme recorded, ready for `quantize`.
 """
@@ -50,14 +51,16 @@ def recipe(cfg) -> None:
         session.model = quantizer.prepare(session.model)
         session.record_quantizer(quantizer)
         session.load_extra_state()
-        session.initialize_rounding(quantizer)
+        rounding = session.initialize_rounding(quantizer)
         fake_quant_after = cfg.get("fake_quant_after_n_steps")
-        hooks = [FakeQuantAfterNSteps(quantizer, session.model, fake_quant_after)]
         snapshot = teacher_snapshot_hook(session, teacher, cfg.get("teacher_snapshot"), fake_quant_after)
+        # at the switch: the teacher copies the float weights, then the rounding moves them, then fake quantization
+        hooks = [hook for hook in (snapshot, rounding) if hook is not None]
+        hooks.append(FakeQuantAfterNSteps(quantizer, session.model, fake_quant_after))
         groups = None
         if cfg.get("range_learning_lr") is not None:
             groups = functools.partial(range_learning_param_groups, lr=cfg.range_learning_lr)
-        trainer = session.build_trainer(step_hooks=hooks + ([snapshot] if snapshot else []), teacher=teacher,
+        trainer = session.build_trainer(step_hooks=hooks, teacher=teacher,
                                         loss_fn=loss_fn, param_groups=groups)
         if snapshot is not None and session.resume_dir is not None:
             snapshot.resume(session.resume_dir, trainer.global_step)

@@ -16,7 +16,7 @@ from .distributed import (
     init_distributed,
     load_full_state_dict,
 )
-from .hooks import FakeQuantAfterNSteps, StepHook, fake_quant_enabled_at
+from .hooks import FakeQuantAfterNSteps, RoundingAtStep, StepHook, fake_quant_enabled_at
 from .loss import CrossEntropyLoss, DistillationLoss
 from .lr_schedule import get_cosine_schedule_with_warmup, get_linear_schedule_with_warmup
 from .memory import peak_memory_stats
@@ -34,6 +34,7 @@ __all__ = [
     "FakeQuantAfterNSteps",
     "JSONLLogger",
     "RECIPE_STATE_FILE",
+    "RoundingAtStep",
     "StdoutLogger",
     "StepHook",
     "TensorBoardLogger",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional, Protocol
+from typing import Any, Callable, Optional, Protocol
 
 from torch import nn
 
@@ -55,3 +55,23 @@ class FakeQuantAfterNSteps:
         the modules themselves (not from this hook's memory)."""
         states = [m.fake_quant_enabled for m in self.model.modules() if hasattr(m, "fake_quant_enabled")]
         return {"fake_quant_enabled": float(all(states))} if states else {}
+
+
+class RoundingAtStep:
+    """Runs `initialize` (the quantizer's choice of starting roundings, e.g. AWQ scaling and GPTQ) once,
+    before optimizer step `at_step`: the step fake quantization turns on after a float phase.
+
+    Like `FakeQuantAfterNSteps` it follows the global step: a run resumed from a checkpoint taken at or
+    before `at_step` rounds when it gets there, as the uninterrupted run did; one resumed later never
+    sees `at_step`, and its checkpoint holds the rounded weights and their scales already.
+    """
+
+    def __init__(self, initialize: Callable[[], None], at_step: int) -> None:
+        self.initialize = initialize
+        self.at_step = at_step
+        self.done = False
+
+    def on_step_start(self, step: int) -> None:
+        if step == self.at_step and not self.done:
+            self.initialize()
+            self.done = True

@@ -21,6 +21,7 @@ from torch import nn
 
 from qattune.config import Component, RecipeConfig, instantiate
 from qattune.errors import QattuneError
+from qattune.training.hooks import RoundingAtStep
 
 log = logging.getLogger(__name__)
 
@@ -198,20 +199,32 @@ class TrainingSession:
         if self.dist.is_main and getattr(quantizer, "report", None) is not None:
             print(quantizer.report)
 
-    def initialize_rounding(self, quantizer: Any) -> None:
-        """On a fresh run, let the quantizer choose the weights' starting roundings from training batches
-        in dataset order (`QATQuantizer(rounding_init="gptq")`). A resumed run has its trained weights
-        already; ranks that hold no weights (the meta device) receive rank 0's when the model is sharded."""
-        initialize = getattr(quantizer, "initialize_rounding", None)
-        if getattr(quantizer, "rounding_init", "nearest") != "nearest" and self.cfg.get("fake_quant_after_n_steps"):
+    def initialize_rounding(self, quantizer: Any) -> Optional[RoundingAtStep]:
+        """Let the quantizer choose the weights' starting roundings from training batches in dataset order
+        (`QATQuantizer(rounding_init="gptq")`): on a fresh run now, before training; with a float phase
+        (`fake_quant_after_n_steps: N` > 0), at step N, for the weights the float phase trained: the
+        returned step hook does it then (None when there is nothing to do later).
+
+        A run resumed after the rounding has the rounded weights in its checkpoint already; ranks that
+        hold no weights (the meta device) receive rank 0's when the model is sharded."""
+        if getattr(quantizer, "rounding_init", "nearest") == "nearest":
+            return None
+        at_step = self.cfg.get("fake_quant_after_n_steps")
+        if not at_step:
+            if self.resume_dir is None and self.load_device.type != "meta":
+                self._round(quantizer)
+            return None
+        if self.dist.is_distributed:
             raise QattuneError(
-                f"quantizer.rounding_init={quantizer.rounding_init} moves the weights so that they round to its codes; "
-                "in float they are a worse model than the ones loaded, so a float phase would train the wrong "
-                "model: set fake_quant_after_n_steps=0")
-        if initialize is None or self.resume_dir is not None or self.load_device.type == "meta":
-            return
+                f"quantizer.rounding_init={quantizer.rounding_init} with fake_quant_after_n_steps={at_step} rounds "
+                f"the float-trained model at step {at_step}, which needs the whole model in one process; train in "
+                "one process, or set fake_quant_after_n_steps=0 to round before training (rank 0 does it)")
+        return RoundingAtStep(lambda: self._round(quantizer), at_step)
+
+    def _round(self, quantizer: Any) -> None:
         batches = iter(self._loader(self.cfg.dataset, self.cfg.get("batch_size", 1), shuffle=False))
-        report = initialize(self.model, batches, progress=self.cfg.get("progress_bar", True) and self.dist.is_main)
+        progress = self.cfg.get("progress_bar", True) and self.dist.is_main
+        report = quantizer.initialize_rounding(self.model, batches, progress=progress)
         if report is not None and self.dist.is_main:
             print(report, flush=True)
 

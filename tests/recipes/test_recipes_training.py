@@ -143,13 +143,36 @@ def test_gptq_rounding_start_runs_once_and_resumes_exactly(tmp_path):
     assert [r["loss"] for r in metrics(resumed_dir)] == [r["loss"] for r in metrics(out)[4:]]
 
 
-def test_gptq_rounding_with_a_float_phase_is_one_line(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "qattune.cli.main", "run", "qat_distributed", "--config", "tiny/qat_full",
-                           f"output_dir={tmp_path}", *GPTQ_START, "fake_quant_after_n_steps=4", *SMALL],
-                          capture_output=True, text=True, timeout=600)
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
-    assert "a float phase would train the wrong model: set fake_quant_after_n_steps=0" in lines[0]
+def test_gptq_rounding_after_a_float_phase_runs_at_the_switch_and_resumes_exactly(qat_run, tmp_path):
+    """With fake_quant_after_n_steps=4 the float phase trains as a plain QAT run's does, the rounding
+    runs once before step 4 on the weights it trained, and runs resumed before and after it match."""
+    after_float = [*GPTQ_START[:-1], "+quantizer.awq_scaling=true", "fake_quant_after_n_steps=4"]
+    out = tmp_path / "switch"
+    first = run_cli("qat_distributed", "--config", "tiny/qat_full", f"output_dir={out}", *after_float, *SMALL)
+    assert first.stdout.count("GPTQ rounding: 14 layers") == 1
+    rows = metrics(out)
+    assert [r["fake_quant_enabled"] for r in rows] == [0.0] * 4 + [1.0] * 4
+    # Float steps: the plain QAT run's (same data, weights and optimizer; the learned scales are unused yet)
+    assert [r["loss"] for r in rows[:4]] == pytest.approx([r["loss"] for r in metrics(qat_run)[:4]], abs=1e-5)
+    for resume_at, rounds_again in (("step_4", True), ("step_6", False)):
+        resumed_dir = tmp_path / resume_at
+        resumed_dir.mkdir()
+        shutil.copytree(out / resume_at, resumed_dir / resume_at)
+        resumed = run_cli("qat_distributed", "--config", "tiny/qat_full", f"output_dir={resumed_dir}",
+                          "resume_from_checkpoint=true", *after_float, *SMALL)
+        assert ("GPTQ rounding" in resumed.stdout) == rounds_again
+        done = int(resume_at.removeprefix("step_"))
+        assert [r["loss"] for r in metrics(resumed_dir)] == [r["loss"] for r in rows[done:]]
+
+
+def test_gptq_rounding_after_a_float_phase_under_torchrun_is_one_line(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "qattune.cli.main", "run", "--nproc_per_node", "2", "--standalone",
+                           "qat_distributed", "--config", "tiny/qat_full", f"output_dir={tmp_path}", *GPTQ_START,
+                           "fake_quant_after_n_steps=4", *SMALL],
+                          capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert ("rounds the float-trained model at step 4, which needs the whole model in one process; train in one "
+            "process, or set fake_quant_after_n_steps=0") in proc.stderr
 
 
 def test_two_processes_keep_rank0s_gptq_scales(qat_run, tmp_path):

@@ -19,6 +19,7 @@ from qattune.training import (
     DistillationLoss,
     FakeQuantAfterNSteps,
     JSONLLogger,
+    RoundingAtStep,
     StdoutLogger,
     TensorBoardLogger,
     apply_activation_checkpointing,
@@ -106,6 +107,18 @@ def test_fake_quant_rule_and_hook_checks():
         FakeQuantAfterNSteps(object(), make_model(), 3)
     with pytest.raises(QattuneError, match="must be >= 0 or null, got -1"):
         FakeQuantAfterNSteps(RecordingQuantizer(), make_model(), -1)
+
+
+def test_rounding_runs_once_at_its_step_and_never_when_resumed_past_it():
+    calls = []
+    hook = RoundingAtStep(lambda: calls.append("rounded"), at_step=2)
+    for step in (0, 1, 2, 2, 3):
+        hook.on_step_start(step)
+    assert calls == ["rounded"]
+    resumed_later = RoundingAtStep(lambda: calls.append("again"), at_step=2)
+    for step in (3, 4):
+        resumed_later.on_step_start(step)
+    assert calls == ["rounded"]
 
 
 def test_loggers(tmp_path, capsys):
