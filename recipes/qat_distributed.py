@@ -15,7 +15,7 @@ when set (default: the optimizer's rate); adding `quantizer.rounding_init: gptq`
 GPTQ's roundings (calibrated on the first training batches) instead of the nearest ones, and
 `quantizer.awq_scaling: true` scales each block's channels before GPTQ rounds it (AWQ, exact in float;
 the norm gains and weights carry the factors). They run before training, or with a float phase at step
-N on the weights it trained (in one process: the whole model is needed then). Checkpoints are
+N on the weights it trained (under torchrun, on rank 0: a full copy gathered from the shards). Checkpoints are
 float models in the Hugging Face layout (plus learned quantization ranges, when range learning is on)
 with the scheme recorded, ready for `quantize`.
 """

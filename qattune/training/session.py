@@ -205,28 +205,42 @@ class TrainingSession:
         (`fake_quant_after_n_steps: N` > 0), at step N, for the weights the float phase trained: the
         returned step hook does it then (None when there is nothing to do later).
 
-        A run resumed after the rounding has the rounded weights in its checkpoint already; ranks that
-        hold no weights (the meta device) receive rank 0's when the model is sharded."""
+        A run resumed after the rounding has the rounded weights in its checkpoint already. Under torchrun
+        rank 0 rounds: before training, on the model it loaded (the other ranks receive it when it is
+        sharded); at step N, on a full copy gathered from the shards, which it sends back."""
         if getattr(quantizer, "rounding_init", "nearest") == "nearest":
             return None
         at_step = self.cfg.get("fake_quant_after_n_steps")
-        if not at_step:
-            if self.resume_dir is None and self.load_device.type != "meta":
-                self._round(quantizer)
-            return None
-        if self.dist.is_distributed:
-            raise QattuneError(
-                f"quantizer.rounding_init={quantizer.rounding_init} with fake_quant_after_n_steps={at_step} rounds "
-                f"the float-trained model at step {at_step}, which needs the whole model in one process; train in "
-                "one process, or set fake_quant_after_n_steps=0 to round before training (rank 0 does it)")
-        return RoundingAtStep(lambda: self._round(quantizer), at_step)
+        if at_step:
+            return RoundingAtStep(lambda: self._round_training_model(quantizer), at_step)
+        if self.resume_dir is None and self.load_device.type != "meta":
+            self._round(quantizer, self.model)
+        return None
 
-    def _round(self, quantizer: Any) -> None:
+    def _round(self, quantizer: Any, model: nn.Module) -> None:
         batches = iter(self._loader(self.cfg.dataset, self.cfg.get("batch_size", 1), shuffle=False))
         progress = self.cfg.get("progress_bar", True) and self.dist.is_main
-        report = quantizer.initialize_rounding(self.model, batches, progress=progress)
+        report = quantizer.initialize_rounding(model, batches, progress=progress)
         if report is not None and self.dist.is_main:
             print(report, flush=True)
+
+    def _round_training_model(self, quantizer: Any) -> None:
+        """Round the model being trained (at step N); under FSDP2, rank 0 rounds a full copy on the CPU
+        (prepared by the quantizer, its state gathered from the shards) and every rank then loads its
+        shards of the result."""
+        from qattune.training.distributed import gather_full_state_dict, load_full_state_dict
+
+        if not self.dist.is_distributed:
+            self._round(quantizer, self.model)
+            return
+        state = gather_full_state_dict(self.model)
+        if self.dist.is_main:
+            with torch.device("cpu"):
+                full = quantizer.prepare(self.model_builder().to(dtype=self.dtype))
+            full.load_state_dict(state)
+            self._round(quantizer, full)
+            state = full.state_dict()
+        load_full_state_dict(self.model, state)
 
     def load_extra_state(self) -> None:
         """When resuming, restore the state the plain model lacks (learned ranges) into the prepared model."""

@@ -165,14 +165,36 @@ def test_gptq_rounding_after_a_float_phase_runs_at_the_switch_and_resumes_exactl
         assert [r["loss"] for r in metrics(resumed_dir)] == [r["loss"] for r in rows[done:]]
 
 
-def test_gptq_rounding_after_a_float_phase_under_torchrun_is_one_line(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "qattune.cli.main", "run", "--nproc_per_node", "2", "--standalone",
-                           "qat_distributed", "--config", "tiny/qat_full", f"output_dir={tmp_path}", *GPTQ_START,
-                           "fake_quant_after_n_steps=4", *SMALL],
-                          capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    assert ("rounds the float-trained model at step 4, which needs the whole model in one process; train in one "
-            "process, or set fake_quant_after_n_steps=0") in proc.stderr
+def test_two_processes_round_after_a_float_phase_on_rank0_and_share_the_result(qat_run, tmp_path):
+    """At step 2 rank 0 gathers the sharded model, rounds a full copy and sends every rank its rows: with
+    the learning rates at 0 the float phase keeps the loaded weights, so every row of every block weight
+    must have moved to GPTQ's values by the end, and the scales be the loaded weights' covering grids."""
+    from safetensors.torch import load_file
+
+    from qattune.checkpoint import load_model
+    from qattune.quant.formats import IntAffine
+
+    start = ["checkpointer={_component_: qattune.checkpoint.HFCheckpointer, "
+             f"checkpoint_dir: {qat_run / 'step_4'}, output_dir: ${{output_dir}}}}", "+quantizer.range_init=cover",
+             "optimizer.lr=0", "range_learning_lr=0", "max_steps_per_epoch=4", "save_every_n_steps=null"]
+    small = [o for o in SMALL if not o.startswith(("batch_size", "save_every", "max_steps"))]
+    two = run_cli("qat_distributed", "--config", "tiny/qat_full", f"output_dir={tmp_path}", "batch_size=2",
+                  *GPTQ_START[:-1], "fake_quant_after_n_steps=2", *start, *small, nproc=2)
+    assert two.stdout.count("GPTQ rounding: 14 layers") == 1
+    assert [r["fake_quant_enabled"] for r in metrics(tmp_path)] == [0.0] * 2 + [1.0] * 2
+    loaded = dict(load_model(qat_run / "step_4").named_parameters())
+    trained = dict(load_model(tmp_path / "step_4").named_parameters())
+    scales = load_file(str(tmp_path / "step_4" / "extra_state.safetensors"))
+    fmt = IntAffine(4, True, 32)
+    block_scales = [name for name in scales if name.startswith("layers.") and name.endswith(".scale")]
+    assert len(block_scales) == 14
+    for scale_name in block_scales:
+        name = scale_name.replace("weight_range_learner.scale", "weight")
+        half = loaded[name].shape[0] // 2
+        for rows in (slice(None, half), slice(half, None)):  # rank 0's rows and rank 1's
+            assert not torch.equal(trained[name][rows], loaded[name][rows]), name
+        expected, _ = fmt.covering_qparams(loaded[name])
+        assert torch.equal(scales[scale_name], expected.reshape(scales[scale_name].shape)), name
 
 
 def test_two_processes_keep_rank0s_gptq_scales(qat_run, tmp_path):
