@@ -235,8 +235,9 @@ class TrainingSession:
             return
         state = gather_full_state_dict(self.model)
         if self.dist.is_main:
-            with torch.device("cpu"):
-                full = quantizer.prepare(self.model_builder().to(dtype=self.dtype))
+            with torch.device("meta"):  # no weights to initialise: they all come from the gathered state
+                full = quantizer.prepare(self.model_builder())
+            full = full.to_empty(device="cpu").to(dtype=self.dtype)
             full.load_state_dict(state)
             self._round(quantizer, full)
             state = full.state_dict()
