@@ -46,11 +46,32 @@ VARIANTS = ("qat_plain", "qat", "qat_distill", "qat_ranges", "qat_ranges_cover",
 RANGE_LEARNING_SCHEMES = ("8da4w", "8w", "8da8w", "q4_0")
 RANGE_LEARNING = ["+quantizer.range_learning=true", "range_learning_lr=2e-6"]  # the configs' lr 2e-4 / 100
 DISTILLATION = "loss={_component_: qattune.training.DistillationLoss, kd_weight: 0.5}"
-# PTQ with GPTQ rounding calibrates on what qat_gptq calibrates on (the training set's first 64 batches), with
-# the same AWQ scaling first
+# qat_gptq's recipe per scheme (the others: smollm2/135M_qat_gptq with the scheme overridden)
+GPTQ_CONFIGS = {"q4_0": "smollm2/135M_qat_gptq_q4_0"}
+# PTQ with GPTQ rounding calibrates on what qat_gptq calibrates on (the training set's first batches, as
+# many as its config's quantizer.gptq_batches), with the same AWQ scaling first
 GPTQ_PTQ = ["+quantizer.range_learning=true", "+quantizer.range_init=cover", "+quantizer.rounding_init=gptq",
-            "+quantizer.gptq_batches=64", "+quantizer.awq_scaling=true", "batch_size=2",
+            "+quantizer.awq_scaling=true", "batch_size=2",
             "+dataset={_component_: qattune.data.python_docs_dataset, split: train, max_seq_len: 128, packed: true}"]
+
+
+def _gptq_config(scheme: str) -> str:
+    return GPTQ_CONFIGS.get(scheme, "smollm2/135M_qat_gptq")
+
+
+def _gptq_ptq_overrides(scheme: str) -> list[str]:
+    from qattune.config.loader import load_config
+
+    return [*GPTQ_PTQ, f"+quantizer.gptq_batches={load_config(_gptq_config(scheme)).quantizer.gptq_batches}"]
+
+
+def _gptq_float_phase(scheme: str, steps: int) -> int:
+    """qat_gptq's float phase for `steps` steps: the same share of the run as in its config (which is
+    sized for the config's own max_steps_per_epoch)."""
+    from qattune.config.loader import load_config
+
+    cfg = load_config(_gptq_config(scheme))
+    return round(cfg.fake_quant_after_n_steps * steps / cfg.max_steps_per_epoch)
 
 
 def _scheme_overrides(scheme: str, options: list[str]) -> list[str]:
@@ -60,8 +81,10 @@ def _scheme_overrides(scheme: str, options: list[str]) -> list[str]:
     return added if scheme == "8da4w" else [f"quantizer.scheme={scheme}", "~quantizer.group_size", *added]
 
 
-def _variant_overrides(variant: str, steps: int) -> list[str]:
-    """What each QAT variant changes in `smollm2/135M_qat_full`."""
+def _variant_overrides(variant: str, steps: int, scheme: str) -> list[str]:
+    """What each QAT variant changes in `smollm2/135M_qat_full` (qat_gptq: in its own config)."""
+    if variant == "qat_gptq":  # its config holds the rest
+        return [f"fake_quant_after_n_steps={_gptq_float_phase(scheme, steps)}"]
     if variant == "qat_plain":
         return [f"fake_quant_after_n_steps={steps // 2}"]
     recipe = [f"fake_quant_after_n_steps={max(1, steps // 10)}"]
@@ -69,8 +92,6 @@ def _variant_overrides(variant: str, steps: int) -> list[str]:
         return recipe
     if variant == "qat_ranges":
         return recipe + RANGE_LEARNING
-    if variant == "qat_gptq":
-        return []  # its config holds the rest (fake quantization from the first step)
     if variant.startswith("qat_ranges_"):  # qat_ranges_<range_init>
         return recipe + RANGE_LEARNING + [f"+quantizer.range_init={variant.removeprefix('qat_ranges_')}"]
     return recipe + [DISTILLATION, "teacher_snapshot=fake_quant_start"]
@@ -103,14 +124,14 @@ def _run_seed(root: Path, seed: int, args: argparse.Namespace, minutes: dict) ->
         checkpoints = {"bf16": bf16, "ptq": _quantize(bf16, base / "ptq", scheme, args.quantizer_option, ptq=True)}
         if "qat_gptq" in args.variants and scheme in RANGE_LEARNING_SCHEMES:
             checkpoints["ptq_gptq"] = _quantize(bf16, base / "ptq_gptq", scheme, args.quantizer_option, ptq=False,
-                                                extra=GPTQ_PTQ)
+                                                extra=_gptq_ptq_overrides(scheme))
         for variant in args.variants:
             if variant.startswith(("qat_ranges", "qat_gptq")) and scheme not in RANGE_LEARNING_SCHEMES:
                 continue  # range learning needs an integer grid
             variant_started = time.perf_counter()
-            config = "smollm2/135M_qat_gptq" if variant == "qat_gptq" else "smollm2/135M_qat_full"
+            config = _gptq_config(scheme) if variant == "qat_gptq" else "smollm2/135M_qat_full"
             trained = _train(base / variant, "qat_distributed", config, args.steps,
-                             [*_variant_overrides(variant, args.steps),
+                             [*_variant_overrides(variant, args.steps, scheme),
                               *_scheme_overrides(scheme, args.quantizer_option), *seeded], args.reuse)
             checkpoints[variant] = _quantize(trained, base / variant, scheme, args.quantizer_option, ptq=False)
             minutes[f"seed {seed}/{scheme}/{variant}"] = round((time.perf_counter() - variant_started) / 60, 1)

@@ -38,3 +38,11 @@ def test_seeds_default_to_one_run_at_seed_0(bench_quality, monkeypatch, tmp_path
     monkeypatch.setattr("sys.argv", ["bench_quality.py", "--output-dir", str(tmp_path), "--seeds", "0", "3"])
     bench_quality.main()
     assert calls == [(tmp_path.resolve(), 0), (tmp_path.resolve() / "seed_3", 3)]
+
+
+def test_qat_gptq_keeps_its_configs_share_of_float_steps(bench_quality):
+    # smollm2/135M_qat_gptq: fake quantization from the first step; the q4_0 recipe: float for its first
+    # quarter (6 of its 24 steps), so 30 of the bench's 120
+    assert bench_quality._variant_overrides("qat_gptq", 120, "8da4w") == ["fake_quant_after_n_steps=0"]
+    assert bench_quality._variant_overrides("qat_gptq", 120, "q4_0") == ["fake_quant_after_n_steps=30"]
+    assert bench_quality._gptq_ptq_overrides("q4_0")[-1] == "+quantizer.gptq_batches=256"
