@@ -59,18 +59,21 @@ def _gptq_config(scheme: str) -> str:
     return GPTQ_CONFIGS.get(scheme, "smollm2/135M_qat_gptq")
 
 
-def _gptq_ptq_overrides(scheme: str) -> list[str]:
+def _gptq_recipe(scheme: str):
+    """qat_gptq's composed config for `scheme`."""
     from qattune.config.loader import load_config
 
-    return [*GPTQ_PTQ, f"+quantizer.gptq_batches={load_config(_gptq_config(scheme)).quantizer.gptq_batches}"]
+    return load_config(_gptq_config(scheme))
+
+
+def _gptq_ptq_overrides(scheme: str) -> list[str]:
+    return [*GPTQ_PTQ, f"+quantizer.gptq_batches={_gptq_recipe(scheme).quantizer.gptq_batches}"]
 
 
 def _gptq_float_phase(scheme: str, steps: int) -> int:
     """qat_gptq's float phase for `steps` steps: the same share of the run as in its config (which is
     sized for the config's own max_steps_per_epoch)."""
-    from qattune.config.loader import load_config
-
-    cfg = load_config(_gptq_config(scheme))
+    cfg = _gptq_recipe(scheme)
     return round(cfg.fake_quant_after_n_steps * steps / cfg.max_steps_per_epoch)
 
 
