@@ -218,6 +218,7 @@ class TrainingSession:
         return None
 
     def _round(self, quantizer: Any, model: nn.Module) -> None:
+        """The quantizer's rounding of `model`, calibrated on the training set's first batches in order."""
         batches = iter(self._loader(self.cfg.dataset, self.cfg.get("batch_size", 1), shuffle=False))
         progress = self.cfg.get("progress_bar", True) and self.dist.is_main
         report = quantizer.initialize_rounding(model, batches, progress=progress)
