@@ -1,6 +1,8 @@
 """scripts/bench_quality.py --seeds: the recovered share summarised over seeds."""
 
+import argparse
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
@@ -24,8 +26,11 @@ def _results(qat_share: float, ptq_gptq_share: float) -> dict:
 def test_summary_gives_each_variants_mean_min_and_max_over_the_seeds(bench_quality):
     summary = bench_quality.summarize_seeds({0: _results(0.815, 0.615), 1: _results(0.804, 0.60),
                                              2: _results(0.719, 0.63)})
-    assert summary["8da4w"]["qat_gptq"] == {"mean": 0.7793, "min": 0.719, "max": 0.815, "seeds": 3}
-    assert summary["8da4w"]["ptq_gptq"] == {"mean": 0.615, "min": 0.6, "max": 0.63, "seeds": 3}
+    # standard error: sample standard deviation / sqrt(seeds); ptq_gptq: sqrt((0.015^2 + 0 + 0.015^2) / 2) / sqrt(3)
+    assert summary["8da4w"]["qat_gptq"] == {"mean": 0.7793, "min": 0.719, "max": 0.815, "standard_error": 0.0303,
+                                            "seeds": 3}
+    assert summary["8da4w"]["ptq_gptq"] == {"mean": 0.615, "min": 0.6, "max": 0.63, "standard_error": 0.0087,
+                                            "seeds": 3}
 
 
 def test_seeds_default_to_one_run_at_seed_0(bench_quality, monkeypatch, tmp_path):
@@ -46,3 +51,25 @@ def test_qat_gptq_keeps_its_configs_share_of_float_steps(bench_quality):
     assert bench_quality._variant_overrides("qat_gptq", 120, "8da4w") == ["fake_quant_after_n_steps=0"]
     assert bench_quality._variant_overrides("qat_gptq", 120, "q4_0") == ["fake_quant_after_n_steps=30"]
     assert bench_quality._gptq_ptq_overrides("q4_0")[-1] == "+quantizer.gptq_batches=256"
+
+
+def test_each_held_out_set_gets_its_own_results_and_summary(bench_quality, monkeypatch, tmp_path, capsys):
+    by_documents = {0: {3: _results(0.80, 0.60), 5: _results(0.90, 0.70)},
+                    1: {3: _results(0.84, 0.64), 5: _results(0.86, 0.66)}}
+    monkeypatch.setattr(bench_quality, "_run_seed", lambda root, seed, args, minutes: by_documents[seed])
+    monkeypatch.setattr("sys.argv", ["bench_quality.py", "--output-dir", str(tmp_path), "--seeds", "0", "1",
+                                     "--eval-documents", "3", "5"])
+    bench_quality.main()
+    report = json.loads(capsys.readouterr().out)
+    assert report["eval_documents"] == [3, 5]
+    assert report["results"]["5_documents"]["8da4w"]["recovered_share"]["qat_gptq"] == 0.90
+    over_seeds = report["recovered_share_over_seeds"]
+    assert over_seeds["3_documents"]["8da4w"]["qat_gptq"]["mean"] == 0.82
+    assert over_seeds["5_documents"]["8da4w"]["qat_gptq"]["mean"] == 0.88
+    assert over_seeds["5_documents"]["8da4w"]["ptq_gptq"]["standard_error"] == 0.02  # sd 0.0283 / sqrt(2)
+
+
+def test_the_first_held_out_set_keeps_the_eval_folder(bench_quality, tmp_path):
+    args = argparse.Namespace(eval_documents=[3, 5])
+    assert bench_quality._eval_dir(tmp_path, 3, args) == tmp_path / "eval"
+    assert bench_quality._eval_dir(tmp_path, 5, args) == tmp_path / "eval_5_documents"
