@@ -211,7 +211,8 @@ def main() -> None:
         "results": {f"{n}_documents": by_seed[args.seeds[0]].get(n, {}) for n in args.eval_documents},
     }
     if len(args.seeds) > 1:
-        report["results_by_seed"] = by_seed
+        report["results_by_seed"] = {seed: {f"{n}_documents": r for n, r in results.items()}
+                                     for seed, results in by_seed.items()}
         report["recovered_share_over_seeds"] = {
             f"{n}_documents": summarize_seeds({seed: results.get(n, {}) for seed, results in by_seed.items()})
             for n in args.eval_documents}

@@ -63,6 +63,7 @@ def test_each_held_out_set_gets_its_own_results_and_summary(bench_quality, monke
     report = json.loads(capsys.readouterr().out)
     assert report["eval_documents"] == [3, 5]
     assert report["results"]["5_documents"]["8da4w"]["recovered_share"]["qat_gptq"] == 0.90
+    assert report["results_by_seed"]["1"]["3_documents"]["8da4w"]["recovered_share"]["qat_gptq"] == 0.84
     over_seeds = report["recovered_share_over_seeds"]
     assert over_seeds["3_documents"]["8da4w"]["qat_gptq"]["mean"] == 0.82
     assert over_seeds["5_documents"]["8da4w"]["qat_gptq"]["mean"] == 0.88
