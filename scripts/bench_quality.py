@@ -142,14 +142,19 @@ def _run_seed(root: Path, seed: int, args: argparse.Namespace, minutes: dict) ->
             checkpoints[variant] = _quantize(trained, base / variant, scheme, args.quantizer_option, ptq=False)
             minutes[f"seed {seed}/{scheme}/{variant}"] = round((time.perf_counter() - variant_started) / 60, 1)
         for documents in args.eval_documents:
-            results.setdefault(documents, {})[scheme] = _evaluate(checkpoints, _eval_dir(base, documents, args),
-                                                                  documents)
+            results.setdefault(_held_out_label(documents), {})[scheme] = _evaluate(
+                checkpoints, _eval_dir(base, documents, args), documents)
     return results
+
+
+def _held_out_label(documents: int) -> str:
+    """The report's key for the held-out set of the first `documents` validation topics."""
+    return f"{documents}_documents"
 
 
 def _eval_dir(base: Path, documents: int, args: argparse.Namespace) -> Path:
     """`eval` for the first held-out set asked for (the layout before several could be), else one per size."""
-    return base / ("eval" if documents == args.eval_documents[0] else f"eval_{documents}_documents")
+    return base / ("eval" if documents == args.eval_documents[0] else f"eval_{_held_out_label(documents)}")
 
 
 def _evaluate(checkpoints: dict[str, Path], out: Path, documents: int) -> dict:
@@ -208,14 +213,13 @@ def main() -> None:
         "quantizer_options": args.quantizer_option,
         "minutes": round((time.perf_counter() - started) / 60, 1),
         "minutes_per_qat_run": minutes,
-        "results": {f"{n}_documents": by_seed[args.seeds[0]].get(n, {}) for n in args.eval_documents},
+        "results": by_seed[args.seeds[0]],
     }
     if len(args.seeds) > 1:
-        report["results_by_seed"] = {seed: {f"{n}_documents": r for n, r in results.items()}
-                                     for seed, results in by_seed.items()}
+        report["results_by_seed"] = by_seed
         report["recovered_share_over_seeds"] = {
-            f"{n}_documents": summarize_seeds({seed: results.get(n, {}) for seed, results in by_seed.items()})
-            for n in args.eval_documents}
+            label: summarize_seeds({seed: results.get(label, {}) for seed, results in by_seed.items()})
+            for label in map(_held_out_label, args.eval_documents)}
     print(json.dumps(report, indent=2))
 
 

@@ -54,8 +54,8 @@ def test_qat_gptq_keeps_its_configs_share_of_float_steps(bench_quality):
 
 
 def test_each_held_out_set_gets_its_own_results_and_summary(bench_quality, monkeypatch, tmp_path, capsys):
-    by_documents = {0: {3: _results(0.80, 0.60), 5: _results(0.90, 0.70)},
-                    1: {3: _results(0.84, 0.64), 5: _results(0.86, 0.66)}}
+    by_documents = {0: {"3_documents": _results(0.80, 0.60), "5_documents": _results(0.90, 0.70)},
+                    1: {"3_documents": _results(0.84, 0.64), "5_documents": _results(0.86, 0.66)}}
     monkeypatch.setattr(bench_quality, "_run_seed", lambda root, seed, args, minutes: by_documents[seed])
     monkeypatch.setattr("sys.argv", ["bench_quality.py", "--output-dir", str(tmp_path), "--seeds", "0", "1",
                                      "--eval-documents", "3", "5"])
