@@ -19,6 +19,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import bench_train
+from qattune.training.host_allocator import keep_freed_host_memory
 
 _GIB = 1024**3
 
@@ -57,7 +58,11 @@ def main() -> None:
     batch = [torch.randint(0, shape.vocab_size, (shape.batch_size, shape.seq_len), device=args.device) for _ in range(2)]
     sort_key = "self_cuda_time_total" if args.device == "cuda" and args.sort == "device" else "self_cpu_time_total"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device == "cuda" else [])
+    if args.device == "cpu":
+        keep_freed_host_memory()  # as bench_train.py and the training recipes run on CPU
     summary = {}
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
     for name in args.variants:
         state = bench_train.TrainState(variants[name](bench_train.build_float_model(shape, args.device)), *batch)
         for _ in range(2):
