@@ -7,7 +7,9 @@ Each checkpoint (Hugging Face folder, training `step_N`, `quantize` output, or .
 perplexity on `perplexity.source` and the lm-eval `tasks` (names, or tasks in local `task_dirs`, so it
 runs offline). With several checkpoints it prints one table and, given `bf16` and `ptq` entries, the
 share of the PTQ degradation each other checkpoint recovered; it writes `output_dir/eval_results.json`
-and a bar chart `output_dir/eval_comparison.png`.
+and a bar chart `output_dir/eval_comparison.png`. `perplexity.per_document: true` adds each document's
+perplexity (`document_<n>/perplexity`, n counted from 1) to all three: which texts lose most, and where
+QAT wins back the least.
 """
 
 from typing import Literal, Optional
@@ -20,7 +22,8 @@ class Config(RecipeConfig):
     tokenizer: Component
     checkpoint_dir: Optional[str] = None  # one checkpoint, named "model"
     checkpoints: Optional[dict] = None  # several: {name: path}; "bf16" and "ptq" name the references
-    perplexity: Optional[dict] = None  # {source, split, column, max_documents, max_seq_len, stride}; null: skip
+    # {source, split, column, max_documents, max_seq_len, stride, per_document}; null: skip
+    perplexity: Optional[dict] = None
     tasks: list[str] = []
     task_dirs: list[str] = []
     limit: Optional[float] = None
@@ -32,7 +35,7 @@ class Config(RecipeConfig):
     plot: bool = True
 
 
-PERPLEXITY_KEYS = ("source", "split", "column", "max_documents", "max_seq_len", "stride")
+PERPLEXITY_KEYS = ("source", "split", "column", "max_documents", "max_seq_len", "stride", "per_document")
 
 
 def _perplexity_options(cfg) -> Optional[dict]:
@@ -72,10 +75,11 @@ def recipe(cfg) -> None:
 
     tokenizer = instantiate(cfg.tokenizer)
     ppl = _perplexity_options(cfg)
-    texts = None
+    texts, per_document = None, False
     if ppl is not None:
         texts = load_texts(ppl.pop("source", "python_docs"), split=ppl.pop("split", "validation"),
                            column=ppl.pop("column", "text"), max_documents=ppl.pop("max_documents", None))
+        per_document = bool(ppl.pop("per_document", False))
     results: dict[str, dict[str, float]] = {}
     directions: dict[str, bool] = {}
     for name, path in _checkpoints(cfg).items():
@@ -86,6 +90,8 @@ def recipe(cfg) -> None:
         if texts is not None:
             result = perplexity(model, tokenizer, texts, batch_size=cfg.batch_size, **ppl)
             metrics.update(result.metrics())
+            if per_document:
+                metrics.update({f"document_{d.index + 1}/perplexity": d.perplexity for d in result.per_document})
         if cfg.tasks:
             lm = lm_eval_model(model, tokenizer, batch_size=cfg.batch_size)
             task_results = run_lm_eval(lm, list(cfg.tasks), list(cfg.task_dirs), num_fewshot=cfg.num_fewshot,

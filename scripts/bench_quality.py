@@ -6,7 +6,10 @@ Same base model (SmolLM2-135M-Instruct, offline), same data (CPython docs, train
 learning rate and schedule, and the same number of steps and tokens for every run, evaluated on held-out
 topics the training never saw (`--eval-documents`: the first N validation topics, once per N given; 3 is
 the set the recorded figures used, mostly one 13.6k-character topic; 5 is the whole validation split,
-about 42k characters):
+about 42k characters). Each set's results also hold every topic's own perplexities and recovered shares
+(`per_document`), and with several seeds the report gives each topic's mean share over them
+(`recovered_share_per_topic_over_seeds`, from the largest set): where QAT wins back PTQ's loss, and
+where it does not.
 
 - bf16: a float fine-tune (`smollm2/135M_full`); ptq: that fine-tune quantized after training;
 - qat_plain: the plain straight-through recipe, float for the first half of the steps, fake-quantized for
@@ -159,13 +162,18 @@ def _eval_dir(base: Path, documents: int, args: argparse.Namespace) -> Path:
 
 def _evaluate(checkpoints: dict[str, Path], out: Path, documents: int) -> dict:
     """Held-out perplexity of every checkpoint on the first `documents` validation topics, and the share
-    of PTQ's loss each recovers."""
+    of PTQ's loss each recovers: over all of them, and per topic (`per_document`, keyed `document_<n>`)."""
     listed = ", ".join(f"{name}: {path}" for name, path in checkpoints.items())
     run_command(["eval", "--config", "eval", f"output_dir={out}", "~checkpoint_dir",
-                 f"checkpoints={{{listed}}}", f"perplexity.max_documents={documents}"])
+                 f"checkpoints={{{listed}}}", f"perplexity.max_documents={documents}", "+perplexity.per_document=true"])
     r = json.loads((out / "eval_results.json").read_text())
-    return {"perplexity": {n: m["perplexity"] for n, m in r["checkpoints"].items()},
-            "recovered_share": {n: s["perplexity"] for n, s in r["recovered_share"].items()}}
+
+    def of_metric(metric: str) -> dict:
+        return {"perplexity": {n: m[metric] for n, m in r["checkpoints"].items()},
+                "recovered_share": {n: s[metric] for n, s in r["recovered_share"].items()}}
+
+    topics = [m.split("/")[0] for m in r["higher_is_better"] if m.startswith("document_")]
+    return {**of_metric("perplexity"), "per_document": {topic: of_metric(f"{topic}/perplexity") for topic in topics}}
 
 
 def summarize_seeds(by_seed: dict[int, dict]) -> dict:
@@ -182,6 +190,21 @@ def summarize_seeds(by_seed: dict[int, dict]) -> dict:
                                "seeds": len(shares)}
                      for variant, shares in variants.items()}
             for scheme, variants in summary.items()}
+
+
+def summarize_topics(by_seed: dict[int, dict]) -> dict:
+    """{scheme: {topic: {variant: mean recovered share over the seeds}}}: where QAT wins back PTQ's loss
+    and where it does not (a share PTQ left nothing to recover for is skipped)."""
+    summary: dict = {}
+    for results in by_seed.values():
+        for scheme, r in results.items():
+            for topic, of_topic in r.get("per_document", {}).items():
+                for variant, share in of_topic["recovered_share"].items():
+                    if share is not None:
+                        summary.setdefault(scheme, {}).setdefault(topic, {}).setdefault(variant, []).append(share)
+    return {scheme: {topic: {variant: round(statistics.fmean(shares), 4) for variant, shares in variants.items()}
+                     for topic, variants in topics.items()}
+            for scheme, topics in summary.items()}
 
 
 def main() -> None:
@@ -220,6 +243,9 @@ def main() -> None:
         report["recovered_share_over_seeds"] = {
             label: summarize_seeds({seed: results.get(label, {}) for seed, results in by_seed.items()})
             for label in map(_held_out_label, args.eval_documents)}
+        widest = _held_out_label(max(args.eval_documents))  # its topics include the other sets'
+        report["recovered_share_per_topic_over_seeds"] = summarize_topics(
+            {seed: results.get(widest, {}) for seed, results in by_seed.items()})
     print(json.dumps(report, indent=2))
 
 

@@ -10,6 +10,7 @@ from .compare import recovered_share
 from .lm_eval_tasks import LmEvalResults
 from .lm_eval_tasks import lm_eval_model
 from .lm_eval_tasks import run_lm_eval
+from .perplexity import DocumentScore
 from .perplexity import PerplexityResult
 from .perplexity import load_texts
 from .perplexity import perplexity
@@ -20,6 +21,7 @@ from .scoring import score_windows
 
 __all__ = [
     "Comparison",
+    "DocumentScore",
     "LmEvalResults",
     "PerplexityResult",
     "WindowScore",

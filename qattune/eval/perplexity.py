@@ -11,6 +11,8 @@ Documents are independent (no context crosses a document boundary). Over all doc
 `nll = -Σ log p(t_i | context)` (nats), `perplexity = exp(nll / tokens)`,
 `bits_per_byte = nll / (ln 2 · utf-8 bytes of the documents)`, `byte_perplexity = 2 ** bits_per_byte`.
 Bits per byte does not depend on the tokenizer, so it compares models with different vocabularies.
+The same totals are kept per document (`PerplexityResult.per_document`), to show which texts a model
+handles worse than another.
 """
 
 from __future__ import annotations
@@ -30,8 +32,23 @@ DEFAULT_MAX_SEQ_LEN = 2048
 
 
 @dataclass(frozen=True)
+class DocumentScore:
+    """One scored document: its position in the texts given (from 0), its tokens, UTF-8 bytes and nll."""
+
+    index: int
+    tokens: int
+    bytes: int
+    nll: float
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(self.nll / self.tokens)
+
+
+@dataclass(frozen=True)
 class PerplexityResult:
-    """Totals over the evaluated documents and the metrics derived from them (see module docs)."""
+    """Totals over the evaluated documents, the metrics derived from them (see module docs), and each
+    document's own totals."""
 
     documents: int
     tokens: int
@@ -39,6 +56,7 @@ class PerplexityResult:
     nll: float
     max_seq_len: int
     stride: int
+    per_document: tuple[DocumentScore, ...] = ()
 
     @property
     def nll_per_token(self) -> float:
@@ -63,7 +81,9 @@ class PerplexityResult:
 
     def to_dict(self) -> dict[str, Any]:
         return {"documents": self.documents, "tokens": self.tokens, "bytes": self.bytes, "nll": self.nll,
-                "max_seq_len": self.max_seq_len, "stride": self.stride, **self.metrics()}
+                "max_seq_len": self.max_seq_len, "stride": self.stride, **self.metrics(),
+                "per_document": [{"index": d.index, "tokens": d.tokens, "bytes": d.bytes, "nll": d.nll,
+                                  "perplexity": d.perplexity} for d in self.per_document]}
 
 
 def perplexity_windows(tokens: Sequence[int], prefix_token: int, max_seq_len: int,
@@ -114,17 +134,23 @@ def perplexity(
         max_seq_len = min(model_limit, DEFAULT_MAX_SEQ_LEN)
     stride = max_seq_len if stride is None else stride
     prefix = default_prefix_token(tokenizer) if prefix_token_id is None else prefix_token_id
-    windows, documents, tokens, size = [], 0, 0, 0
-    for text in texts:
+    windows, spans = [], []  # spans: (document index, tokens, bytes, how many windows)
+    for index, text in enumerate(texts):
         ids = tokenizer.encode(text, add_bos=False, add_eos=False)
         if not ids:
             continue
-        documents, tokens, size = documents + 1, tokens + len(ids), size + len(text.encode("utf-8"))
-        windows += perplexity_windows(ids, prefix, max_seq_len, stride)
-    if not documents:
+        document_windows = perplexity_windows(ids, prefix, max_seq_len, stride)
+        windows += document_windows
+        spans.append((index, len(ids), len(text.encode("utf-8")), len(document_windows)))
+    if not spans:
         raise QattuneError("perplexity got no text to score: every document was empty")
     scores = score_windows(model, windows, batch_size, max_batch_tokens)
-    return PerplexityResult(documents, tokens, size, -math.fsum(s.logprob for s in scores), max_seq_len, stride)
+    per_document, start = [], 0
+    for index, tokens, size, count in spans:
+        per_document.append(DocumentScore(index, tokens, size, -math.fsum(s.logprob for s in scores[start:start + count])))
+        start += count
+    return PerplexityResult(len(spans), sum(d.tokens for d in per_document), sum(d.bytes for d in per_document),
+                            -math.fsum(s.logprob for s in scores), max_seq_len, stride, tuple(per_document))
 
 
 def load_texts(source: str, split: str = "validation", column: str = "text",

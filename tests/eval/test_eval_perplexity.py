@@ -66,6 +66,22 @@ def test_perplexity_equals_exp_mean_nll_by_hand(model, max_seq_len, stride):
     assert result.to_dict()["byte_perplexity"] == pytest.approx(2 ** (nll / size / math.log(2)), rel=1e-5)
 
 
+@pytest.mark.parametrize("max_seq_len, stride", [(256, None), (8, 3)])
+def test_each_document_scores_as_if_evaluated_alone(model, max_seq_len, stride):
+    tokenizer = ByteChatTokenizer()
+    result = perplexity(model, tokenizer, TEXTS, max_seq_len=max_seq_len, stride=stride, batch_size=3)
+    assert [d.index for d in result.per_document] == [0, 1, 3]  # the empty text is skipped, not renumbered
+    for document in result.per_document:
+        nll, tokens, size = hand_nll(model, tokenizer, [TEXTS[document.index]], max_seq_len, stride or max_seq_len)
+        assert (document.tokens, document.bytes) == (tokens, size)
+        assert document.nll == pytest.approx(nll, rel=1e-5)
+        assert document.perplexity == pytest.approx(math.exp(nll / tokens), rel=1e-5)
+    assert sum(d.nll for d in result.per_document) == pytest.approx(result.nll, rel=1e-12)
+    assert result.to_dict()["per_document"][2] == {
+        "index": 3, "tokens": result.per_document[2].tokens, "bytes": len(TEXTS[3]),
+        "nll": result.per_document[2].nll, "perplexity": result.per_document[2].perplexity}
+
+
 def test_batches_under_a_token_budget_give_the_same_result(model):
     tokenizer = ByteChatTokenizer()
     calls = []

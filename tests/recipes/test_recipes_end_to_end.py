@@ -52,6 +52,26 @@ def test_eval_compares_bf16_ptq_and_qat(runs):
     assert (root / "eval" / "eval_comparison.png").stat().st_size > 1000
 
 
+def test_eval_per_document_adds_each_document_to_the_table_and_shares(runs):
+    root, _ = runs
+    checkpoints = f"checkpoints={{bf16: {root}/float/step_6, ptq: {root}/float/quantized, qat: {root}/qat/quantized}}"
+    common = [BYTES, "perplexity.max_seq_len=64", "+perplexity.per_document=true", "plot=false"]
+    out = run_cli("eval", "--config", "eval", f"output_dir={root}/eval_docs", "~checkpoint_dir", checkpoints,
+                  "perplexity.max_documents=2", *common)
+    assert [line.split()[0] for line in out.splitlines() if line.startswith("document_")] == [
+        "document_1/perplexity", "document_2/perplexity"]
+    results = json.loads((root / "eval_docs" / "eval_results.json").read_text())
+    per_document = {m for m in results["checkpoints"]["qat"] if m.startswith("document_")}
+    assert per_document == {"document_1/perplexity", "document_2/perplexity"}
+    assert per_document <= set(results["recovered_share"]["qat"])
+    # a document scores as it does alone: the first document's perplexity is a one-document run's total
+    run_cli("eval", "--config", "eval", f"output_dir={root}/eval_first", f"checkpoint_dir={root}/qat/quantized",
+            "perplexity.max_documents=1", *common)
+    alone = json.loads((root / "eval_first" / "eval_results.json").read_text())["checkpoints"]["model"]
+    assert results["checkpoints"]["qat"]["document_1/perplexity"] == pytest.approx(alone["perplexity"], rel=1e-5)
+    assert alone["document_1/perplexity"] == pytest.approx(alone["perplexity"], rel=1e-12)
+
+
 def test_generate_from_the_quantized_model(runs):
     root, _ = runs
     out = run_cli("generate", "--config", "generation", f"checkpoint_dir={root}/qat/quantized", BYTES,

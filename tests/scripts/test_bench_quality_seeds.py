@@ -56,6 +56,9 @@ def test_qat_gptq_keeps_its_configs_share_of_float_steps(bench_quality):
 def test_each_held_out_set_gets_its_own_results_and_summary(bench_quality, monkeypatch, tmp_path, capsys):
     by_documents = {0: {"3_documents": _results(0.80, 0.60), "5_documents": _results(0.90, 0.70)},
                     1: {"3_documents": _results(0.84, 0.64), "5_documents": _results(0.86, 0.66)}}
+    for seed, share in ((0, 0.5), (1, 0.7)):  # the topics' summary comes from the largest set
+        by_documents[seed]["5_documents"]["8da4w"]["per_document"] = {
+            "document_4": {"perplexity": {}, "recovered_share": {"qat_gptq": share}}}
     monkeypatch.setattr(bench_quality, "_run_seed", lambda root, seed, args, minutes: by_documents[seed])
     monkeypatch.setattr("sys.argv", ["bench_quality.py", "--output-dir", str(tmp_path), "--seeds", "0", "1",
                                      "--eval-documents", "3", "5"])
@@ -68,9 +71,43 @@ def test_each_held_out_set_gets_its_own_results_and_summary(bench_quality, monke
     assert over_seeds["3_documents"]["8da4w"]["qat_gptq"]["mean"] == 0.82
     assert over_seeds["5_documents"]["8da4w"]["qat_gptq"]["mean"] == 0.88
     assert over_seeds["5_documents"]["8da4w"]["ptq_gptq"]["standard_error"] == 0.02  # sd 0.0283 / sqrt(2)
+    assert report["recovered_share_per_topic_over_seeds"] == {"8da4w": {"document_4": {"qat_gptq": 0.6}}}
 
 
 def test_the_first_held_out_set_keeps_the_eval_folder(bench_quality, tmp_path):
     args = argparse.Namespace(eval_documents=[3, 5])
     assert bench_quality._eval_dir(tmp_path, 3, args) == tmp_path / "eval"
     assert bench_quality._eval_dir(tmp_path, 5, args) == tmp_path / "eval_5_documents"
+
+
+def test_evaluate_reads_totals_and_each_topic_from_the_eval_json(bench_quality, monkeypatch, tmp_path):
+    def fake_eval(argv):
+        assert "+perplexity.per_document=true" in argv and "perplexity.max_documents=2" in argv
+        checkpoints = {name: {"perplexity": p, "document_1/perplexity": d1, "document_2/perplexity": d2}
+                       for name, p, d1, d2 in (("bf16", 9.0, 8.0, 11.0), ("ptq", 13.0, 12.0, 15.0),
+                                               ("qat", 10.0, 9.0, 14.0))}
+        shares = {"qat": {"perplexity": 0.75, "document_1/perplexity": 0.75, "document_2/perplexity": 0.25}}
+        directions = dict.fromkeys(checkpoints["bf16"], False)
+        (tmp_path / "eval_results.json").write_text(json.dumps(
+            {"checkpoints": checkpoints, "recovered_share": shares, "higher_is_better": directions}))
+
+    monkeypatch.setattr(bench_quality, "run_command", fake_eval)
+    result = bench_quality._evaluate({"bf16": "a", "ptq": "b", "qat": "c"}, tmp_path, 2)
+    assert result["perplexity"] == {"bf16": 9.0, "ptq": 13.0, "qat": 10.0}
+    assert result["recovered_share"] == {"qat": 0.75}
+    assert list(result["per_document"]) == ["document_1", "document_2"]
+    assert result["per_document"]["document_2"] == {"perplexity": {"bf16": 11.0, "ptq": 15.0, "qat": 14.0},
+                                                    "recovered_share": {"qat": 0.25}}
+
+
+def test_topics_summary_averages_each_topics_share_over_the_seeds(bench_quality):
+    def seed(first: float, second) -> dict:
+        results = _results(0.8, 0.6)
+        results["8da4w"]["per_document"] = {
+            "document_1": {"perplexity": {}, "recovered_share": {"qat_gptq": first, "ptq_gptq": 0.5}},
+            "document_2": {"perplexity": {}, "recovered_share": {"qat_gptq": second, "ptq_gptq": 0.4}}}
+        return results
+
+    summary = bench_quality.summarize_topics({0: seed(0.9, 0.6), 1: seed(0.8, None), 2: seed(0.7, 0.5)})
+    assert summary == {"8da4w": {"document_1": {"qat_gptq": 0.8, "ptq_gptq": 0.5},
+                                 "document_2": {"qat_gptq": 0.55, "ptq_gptq": 0.4}}}  # None: nothing to recover
