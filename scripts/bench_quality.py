@@ -165,7 +165,7 @@ def _evaluate(checkpoints: dict[str, Path], out: Path, documents: int) -> dict:
     of PTQ's loss each recovers: over all of them, and per topic (`per_document`, keyed `document_<n>`)."""
     listed = ", ".join(f"{name}: {path}" for name, path in checkpoints.items())
     run_command(["eval", "--config", "eval", f"output_dir={out}", "~checkpoint_dir",
-                 f"checkpoints={{{listed}}}", f"perplexity.max_documents={documents}", "+perplexity.per_document=true"])
+                 f"checkpoints={{{listed}}}", f"perplexity.max_documents={documents}", "perplexity.per_document=true"])
     r = json.loads((out / "eval_results.json").read_text())
 
     def of_metric(metric: str) -> dict:

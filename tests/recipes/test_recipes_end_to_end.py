@@ -55,7 +55,7 @@ def test_eval_compares_bf16_ptq_and_qat(runs):
 def test_eval_per_document_adds_each_document_to_the_table_and_shares(runs):
     root, _ = runs
     checkpoints = f"checkpoints={{bf16: {root}/float/step_6, ptq: {root}/float/quantized, qat: {root}/qat/quantized}}"
-    common = [BYTES, "perplexity.max_seq_len=64", "+perplexity.per_document=true", "plot=false"]
+    common = [BYTES, "perplexity.max_seq_len=64", "perplexity.per_document=true", "plot=false"]
     out = run_cli("eval", "--config", "eval", f"output_dir={root}/eval_docs", "~checkpoint_dir", checkpoints,
                   "perplexity.max_documents=2", *common)
     assert [line.split()[0] for line in out.splitlines() if line.startswith("document_")] == [

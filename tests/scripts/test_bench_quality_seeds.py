@@ -82,7 +82,7 @@ def test_the_first_held_out_set_keeps_the_eval_folder(bench_quality, tmp_path):
 
 def test_evaluate_reads_totals_and_each_topic_from_the_eval_json(bench_quality, monkeypatch, tmp_path):
     def fake_eval(argv):
-        assert "+perplexity.per_document=true" in argv and "perplexity.max_documents=2" in argv
+        assert "perplexity.per_document=true" in argv and "perplexity.max_documents=2" in argv
         checkpoints = {name: {"perplexity": p, "document_1/perplexity": d1, "document_2/perplexity": d2}
                        for name, p, d1, d2 in (("bf16", 9.0, 8.0, 11.0), ("ptq", 13.0, 12.0, 15.0),
                                                ("qat", 10.0, 9.0, 14.0))}
