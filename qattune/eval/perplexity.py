@@ -147,7 +147,8 @@ def perplexity(
     scores = score_windows(model, windows, batch_size, max_batch_tokens)
     per_document, start = [], 0
     for index, tokens, size, count in spans:
-        per_document.append(DocumentScore(index, tokens, size, -math.fsum(s.logprob for s in scores[start:start + count])))
+        nll = -math.fsum(s.logprob for s in scores[start:start + count])
+        per_document.append(DocumentScore(index, tokens, size, nll))
         start += count
     return PerplexityResult(len(spans), sum(d.tokens for d in per_document), sum(d.bytes for d in per_document),
                             -math.fsum(s.logprob for s in scores), max_seq_len, stride, tuple(per_document))
