@@ -238,3 +238,60 @@ def test_gptq_initialize_on_q4_0_rounds_the_q4_0_layers_only():
     err_nearest = sum(float((fake_quant_logits(nearest_model, b) - f).square().sum())
                       for b, f in zip(calibration, float_logits))
     assert err_gptq < err_nearest
+
+
+def _rounded_block_weights(model):
+    """Each block Linear's weight as nearest rounding of its latent gives it (what calibration computes with)."""
+    for name, module in model.named_modules():
+        if name.startswith("layers.") and hasattr(module, "weight_range_learner"):
+            scale, zero = module.weight_range_learner.effective_qparams()
+            rounded, _ = module.weight_range_learner.fmt.fake_quantize_with_qparams(module.weight, scale, zero)
+            module.weight.data.copy_(rounded)
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_gptq_output_head_rounds_the_head_last_on_the_final_norm_of_the_rounded_blocks(tie):
+    calibration = batches(3)
+    models = {}
+    for with_head in (False, True):
+        model = tiny_model(tie)
+        quantizer = QATQuantizer("8da4w", group_size=32, range_learning=True, range_init="cover",
+                                 rounding_init="gptq", gptq_output_head=with_head)
+        quantizer.prepare(model)
+        models[with_head] = (model, quantizer.initialize_rounding(model, iter(calibration)))
+    (plain, _), (rounded, report) = models[False], models[True]
+    assert report.layers == 15 and report.skipped == {} and report.head_error_ratio < 0.9
+    assert "; output head: " in str(report)
+    for name, value in plain.state_dict().items():  # the head goes last: the blocks round as before
+        if name.startswith("layers."):
+            assert torch.equal(value, rounded.state_dict()[name]), name
+    if tie:  # one parameter: the token embedding moved with the head
+        assert rounded.output.weight is rounded.tok_embeddings.weight
+    # independently: the head's Hessian from the final norm's outputs, block weights rounded, in float
+    hidden = []
+    handle = plain.output.register_forward_hook(lambda module, args, out: hidden.append(args[0].reshape(-1, 64)))
+    quantizer.set_fake_quant(plain, False)
+    _rounded_block_weights(plain)
+    with torch.no_grad():
+        for batch in calibration:
+            plain(batch["tokens"])
+    handle.remove()
+    x = torch.cat(hidden).double()
+    plain.output.weight_range_learner.initialize(plain.output.weight)  # cover, from the weight as loaded
+    scale, _ = plain.output.weight_range_learner.effective_qparams()
+    expected = gptq_latents(plain.output.weight.detach().double(), x.T @ x, scale.double(), None, QMIN, QMAX)
+    s_full = scale.repeat_interleave(32, dim=1)
+    assert torch.equal(codes_of(rounded.output.weight.detach(), s_full, None, QMIN, QMAX),
+                       codes_of(expected.float(), s_full, None, QMIN, QMAX))
+
+
+def test_gptq_output_head_options_are_checked():
+    with pytest.raises(QattuneError, match="gptq_output_head rounds the head in GPTQ's calibration pass; add rounding_init=gptq"):
+        QATQuantizer("8da4w", range_learning=True, gptq_output_head=True)
+    with pytest.raises(QattuneError, match="gptq_output_head rounds the output head, which scheme 8da4w leaves in float"):
+        QATQuantizer("8da4w", range_learning=True, rounding_init="gptq", gptq_output_head=True, quantize_output=False)
+    model = tiny_model(False)  # q4_0's Q8_0 head keeps dynamic scales: nothing for GPTQ to hold fixed
+    quantizer = QATQuantizer("q4_0", range_learning=True, rounding_init="gptq", gptq_output_head=True)
+    quantizer.prepare(model)
+    with pytest.raises(QattuneError, match="needs the output head .* fake-quantized with learned ranges"):
+        quantizer.initialize_rounding(model, iter(batches(1)))
