@@ -73,13 +73,16 @@ class GPTQReport:
     head_error_ratio: Optional[float] = None
     """With `round_output_head`: the head's output error with GPTQ's rounding, relative to nearest
     rounding's (not part of `error_ratio`, which is the blocks')."""
+    head_tied: bool = False
+    """The rounded head shares its weight with the token embedding, which moved with it."""
 
     def __str__(self) -> str:
         skipped = "".join(f"\n  kept nearest rounding: {name} ({why})" for name, why in self.skipped.items())
         scaled = "" if self.awq_ratio is None else f" (AWQ scaling alone: {self.awq_ratio:.2f}x)"
         reconstructed = ("" if self.reconstruction_ratio is None else
                          f"; block reconstruction: blocks' output error {self.reconstruction_ratio:.2f}x GPTQ's")
-        head = "" if self.head_error_ratio is None else f"; output head: {self.head_error_ratio:.2f}x"
+        head = "" if self.head_error_ratio is None else f"; output head: {self.head_error_ratio:.2f}x" + (
+            " (tied: the token embedding moved with it)" if self.head_tied else "")
         return (f"GPTQ rounding: {self.layers} layers from {self.tokens:,} calibration tokens in "
                 f"{self.seconds:.0f} s; output error {self.error_ratio:.2f}x nearest rounding's{scaled}{reconstructed}"
                 f"{head}{skipped}")
@@ -284,7 +287,8 @@ def gptq_initialize(model: nn.Module, batches: Iterable[dict[str, Tensor]], *,
                       awq_ratio=_ratio(scaled_error, unscaled_error) if awq_scaling else None,
                       reconstruction_ratio=(reconstructed[1] / reconstructed[0] if reconstructed[0] > 0 else 1.0)
                       if reconstruction_epochs > 0 else None,
-                      head_error_ratio=_ratio(*head_errors) if head_errors is not None else None)
+                      head_error_ratio=_ratio(*head_errors) if head_errors is not None else None,
+                      head_tied=head is not None and id(head.weight) in tied)
 
 
 def _round_output_head(model: nn.Module, head: nn.Module, last_block_outputs: list[tuple[Any, ...]],
