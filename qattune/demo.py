@@ -1,9 +1,10 @@
 """The embedded demo: QAT vs PTQ on a real model, end to end, offline, through the real recipes.
 
 1. fine-tune SmolLM2-135M-Instruct in float on the CPython docs (`smollm2/135M_full`): the bf16 baseline;
-2. the same run with 8da4w QAT, qattune's best measured recipe (`smollm2/135M_qat_gptq`: fake
-   quantization from the first step, the block weights starting from GPTQ's roundings after AWQ
-   scaling of their channels, the group scales learned slowly);
+2. the same run with 8da4w QAT, qattune's best measured recipe (`smollm2/135M_qat_gptq`: float for
+   the first three quarters of the steps, then AWQ scaling of the blocks' channels and GPTQ rounding
+   of their weights and the output head, and fake quantization for the last quarter, the group scales
+   learned slowly);
 3. quantize: PTQ of the float fine-tune, and `convert` of the QAT fine-tune, both to real 8da4w models;
 4. evaluate the three side by side on held-out docs (perplexity; share of the PTQ loss QAT recovered);
 5. generate an answer with the QAT-quantized model.
@@ -20,6 +21,16 @@ from pathlib import Path
 from qattune.cli.run import run_command
 
 DEFAULT_PROMPT = "What does the Python `yield` statement do?"
+QAT_CONFIG = "smollm2/135M_qat_gptq"
+
+
+def qat_float_phase(steps: int, config: str = QAT_CONFIG) -> int:
+    """`config`'s float phase (`fake_quant_after_n_steps`) for a run of `steps` steps: the same share of
+    the run as in the config, which sizes it for its own `max_steps_per_epoch`."""
+    from qattune.config.loader import load_config
+
+    cfg = load_config(config)
+    return round(cfg.fake_quant_after_n_steps * steps / cfg.max_steps_per_epoch)
 
 
 def _banner(text: str) -> None:
@@ -35,8 +46,11 @@ def run_demo(output_dir: str, steps: int, eval_documents: int, prompt: str = DEF
 
     _banner(f"1/5 float fine-tune of SmolLM2-135M ({steps} steps): the bf16 baseline")
     run_command(["full_finetune", "--config", "smollm2/135M_full", f"output_dir={out}/bf16", *budget])
-    _banner(f"2/5 QAT fine-tune, 8da4w group 32 ({steps} steps, from AWQ-scaled GPTQ roundings)")
-    run_command(["qat_distributed", "--config", "smollm2/135M_qat_gptq", f"output_dir={out}/qat", *budget])
+    float_steps = qat_float_phase(steps)
+    _banner(f"2/5 QAT fine-tune, 8da4w group 32 ({steps} steps: {float_steps} float, then AWQ + GPTQ and "
+            f"{steps - float_steps} fake-quantized)")
+    run_command(["qat_distributed", "--config", QAT_CONFIG, f"output_dir={out}/qat", *budget,
+                 f"fake_quant_after_n_steps={float_steps}"])
     _banner("3/5 quantize: PTQ of the float fine-tune, convert of the QAT fine-tune (both real 8da4w)")
     run_command(["quantize", "--config", "quantization", f"checkpoint_dir={out}/bf16/{step_dir}",
                  f"output_dir={out}/ptq", "quantizer._component_=qattune.quant.PTQQuantizer"])

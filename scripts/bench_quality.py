@@ -26,12 +26,14 @@ where it does not.
   group's largest positive weight;
 - qat_ranges_mse: qat_ranges with the scales starting at each group's least-squared-error clipping
   range (`quantizer.range_init: mse`) instead of its full range;
-- qat_gptq: qattune's best measured recipe (`smollm2/135M_qat_gptq`): qat_ranges_cover starting from
-  GPTQ's roundings (`quantizer.rounding_init: gptq`, calibrated on the first training batches) instead
-  of the nearest ones, after AWQ scaling of the blocks' channels (`quantizer.awq_scaling`; for q4_0
-  the recipe is `smollm2/135M_qat_gptq_q4_0`);
-- ptq_gptq (with qat_gptq): the bf16 fine-tune quantized with AWQ scaling and GPTQ rounding (the same
-  calibration, no training): how much of qat_gptq's gain they give without training.
+- qat_gptq: qattune's best measured recipe (`smollm2/135M_qat_gptq`): learned scales starting at the
+  covering grid, and a float phase (its config's share of the steps: three quarters for 8da4w, a
+  quarter for q4_0's `smollm2/135M_qat_gptq_q4_0`) after which AWQ scales the blocks' channels
+  (`quantizer.awq_scaling`) and GPTQ rounds their weights (`quantizer.rounding_init: gptq`, calibrated
+  on the first training batches), and for 8da4w the output head too (`quantizer.gptq_output_head`),
+  before fake-quantized training;
+- ptq_gptq (with qat_gptq): the bf16 fine-tune quantized with the same AWQ scaling and GPTQ rounding
+  (the same calibration, no training): how much of qat_gptq's gain they give without training.
 
 Every stage is a `qattune run` of the shipped recipes and configs, so the numbers are what users get.
 """
@@ -46,6 +48,7 @@ from pathlib import Path
 from typing import Sequence
 
 from qattune.cli.run import run_command
+from qattune.demo import qat_float_phase
 
 VARIANTS = ("qat_plain", "qat", "qat_distill", "qat_ranges", "qat_ranges_cover", "qat_ranges_mse", "qat_gptq")
 RANGE_LEARNING_SCHEMES = ("8da4w", "8w", "8da8w", "q4_0")
@@ -72,14 +75,15 @@ def _gptq_recipe(scheme: str):
 
 
 def _gptq_ptq_overrides(scheme: str) -> list[str]:
-    return [*GPTQ_PTQ, f"+quantizer.gptq_batches={_gptq_recipe(scheme).quantizer.gptq_batches}"]
+    """ptq_gptq's quantizer: AWQ + GPTQ as qat_gptq's config sets them (calibration batches, output head)."""
+    quantizer = _gptq_recipe(scheme).quantizer
+    head = ["+quantizer.gptq_output_head=true"] if quantizer.get("gptq_output_head", False) else []
+    return [*GPTQ_PTQ, f"+quantizer.gptq_batches={quantizer.gptq_batches}", *head]
 
 
 def _gptq_float_phase(scheme: str, steps: int) -> int:
-    """qat_gptq's float phase for `steps` steps: the same share of the run as in its config (which is
-    sized for the config's own max_steps_per_epoch)."""
-    cfg = _gptq_recipe(scheme)
-    return round(cfg.fake_quant_after_n_steps * steps / cfg.max_steps_per_epoch)
+    """qat_gptq's float phase for `steps` steps: the same share of the run as in its config."""
+    return qat_float_phase(steps, _gptq_config(scheme))
 
 
 def _scheme_overrides(scheme: str, options: list[str]) -> list[str]:

@@ -46,11 +46,16 @@ def test_seeds_default_to_one_run_at_seed_0(bench_quality, monkeypatch, tmp_path
 
 
 def test_qat_gptq_keeps_its_configs_share_of_float_steps(bench_quality):
-    # smollm2/135M_qat_gptq: fake quantization from the first step; the q4_0 recipe: float for its first
-    # quarter (6 of its 24 steps), so 30 of the bench's 120
-    assert bench_quality._variant_overrides("qat_gptq", 120, "8da4w") == ["fake_quant_after_n_steps=0"]
+    # smollm2/135M_qat_gptq: float for 18 of its 24 steps, so 90 of the bench's 120; the q4_0 recipe: its
+    # first quarter (6 of 24), so 30
+    assert bench_quality._variant_overrides("qat_gptq", 120, "8da4w") == ["fake_quant_after_n_steps=90"]
     assert bench_quality._variant_overrides("qat_gptq", 120, "q4_0") == ["fake_quant_after_n_steps=30"]
-    assert bench_quality._gptq_ptq_overrides("q4_0")[-1] == "+quantizer.gptq_batches=256"
+
+
+def test_ptq_gptq_calibrates_as_qat_gptqs_config_does(bench_quality):
+    assert bench_quality._gptq_ptq_overrides("8da4w")[-2:] == ["+quantizer.gptq_batches=64",
+                                                               "+quantizer.gptq_output_head=true"]
+    assert bench_quality._gptq_ptq_overrides("q4_0")[-1] == "+quantizer.gptq_batches=256"  # its Q8_0 head: no GPTQ
 
 
 def test_each_held_out_set_gets_its_own_results_and_summary(bench_quality, monkeypatch, tmp_path, capsys):
