@@ -240,7 +240,8 @@ class QATQuantizer(_SchemeQuantizer):
         gptq_batches: training batches GPTQ calibrates on (rounding_init="gptq").
         gptq_output_head: with rounding_init="gptq", round the output head with GPTQ too, after the
             blocks (it needs quantize_output and learned ranges). A head tied to the token embedding
-            moves the embedding with it, by about one grid step per weight.
+            moves the embedding with it (on SmolLM2-135M by a fifth of a grid step on average). Measured
+            there (8da4w): AWQ + GPTQ with no training recovers 80% of PTQ's held-out loss instead of 65%.
         awq_scaling: with rounding_init="gptq", before each transformer block is rounded, scale its
             Linear layers' input channels by `mean|x| ** alpha` and fold the inverse into the norm gains
             and the producing rows (AWQ; exact in float, alpha chosen per place by the rounding error on
