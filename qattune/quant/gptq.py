@@ -27,7 +27,7 @@ rounded last, calibrated on the last block's outputs. A head tied to the token e
 latent weight, so the embedding moves to the error-compensated values too (on SmolLM2-135M by a fifth
 of a grid step on average, 10% of the table's norm). There, with 8da4w, the head's output error fell
 to 0.14-0.16x nearest rounding's, and AWQ + GPTQ of a float fine-tune, no training, recovered 80% of
-PTQ's held-out loss instead of 65% (docs/benchmarks.md).
+PTQ's held-out loss instead of 66% (five seeds, docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -233,7 +233,8 @@ def gptq_initialize(model: nn.Module, batches: Iterable[dict[str, Tensor]], *,
     head = getattr(model, "output", None) if round_output_head else None
     if round_output_head and (head not in targets.values() or not hasattr(model, "norm")):
         raise QattuneError("gptq_output_head needs the output head (model.output, after model.norm) "
-                           "fake-quantized with learned ranges; set quantize_output=true, or gptq_output_head=false")
+                           "fake-quantized with learned ranges, which this model's head is not (q4_0's Q8_0 head "
+                           "keeps dynamic scales); set gptq_output_head=false")
     tied = _tied(model)
     skipped = {name: "its weight is tied to another module" for name, m in targets.items()
                if id(m.weight) in tied and m is not head}

@@ -233,15 +233,16 @@ class QATQuantizer(_SchemeQuantizer):
             0.85-0.91x its speed (docs/benchmarks.md).
         rounding_init: where the trained weights' roundings start: "nearest" (the weights as loaded) or
             "gptq" (the recipe moves each block weight so that nearest rounding gives GPTQ's code,
-            calibrated on `gptq_batches` training batches; see `qattune.quant.gptq`). "gptq" needs
-            range_learning (its group scales stay fixed) and fake quantization from the first step.
+            calibrated on `gptq_batches` training batches; see `qattune.quant.gptq`), when fake
+            quantization starts (`fake_quant_after_n_steps`). "gptq" needs range_learning (its group
+            scales stay fixed).
             Measured on SmolLM2-135M: it raises the share of PTQ's loss QAT recovers from 79% to 81.5%
             (docs/benchmarks.md).
         gptq_batches: training batches GPTQ calibrates on (rounding_init="gptq").
         gptq_output_head: with rounding_init="gptq", round the output head with GPTQ too, after the
             blocks (it needs quantize_output and learned ranges). A head tied to the token embedding
             moves the embedding with it (on SmolLM2-135M by a fifth of a grid step on average). Measured
-            there (8da4w): AWQ + GPTQ with no training recovers 80% of PTQ's held-out loss instead of 65%.
+            there (8da4w): AWQ + GPTQ with no training recovers 80% of PTQ's held-out loss instead of 66%.
         awq_scaling: with rounding_init="gptq", before each transformer block is rounded, scale its
             Linear layers' input channels by `mean|x| ** alpha` and fold the inverse into the norm gains
             and the producing rows (AWQ; exact in float, alpha chosen per place by the rounding error on
