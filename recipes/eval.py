@@ -91,7 +91,7 @@ def recipe(cfg) -> None:
             result = perplexity(model, tokenizer, texts, batch_size=cfg.batch_size, **ppl)
             metrics.update(result.metrics())
             if per_document:
-                metrics.update({f"document_{d.index + 1}/perplexity": d.perplexity for d in result.per_document})
+                metrics.update(result.per_document_metrics())
         if cfg.tasks:
             lm = lm_eval_model(model, tokenizer, batch_size=cfg.batch_size)
             task_results = run_lm_eval(lm, list(cfg.tasks), list(cfg.task_dirs), num_fewshot=cfg.num_fewshot,

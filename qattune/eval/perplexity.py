@@ -79,6 +79,10 @@ class PerplexityResult:
         return {"perplexity": self.perplexity, "bits_per_byte": self.bits_per_byte,
                 "nll_per_token": self.nll_per_token, "byte_perplexity": self.byte_perplexity}
 
+    def per_document_metrics(self) -> dict[str, float]:
+        """Each document's perplexity, named `document_<n>/perplexity` (n: its position, from 1)."""
+        return {f"document_{d.index + 1}/perplexity": d.perplexity for d in self.per_document}
+
     def to_dict(self) -> dict[str, Any]:
         return {"documents": self.documents, "tokens": self.tokens, "bytes": self.bytes, "nll": self.nll,
                 "max_seq_len": self.max_seq_len, "stride": self.stride, **self.metrics(),
