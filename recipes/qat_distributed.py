@@ -60,7 +60,9 @@ def recipe(cfg) -> None:
         groups = None
         if cfg.get("range_learning_lr") is not None:
             groups = functools.partial(range_learning_param_groups, lr=cfg.range_learning_lr)
+        # a snapshot teacher exists from the switch on: the float phase trains on cross entropy alone
         trainer = session.build_trainer(step_hooks=hooks, teacher=teacher,
+                                        teacher_from_step=snapshot.at_step if snapshot is not None else 0,
                                         loss_fn=loss_fn, param_groups=groups)
         if snapshot is not None and session.resume_dir is not None:
             snapshot.resume(session.resume_dir, trainer.global_step)

@@ -5,6 +5,8 @@ float model instead, such as the bf16 fine-tune of the same data). `fake_quant_s
 student's float weights into the teacher at the step fake quantization turns on: after a float phase the
 teacher then knows what that phase learnt (the starting model can be far worse on the training data
 than the float fine-tune that PTQ is measured against, and a student pulled towards it cannot beat it).
+Until then there is no teacher: the float phase trains on the cross entropy alone (the trainer's
+`teacher_from_step`), as a run without distillation does, and the teacher is not run.
 The snapshot goes into every later checkpoint (`teacher.safetensors`) and is restored on resume, so a
 resumed run distils from the same teacher as an uninterrupted one.
 """

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -34,7 +36,8 @@ class DistillationLoss(nn.Module):
 
     loss = (1 - kd_weight) * CE + kd_weight * T^2 * KL(softmax(teacher/T) || softmax(student/T)),
     per trained position. With a frozen float teacher this is QAT distillation: the fake-quantized
-    student learns to reproduce the float model's whole next-token distribution.
+    student learns to reproduce the float model's whole next-token distribution. Without teacher logits
+    (before a teacher snapshot exists) it is the plain cross entropy.
     """
 
     reduction = "sum"
@@ -48,11 +51,14 @@ class DistillationLoss(nn.Module):
         self.temperature = temperature
         self.ignore_index = ignore_index
 
-    def forward(self, logits: torch.Tensor, labels: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    def forward(self, logits: torch.Tensor, labels: torch.Tensor,
+                teacher_logits: Optional[torch.Tensor] = None) -> torch.Tensor:
         vocab = logits.shape[-1]
         student = logits.reshape(-1, vocab).float()
         flat_labels = labels.reshape(-1)
         ce = F.cross_entropy(student, flat_labels, ignore_index=self.ignore_index, reduction="sum")
+        if teacher_logits is None:
+            return ce
         trained = flat_labels != self.ignore_index
         t = self.temperature
         student_logp = F.log_softmax(student[trained] / t, dim=-1)

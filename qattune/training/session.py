@@ -305,7 +305,7 @@ class TrainingSession:
         return shard_model(model.to(self.device))
 
     def build_trainer(self, *, step_hooks: Sequence[Any] = (), teacher: Optional[nn.Module] = None,
-                      loss_fn: Optional[nn.Module] = None,
+                      teacher_from_step: int = 0, loss_fn: Optional[nn.Module] = None,
                       param_groups: Optional[Callable[[nn.Module], list[dict[str, Any]]]] = None):
         """The Trainer over the (already transformed) model, restored from `resume_dir` when resuming.
 
@@ -359,6 +359,7 @@ class TrainingSession:
             log_every_n_steps=cfg.get("log_every_n_steps", 1),
             progress_bar=cfg.get("progress_bar", True),
             teacher_model=teacher,
+            teacher_from_step=teacher_from_step,
             profiler=instantiate(cfg.profiler) if cfg.get("profiler") is not None else None,
         )
         if self.resume_dir is not None:

@@ -55,7 +55,9 @@ class Trainer:
     same `set_epoch`/`state_dict`/`load_state_dict`/`__len__`/`__iter__`).
 
     `loss_fn(logits, labels)` must return the SUM over trained tokens (qattune's `CrossEntropyLoss`);
-    with a `teacher_model`, `loss_fn(logits, labels, teacher_logits)` (qattune's `DistillationLoss`).
+    with a `teacher_model`, `loss_fn(logits, labels, teacher_logits)` (qattune's `DistillationLoss`)
+    from optimizer step `teacher_from_step` on (before it, e.g. while a teacher snapshot is not yet taken,
+    the teacher is not run and the loss gets no teacher logits).
     Batches are dicts with `tokens`, `labels` and optionally `input_pos` and `mask`, which are passed
     to the model as keyword arguments.
     """
@@ -86,6 +88,7 @@ class Trainer:
         log_every_n_steps: int = 1,
         progress_bar: bool = True,
         teacher_model: Optional[nn.Module] = None,
+        teacher_from_step: int = 0,
         profiler: Optional[Any] = None,
     ) -> None:
         if getattr(loss_fn, "reduction", "sum") != "sum":
@@ -122,6 +125,7 @@ class Trainer:
         self.log_every_n_steps = log_every_n_steps
         self.progress_bar = progress_bar
         self.teacher_model = teacher_model
+        self.teacher_from_step = teacher_from_step
         self.profiler = profiler or NoProfiler()
         self.validation_loss_fn = CrossEntropyLoss() if teacher_model is not None else loss_fn
         self.is_main = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
@@ -147,6 +151,8 @@ class Trainer:
         logits = model(batch["tokens"], **extras)
         if self.teacher_model is None:
             return self.loss_fn(logits, batch["labels"])
+        if self.global_step < self.teacher_from_step:
+            return self.loss_fn(logits, batch["labels"], None)
         with torch.no_grad():
             teacher_logits = self.teacher_model(batch["tokens"], **extras)
         return self.loss_fn(logits, batch["labels"], teacher_logits)

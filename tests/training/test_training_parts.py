@@ -62,6 +62,8 @@ def test_distillation_loss_mixes_ce_and_kl():
     assert loss.item() == pytest.approx((0.75 * ce + 0.25 * kl).item(), rel=1e-5)
     assert DistillationLoss(kd_weight=0.0)(logits, labels, teacher).item() == pytest.approx(ce.item(), rel=1e-6)
     assert DistillationLoss(kd_weight=1.0)(logits, labels, logits).item() == pytest.approx(0.0, abs=1e-4)
+    # no teacher logits (a snapshot teacher not yet taken): the whole cross entropy, whatever kd_weight
+    assert DistillationLoss(kd_weight=0.9)(logits, labels).item() == pytest.approx(ce.item(), rel=1e-6)
 
 
 def test_distillation_trains_towards_the_teacher():
