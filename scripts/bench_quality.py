@@ -1,6 +1,7 @@
 """How much of the PTQ quality loss QAT recovers, measured honestly; prints JSON.
 
     python scripts/bench_quality.py [--steps 120] [--schemes 8da4w q4_0] [--seeds 0 1 2] [--eval-documents 3 5]
+                                    [--qat-override fake_quant_after_n_steps=60 ...]
 
 Same base model (SmolLM2-135M-Instruct, offline), same data (CPython docs, train split), same optimizer,
 learning rate and schedule, and the same number of steps and tokens for every run, evaluated on held-out
@@ -109,6 +110,12 @@ def _variant_overrides(variant: str, steps: int, scheme: str) -> list[str]:
     return recipe + [DISTILLATION, "teacher_snapshot=fake_quant_start"]
 
 
+def _overridden(overrides: Sequence[str], extra: Sequence[str]) -> list[str]:
+    """`overrides` with `extra` (`--qat-override`) after them, less those of the keys `extra` sets."""
+    keys = {option.split("=", 1)[0].lstrip("+~") for option in extra}
+    return [o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in keys] + list(extra)
+
+
 def _train(out: Path, recipe: str, config: str, steps: int, extra: list[str], reuse: bool) -> Path:
     """Train (or, with `reuse`, keep a finished run's last checkpoint) and return the checkpoint."""
     checkpoint = out / f"step_{steps}"
@@ -143,9 +150,10 @@ def _run_seed(root: Path, seed: int, args: argparse.Namespace, minutes: dict) ->
                 continue  # range learning needs an integer grid
             variant_started = time.perf_counter()
             config = _gptq_config(scheme) if variant == "qat_gptq" else "smollm2/135M_qat_full"
-            trained = _train(base / variant, "qat_distributed", config, args.steps,
-                             [*_variant_overrides(variant, args.steps, scheme),
-                              *_scheme_overrides(scheme, args.quantizer_option), *seeded], args.reuse)
+            overrides = _overridden([*_variant_overrides(variant, args.steps, scheme),
+                                     *_scheme_overrides(scheme, args.quantizer_option)], args.qat_override)
+            trained = _train(base / variant, "qat_distributed", config, args.steps, [*overrides, *seeded],
+                             args.reuse)
             checkpoints[variant] = _quantize(trained, base / variant, scheme, args.quantizer_option, ptq=False)
             minutes[f"seed {seed}/{scheme}/{variant}"] = round((time.perf_counter() - variant_started) / 60, 1)
         for documents in args.eval_documents:
@@ -224,6 +232,9 @@ def main() -> None:
     parser.add_argument("--reuse", action="store_true", help="keep training runs already finished in --output-dir")
     parser.add_argument("--quantizer-option", action="append", default=[], metavar="KEY=VALUE",
                         help="a quantizer option for PTQ and QAT alike (e.g. quantize_output=false)")
+    parser.add_argument("--qat-override", action="append", default=[], metavar="KEY=VALUE",
+                        help="a config override for every QAT training run, in place of the variant's own for "
+                             "that key (e.g. fake_quant_after_n_steps=60)")
     args = parser.parse_args()
     root = Path(args.output_dir).resolve()
     started = time.perf_counter()
@@ -238,6 +249,7 @@ def main() -> None:
         "steps": args.steps,
         "eval_documents": args.eval_documents,
         "quantizer_options": args.quantizer_option,
+        "qat_overrides": args.qat_override,
         "minutes": round((time.perf_counter() - started) / 60, 1),
         "minutes_per_qat_run": minutes,
         "results": by_seed[args.seeds[0]],

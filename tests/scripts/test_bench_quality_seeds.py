@@ -52,6 +52,13 @@ def test_qat_gptq_keeps_its_configs_share_of_float_steps(bench_quality):
     assert bench_quality._variant_overrides("qat_gptq", 120, "q4_0") == ["fake_quant_after_n_steps=30"]
 
 
+def test_qat_overrides_replace_the_variants_own_setting_of_a_key(bench_quality):
+    variant = ["fake_quant_after_n_steps=90", "quantizer.scheme=q4_0", "+quantizer.range_learning=true"]
+    extra = ["fake_quant_after_n_steps=60", "quantizer.range_learning=false", "teacher_snapshot=fake_quant_start"]
+    assert bench_quality._overridden(variant, extra) == ["quantizer.scheme=q4_0", *extra]
+    assert bench_quality._overridden(variant, []) == variant
+
+
 def test_ptq_gptq_calibrates_as_qat_gptqs_config_does(bench_quality):
     assert bench_quality._gptq_ptq_overrides("8da4w")[-2:] == ["+quantizer.gptq_batches=64",
                                                                "+quantizer.gptq_output_head=true"]
