@@ -2,9 +2,9 @@
 
 1. fine-tune SmolLM2-135M-Instruct in float on the CPython docs (`smollm2/135M_full`): the bf16 baseline;
 2. the same run with 8da4w QAT, qattune's best measured recipe (`smollm2/135M_qat_gptq`: float for
-   the first three quarters of the steps, then AWQ scaling of the blocks' channels and GPTQ rounding
-   of their weights and the output head, and fake quantization for the last quarter, the group scales
-   learned slowly);
+   the first three quarters of the steps, then AWQ scaling of the blocks' channels, GPTQ rounding of
+   their weights with one pass of block reconstruction each, GPTQ rounding of the output head, and fake
+   quantization for the last quarter, the group scales learned slowly);
 3. quantize: PTQ of the float fine-tune, and `convert` of the QAT fine-tune, both to real 8da4w models;
 4. evaluate the three side by side on held-out docs (perplexity; share of the PTQ loss QAT recovered);
 5. generate an answer with the QAT-quantized model.
@@ -47,8 +47,8 @@ def run_demo(output_dir: str, steps: int, eval_documents: int, prompt: str = DEF
     _banner(f"1/5 float fine-tune of SmolLM2-135M ({steps} steps): the bf16 baseline")
     run_command(["full_finetune", "--config", "smollm2/135M_full", f"output_dir={out}/bf16", *budget])
     float_steps = qat_float_phase(steps)
-    _banner(f"2/5 QAT fine-tune, 8da4w group 32 ({steps} steps: {float_steps} float, then AWQ + GPTQ and "
-            f"{steps - float_steps} fake-quantized)")
+    _banner(f"2/5 QAT fine-tune, 8da4w group 32 ({steps} steps: {float_steps} float, then AWQ + GPTQ "
+            f"with block reconstruction, and {steps - float_steps} fake-quantized)")
     run_command(["qat_distributed", "--config", QAT_CONFIG, f"output_dir={out}/qat", *budget,
                  f"fake_quant_after_n_steps={float_steps}"])
     _banner("3/5 quantize: PTQ of the float fine-tune, convert of the QAT fine-tune (both real 8da4w)")

@@ -76,10 +76,13 @@ def _gptq_recipe(scheme: str):
 
 
 def _gptq_ptq_overrides(scheme: str) -> list[str]:
-    """ptq_gptq's quantizer: AWQ + GPTQ as qat_gptq's config sets them (calibration batches, output head)."""
+    """ptq_gptq's quantizer: AWQ + GPTQ as qat_gptq's config sets them (calibration batches, output head,
+    block reconstruction)."""
     quantizer = _gptq_recipe(scheme).quantizer
     head = ["+quantizer.gptq_output_head=true"] if quantizer.get("gptq_output_head", False) else []
-    return [*GPTQ_PTQ, f"+quantizer.gptq_batches={quantizer.gptq_batches}", *head]
+    epochs = quantizer.get("reconstruction_epochs", 0)
+    reconstruction = [f"+quantizer.reconstruction_epochs={epochs}"] if epochs else []
+    return [*GPTQ_PTQ, f"+quantizer.gptq_batches={quantizer.gptq_batches}", *head, *reconstruction]
 
 
 def _gptq_float_phase(scheme: str, steps: int) -> int:
