@@ -35,7 +35,8 @@ where it does not.
   towards the float block's outputs (`quantizer.reconstruction_epochs`) and GPTQ rounds the output head
   too (`quantizer.gptq_output_head`), before fake-quantized training;
 - ptq_gptq (with qat_gptq): the bf16 fine-tune quantized with the same AWQ scaling, GPTQ rounding and
-  reconstruction (the same calibration, no training): how much of qat_gptq's gain they give without training.
+  reconstruction (the same calibration, no training): how much of qat_gptq's gain they give without
+  training.
 
 Every stage is a `qattune run` of the shipped recipes and configs, so the numbers are what users get.
 """
