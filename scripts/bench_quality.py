@@ -31,9 +31,9 @@ where it does not.
   covering grid, and a float phase (its config's share of the steps: three quarters for 8da4w, a
   quarter for q4_0's `smollm2/135M_qat_gptq_q4_0`) after which AWQ scales the blocks' channels
   (`quantizer.awq_scaling`) and GPTQ rounds their weights (`quantizer.rounding_init: gptq`, calibrated
-  on the first training batches); for 8da4w one pass of block reconstruction then trains each block
-  towards the float block's outputs (`quantizer.reconstruction_epochs`) and GPTQ rounds the output head
-  too (`quantizer.gptq_output_head`), before fake-quantized training;
+  on the first training batches); one pass of block reconstruction then trains each block towards
+  the float block's outputs (`quantizer.reconstruction_epochs`), and for 8da4w GPTQ rounds the output
+  head too (`quantizer.gptq_output_head`), before fake-quantized training;
 - ptq_gptq (with qat_gptq): the bf16 fine-tune quantized with the same AWQ scaling, GPTQ rounding and
   reconstruction (the same calibration, no training): how much of qat_gptq's gain they give without
   training.

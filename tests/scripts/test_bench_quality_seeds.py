@@ -63,8 +63,9 @@ def test_ptq_gptq_calibrates_as_qat_gptqs_config_does(bench_quality):
     assert bench_quality._gptq_ptq_overrides("8da4w")[-3:] == ["+quantizer.gptq_batches=64",
                                                                "+quantizer.gptq_output_head=true",
                                                                "+quantizer.reconstruction_epochs=1"]
-    # its Q8_0 head: no GPTQ; no block reconstruction in its config
-    assert bench_quality._gptq_ptq_overrides("q4_0")[-1] == "+quantizer.gptq_batches=256"
+    # its Q8_0 head: no GPTQ
+    assert bench_quality._gptq_ptq_overrides("q4_0")[-2:] == ["+quantizer.gptq_batches=256",
+                                                             "+quantizer.reconstruction_epochs=1"]
 
 
 def test_each_held_out_set_gets_its_own_results_and_summary(bench_quality, monkeypatch, tmp_path, capsys):
