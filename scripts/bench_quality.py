@@ -28,8 +28,8 @@ where it does not.
 - qat_ranges_mse: qat_ranges with the scales starting at each group's least-squared-error clipping
   range (`quantizer.range_init: mse`) instead of its full range;
 - qat_gptq: qattune's best measured recipe (`smollm2/135M_qat_gptq`): learned scales starting at the
-  covering grid, and a float phase (its config's share of the steps: three quarters for 8da4w, a
-  quarter for q4_0's `smollm2/135M_qat_gptq_q4_0`) after which AWQ scales the blocks' channels
+  covering grid, and a float phase (its config's share of the steps: three quarters, for 8da4w and for
+  q4_0's `smollm2/135M_qat_gptq_q4_0`) after which AWQ scales the blocks' channels
   (`quantizer.awq_scaling`) and GPTQ rounds their weights (`quantizer.rounding_init: gptq`, calibrated
   on the first training batches); one pass of block reconstruction then trains each block towards
   the float block's outputs (`quantizer.reconstruction_epochs`), and for 8da4w GPTQ rounds the output

@@ -46,10 +46,11 @@ def test_seeds_default_to_one_run_at_seed_0(bench_quality, monkeypatch, tmp_path
 
 
 def test_qat_gptq_keeps_its_configs_share_of_float_steps(bench_quality):
-    # smollm2/135M_qat_gptq: float for 18 of its 24 steps, so 90 of the bench's 120; the q4_0 recipe: its
-    # first quarter (6 of 24), so 30
-    assert bench_quality._variant_overrides("qat_gptq", 120, "8da4w") == ["fake_quant_after_n_steps=90"]
-    assert bench_quality._variant_overrides("qat_gptq", 120, "q4_0") == ["fake_quant_after_n_steps=30"]
+    # smollm2/135M_qat_gptq: float for 18 of its 24 steps, so 90 of the bench's 120 and 30 of 40; the q4_0
+    # recipe inherits that share
+    for scheme in ("8da4w", "q4_0"):
+        assert bench_quality._variant_overrides("qat_gptq", 120, scheme) == ["fake_quant_after_n_steps=90"]
+        assert bench_quality._variant_overrides("qat_gptq", 40, scheme) == ["fake_quant_after_n_steps=30"]
 
 
 def test_qat_overrides_replace_the_variants_own_setting_of_a_key(bench_quality):
