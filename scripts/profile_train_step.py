@@ -1,8 +1,10 @@
 """Profile one training step of `bench_train.py`'s variants: top operators by time, and memory.
 
-    python scripts/profile_train_step.py [--device cuda] [--variants plain qat/8da4w] [--rows 25] [--out DIR]
+    python scripts/profile_train_step.py [--device cuda] [--variants plain qat/8da4w] [--rows 25] [--warmup 4] [--out DIR]
 
-For each variant (same model, batch and shapes as `bench_train.py`): two untimed steps, then one step
+For each variant (same model, batch and shapes as `bench_train.py`): `--warmup` untimed steps (4: on a
+CPU the first three still page-fault through memory the heap has not held yet, which inflates the large
+tensors' operators several times over, e.g. the loss's log-softmax backward), then one step
 with memory figures (allocated after the forward, peak of the step; CUDA only), then one step under
 `torch.profiler`, whose operator table (sorted by self device time on CUDA, self CPU time on CPU or with
 `--sort cpu`: where launch overhead starves the GPU) is printed and, with `--out`, written to `DIR/profile_<variant>.txt`.
@@ -47,6 +49,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
     parser.add_argument("--variants", nargs="+", default=["plain", "qat/8da4w"])
     parser.add_argument("--rows", type=int, default=25)
+    parser.add_argument("--warmup", type=int, default=4, help="untimed steps before the profiled one")
     parser.add_argument("--sort", choices=["device", "cpu"], default="device",
                         help="order operators by self device time (CPU time on CPU) or by self CPU time")
     parser.add_argument("--out", default=None)
@@ -65,7 +68,7 @@ def main() -> None:
         Path(args.out).mkdir(parents=True, exist_ok=True)
     for name in args.variants:
         state = bench_train.TrainState(variants[name](bench_train.build_float_model(shape, args.device)), *batch)
-        for _ in range(2):
+        for _ in range(args.warmup):
             state.step()
         summary[name] = memory_of_one_step(state, args.device)
         with profile(activities=activities) as prof:

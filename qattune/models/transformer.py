@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qattune.errors import QattuneError
 from qattune.models.rope import RopeConfig, apply_rotary, rotary_cos_sin
 
 
@@ -309,6 +310,10 @@ class Transformer(nn.Module):
         """
         batch, seq = tokens.shape
         caching = self.caches_are_enabled()
+        if not caching and seq > self.config.max_seq_len:
+            raise QattuneError(
+                f"a sequence of {seq} tokens is longer than the model's max_seq_len={self.config.max_seq_len}: lower "
+                "the data's max_seq_len (e.g. dataset.max_seq_len), or raise the model's if it handles longer inputs")
         if input_pos is None:
             if caching:
                 raise ValueError("input_pos is required when KV caches are enabled")

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import qattune.models as models
+from qattune.errors import QattuneError
 from qattune.models import llama
 from qattune.models.adapters import half_split_to_interleaved, interleaved_to_half_split
 from qattune.models.rope import RopeConfig, apply_rotary, inverse_frequencies, rotary_cos_sin
@@ -55,6 +56,14 @@ def test_kv_cache_requires_positions():
     model.setup_caches(1, 16)
     with pytest.raises(ValueError, match="input_pos is required"):
         model(torch.zeros(1, 3, dtype=torch.long))
+
+
+def test_input_longer_than_max_seq_len_is_refused_in_one_line():
+    model = tiny()  # max_seq_len=64
+    assert model(torch.zeros(1, 64, dtype=torch.long)).shape == (1, 64, 96)
+    with pytest.raises(QattuneError, match=r"^a sequence of 65 tokens is longer than the model's max_seq_len=64: "
+                                           r"lower the data's max_seq_len \(e.g. dataset.max_seq_len\)"):
+        model(torch.zeros(1, 65, dtype=torch.long))
 
 
 def test_packed_sequences_with_restarting_positions_equal_separate_forwards():
