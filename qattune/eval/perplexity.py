@@ -131,11 +131,15 @@ def perplexity(
     (attention and logits memory grow with it). stride: default max_seq_len (disjoint chunks).
     batch_size, max_batch_tokens: at most this many windows and padded tokens per forward pass.
     """
+    model_limit = getattr(getattr(model, "config", None), "max_seq_len", None)
     if max_seq_len is None:
-        model_limit = getattr(getattr(model, "config", None), "max_seq_len", None)
         if model_limit is None:
             raise QattuneError(f"{type(model).__name__} has no config.max_seq_len; pass max_seq_len to perplexity")
         max_seq_len = min(model_limit, DEFAULT_MAX_SEQ_LEN)
+    elif model_limit is not None and max_seq_len > model_limit:
+        raise QattuneError(f"perplexity windows of max_seq_len={max_seq_len} tokens are longer than the model's "
+                           f"max_seq_len={model_limit}: set perplexity.max_seq_len to at most {model_limit} "
+                           "(null: the model's own)")
     stride = max_seq_len if stride is None else stride
     prefix = default_prefix_token(tokenizer) if prefix_token_id is None else prefix_token_id
     windows, spans = [], []  # spans: (document index, tokens, bytes, how many windows)

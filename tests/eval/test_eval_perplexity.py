@@ -105,6 +105,14 @@ def test_context_matters_so_the_window_rule_is_checked(model):
     assert abs(short - full) > 1e-3
 
 
+def test_windows_longer_than_the_model_are_refused_in_one_line(model):
+    tokenizer = ByteChatTokenizer()  # the model's max_seq_len is 256
+    assert perplexity(model, tokenizer, TEXTS[:1], max_seq_len=256).tokens > 0
+    with pytest.raises(QattuneError, match=r"^perplexity windows of max_seq_len=257 tokens are longer than the "
+                                           r"model's max_seq_len=256: set perplexity.max_seq_len to at most 256"):
+        perplexity(model, tokenizer, TEXTS[:1], max_seq_len=257)
+
+
 def test_prefix_is_eos_without_bos(model):
     tokenizer = ByteChatTokenizer(with_bos=False)
     result = perplexity(model, tokenizer, ["abc"], max_seq_len=16)
