@@ -1,6 +1,6 @@
 """qattune.checkpoint: read and write Hugging Face, Meta and GGUF checkpoints; build models from them."""
 
-from qattune.checkpoint.atomic import atomic_directory
+from qattune.checkpoint.atomic import atomic_directory, writable_directory
 from qattune.checkpoint.auto import is_quantized_checkpoint, load_model
 from qattune.checkpoint.base import Checkpointer, expected_shapes
 from qattune.checkpoint.gguf import GGUFCheckpointer, smollm2_135m_gguf_path
@@ -19,6 +19,7 @@ __all__ = [
     "HFCheckpointer",
     "MetaCheckpointer",
     "atomic_directory",
+    "writable_directory",
     "build_model_from_checkpoint",
     "check_model_matches",
     "expected_shapes",

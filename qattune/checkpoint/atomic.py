@@ -43,3 +43,21 @@ def atomic_directory(final: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def writable_directory(path: str | os.PathLike, key: str = "output_dir") -> Path:
+    """`path` as an absolute folder that exists and takes new files, checked before a run does any heavy
+    work (so a typo fails in a second, not after training); one line naming `key` otherwise."""
+    folder = Path(path).expanduser().absolute()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".qattune-write-check-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        probe.touch()
+        probe.unlink()
+    except OSError as err:
+        from qattune.errors import QattuneError
+
+        reason = err.strerror or type(err).__name__
+        raise QattuneError(f"{key}={path} cannot be written ({reason}: {err.filename or folder}); "
+                           f"set {key} to a folder you can write") from err
+    return folder

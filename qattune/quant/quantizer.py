@@ -104,7 +104,7 @@ class _SchemeQuantizer:
         self.report = QuantReport(stage, self.config.scheme, [p.record() for p in plans])  # type: ignore[arg-type]
         if not self.report.quantized:
             logger.warning("quantizer %s found no layer to quantize", self.config.scheme)
-        logger.info("%s", self.report)
+        logger.debug("%s", self.report)  # recipes print it; INFO logging would show it twice
         return self.report
 
     # -- protocol ------------------------------------------------------------------------------

@@ -47,16 +47,27 @@ def default_device() -> torch.device:
     return torch.device("cpu")
 
 
+def parse_device(device: str) -> torch.device:
+    """`device` (cpu, cuda, cuda:1, mps, ...) as a torch.device; one line if torch does not know it, or if it
+    names CUDA and no GPU is visible."""
+    try:
+        target = torch.device(device)
+    except (RuntimeError, ValueError) as err:
+        raise QattuneError(f"device={device} is not a device torch knows ({str(err).splitlines()[0]}); "
+                           "use cpu, cuda, cuda:N or mps") from err
+    if target.type == "cuda" and not torch.cuda.is_available():
+        raise QattuneError(f"device '{device}' was requested but no CUDA GPU is visible; set device=cpu")
+    return target
+
+
 def init_distributed(device: Optional[str] = None) -> DistInfo:
     """Join the process group torchrun described (RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR...), with
     NCCL on CUDA and gloo on CPU; a plain `python` run is world size 1 and starts no group."""
-    target = torch.device(device) if device else default_device()
+    target = parse_device(device) if device else default_device()
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if target.type == "cuda":
-        if not torch.cuda.is_available():
-            raise QattuneError("device 'cuda' was requested but no CUDA GPU is visible; set device=cpu")
         target = torch.device("cuda", local_rank if target.index is None else target.index)
         torch.cuda.set_device(target)
     if world_size > 1 and not dist.is_initialized():

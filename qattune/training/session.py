@@ -92,6 +92,35 @@ def _refuse_quantized(checkpointer: Any) -> None:
         )
 
 
+def _warn_other_output_dir(checkpointer: Any, output_dir: str) -> None:
+    """torchtune configs may point `checkpointer.output_dir` elsewhere; qattune writes each checkpoint whole
+    (model files and recipe state) to `output_dir/step_N`, so say where the files go."""
+    theirs = getattr(checkpointer, "output_dir", None)
+    if theirs is not None and Path(theirs).expanduser().absolute() != Path(output_dir):
+        log.warning("checkpointer.output_dir=%s differs from output_dir=%s: checkpoints (model and recipe state) "
+                    "are written to output_dir/step_N", theirs, output_dir)
+
+
+def longest_sample(dataset: Any) -> Optional[int]:
+    """The longest sequence `dataset` yields, where it can tell without reading every item: a packed
+    dataset's pack length, or the longest of a tokenized dataset's samples (None otherwise)."""
+    samples = getattr(dataset, "samples", None)
+    if samples is not None:
+        return max((len(sample.tokens) for sample in samples), default=0)
+    return getattr(dataset, "max_seq_len", None)
+
+
+def _check_fits_model(dataset: Any, model: nn.Module, key: str) -> None:
+    """Refuse, before training, data with sequences longer than the model's positions."""
+    limit = getattr(getattr(model, "config", None), "max_seq_len", None)
+    longest = longest_sample(dataset) if dataset is not None else None
+    if limit is not None and longest is not None and longest > limit:
+        raise QattuneError(
+            f"{key} has sequences of up to {longest} tokens, longer than the model's max_seq_len={limit}: set "
+            f"{key}.max_seq_len to at most {limit}, or raise the model's if it handles longer inputs"
+        )
+
+
 def _accepts(fn: Callable, name: str) -> bool:
     try:
         params = inspect.signature(fn).parameters
@@ -115,8 +144,11 @@ class TrainingSession:
         from qattune.training.host_allocator import keep_freed_host_memory
         from qattune.training.precision import resolve_dtype
 
+        from qattune.checkpoint import writable_directory
+
         _unsupported_options(cfg)
         self.cfg = cfg
+        self.output_dir = str(writable_directory(cfg.output_dir))
         if cfg.get("log_level"):
             logging.basicConfig(level=str(cfg.log_level).upper())
         self.dist = init_distributed(cfg.get("device"))
@@ -127,13 +159,20 @@ class TrainingSession:
         self.seed = cfg.get("seed") if cfg.get("seed") is not None else 0
         torch.manual_seed(self.seed)
         self.tokenizer = instantiate(cfg.tokenizer)
+        # the data first: a wrong path or column fails before any weight is read
+        self.train_dataset = instantiate(cfg.dataset, tokenizer=self.tokenizer)
+        self.val_dataset = (instantiate(cfg.dataset_val, tokenizer=self.tokenizer)
+                            if cfg.get("dataset_val") is not None else None)
         self.checkpointer = instantiate(cfg.checkpointer) if cfg.get("checkpointer") is not None else None
         _refuse_quantized(self.checkpointer)
+        _warn_other_output_dir(self.checkpointer, self.output_dir)
         self.resume_dir = self._resume_dir()
         self.rank0_loads = self.dist.is_distributed and load_on_rank0_only
         self.load_device = self._load_device()
         self.model_builder = model_builder or (lambda: instantiate(cfg.model))
         self.model = self._build_model(self.model_builder, weights_from_resume)
+        for key, dataset in (("dataset", self.train_dataset), ("dataset_val", self.val_dataset)):
+            _check_fits_model(dataset, self.model, key)
         self.base_keys = frozenset(self.model.state_dict())
         self.trainer = None
         # What a recipe customises about saving: the state dict to write, extra facts for the training
@@ -155,10 +194,10 @@ class TrainingSession:
             if not Path(resume, "recipe_state.pt").is_file():
                 raise QattuneError(f"resume_from_checkpoint={resume}: no recipe_state.pt there; name an output_dir/step_N folder")
             return resume
-        steps = list_step_dirs(self.cfg.output_dir)
+        steps = list_step_dirs(self.output_dir)
         if not steps:
             raise QattuneError(
-                f"resume_from_checkpoint=true but {self.cfg.output_dir} holds no complete step_N checkpoint; "
+                f"resume_from_checkpoint=true but {self.output_dir} holds no complete step_N checkpoint; "
                 "train without resuming first"
             )
         return steps[-1][1]
@@ -219,7 +258,7 @@ class TrainingSession:
 
     def _round(self, quantizer: Any, model: nn.Module) -> None:
         """The quantizer's rounding of `model`, calibrated on the training set's first batches in order."""
-        batches = iter(self._loader(self.cfg.dataset, self.cfg.get("batch_size", 1), shuffle=False))
+        batches = iter(self._loader(self.train_dataset, self.cfg.get("batch_size", 1), shuffle=False))
         progress = self.cfg.get("progress_bar", True) and self.dist.is_main
         report = quantizer.initialize_rounding(model, batches, progress=progress)
         if report is not None and self.dist.is_main:
@@ -284,10 +323,9 @@ class TrainingSession:
         return teacher.eval()
 
     # ----- data ---------------------------------------------------------------------------------
-    def _loader(self, dataset_cfg: Any, batch_size: int, shuffle: bool):
+    def _loader(self, dataset: Any, batch_size: int, shuffle: bool):
         from qattune.data import build_dataloader
 
-        dataset = instantiate(dataset_cfg, tokenizer=self.tokenizer)
         return build_dataloader(dataset, batch_size=batch_size, shuffle=shuffle, seed=self.seed)
 
     # ----- the run ------------------------------------------------------------------------------
@@ -317,10 +355,10 @@ class TrainingSession:
         self.model = self._prepare_for_training(self.model, trainable=True)
         if teacher is not None:
             teacher = self._prepare_for_training(teacher, trainable=False)
-        train_loader = self._loader(cfg.dataset, cfg.get("batch_size", 1), cfg.get("shuffle", True))
+        train_loader = self._loader(self.train_dataset, cfg.get("batch_size", 1), cfg.get("shuffle", True))
         val_loader = None
-        if cfg.get("dataset_val") is not None:
-            val_loader = self._loader(cfg.dataset_val, cfg.get("batch_size_val") or cfg.get("batch_size", 1), False)
+        if self.val_dataset is not None:
+            val_loader = self._loader(self.val_dataset, cfg.get("batch_size_val") or cfg.get("batch_size", 1), False)
         if param_groups is not None:
             params = param_groups(self.model)
         else:
@@ -350,7 +388,7 @@ class TrainingSession:
             val_loader=val_loader,
             val_every_n_steps=cfg.get("run_val_every_n_steps"),
             max_val_batches=cfg.get("max_val_batches"),
-            output_dir=cfg.output_dir,
+            output_dir=self.output_dir,
             save_model=self.save_model,
             save_every_n_steps=cfg.get("save_every_n_steps"),
             keep_last_n_checkpoints=cfg.get("keep_last_n_checkpoints"),
@@ -361,6 +399,7 @@ class TrainingSession:
             teacher_model=teacher,
             teacher_from_step=teacher_from_step,
             profiler=instantiate(cfg.profiler) if cfg.get("profiler") is not None else None,
+            log_peak_memory_stats=cfg.get("log_peak_memory_stats", True),
         )
         if self.resume_dir is not None:
             self.trainer.load_checkpoint(self.resume_dir)
@@ -385,7 +424,7 @@ class TrainingSession:
         tensor_files = {name: state() for name, state in self.extra_tensor_files.items()}
         if not self.dist.is_main:
             return
-        out = Path(directory)
+        out = Path(directory).absolute()  # a relative path would land under the checkpointer's output_dir
         base = {k: v for k, v in state_dict.items() if k in self.base_keys}
         extra = {k: v.contiguous().cpu() for k, v in state_dict.items() if k not in self.base_keys}
         if self.checkpointer is not None:
@@ -417,7 +456,7 @@ class TrainingSession:
         losses = self.trainer.fit()
         if self.dist.is_main and losses:
             print(f"Finished {self.trainer.global_step} steps: final loss {losses[-1]:.4f}; "
-                  f"checkpoints in {self.cfg.output_dir}")
+                  f"checkpoints in {self.output_dir}")
         return losses
 
     def close(self) -> None:

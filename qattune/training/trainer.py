@@ -90,6 +90,7 @@ class Trainer:
         teacher_model: Optional[nn.Module] = None,
         teacher_from_step: int = 0,
         profiler: Optional[Any] = None,
+        log_peak_memory_stats: bool = True,
     ) -> None:
         if getattr(loss_fn, "reduction", "sum") != "sum":
             raise QattuneError(
@@ -108,6 +109,7 @@ class Trainer:
         self.train_loader = train_loader
         self.device = device or next(model.parameters()).device
         self.lr_scheduler = lr_scheduler
+        self.log_peak_memory_stats = log_peak_memory_stats
         self.epochs = epochs
         self.max_steps_per_epoch = max_steps_per_epoch
         self.grad_accum = gradient_accumulation_steps
@@ -325,7 +327,8 @@ class Trainer:
                     elapsed = time.perf_counter() - started
                     metrics["tokens_per_second"] = metrics["processed_tokens"] / max(elapsed, 1e-9)
                     metrics["epoch"] = epoch
-                    metrics.update(peak_memory_stats(self.device))
+                    if self.log_peak_memory_stats:
+                        metrics.update(peak_memory_stats(self.device))
                     losses.append(metrics["loss"])
                     bar.update(self.global_step, metrics["loss"], metrics["tokens_per_second"])
                     self._after_step(metrics)

@@ -14,11 +14,11 @@ SMALL = ["max_steps_per_epoch=8", "batch_size=4", "dataset.max_seq_len=64", "dat
          "run_val_every_n_steps=null", "progress_bar=false", "save_every_n_steps=2", "keep_last_n_checkpoints=null"]
 
 
-def run_cli(*args: str, nproc: int = 1) -> subprocess.CompletedProcess:
+def run_cli(*args: str, nproc: int = 1, cwd=None, returncode: int = 0) -> subprocess.CompletedProcess:
     launch = ["--nproc_per_node", str(nproc), "--standalone"] if nproc > 1 else []
     proc = subprocess.run([sys.executable, "-m", "qattune.cli.main", "run", *launch, *args], capture_output=True,
-                          text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stderr[-3000:]
+                          text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=cwd)
+    assert proc.returncode == returncode, proc.stderr[-3000:]
     return proc
 
 
@@ -124,6 +124,30 @@ def test_two_processes_start_from_a_checkpoint_only_rank0_reads(qat_run, tmp_pat
     two = [r["loss"] for r in metrics(tmp_path / "two")]
     assert one[0] < 5.5  # the checkpoint's weights, not a fresh model's (5.82 at step 1)
     assert two == pytest.approx(one, abs=3e-3)
+
+
+def test_relative_output_dir_keeps_each_checkpoint_whole(qat_run, tmp_path):
+    """A relative output_dir (with a torchtune-style checkpointer.output_dir elsewhere) puts the model files
+    and the recipe state of a step in one folder, output_dir/step_N."""
+    start = ["checkpointer={_component_: qattune.checkpoint.HFCheckpointer, "
+             f"checkpoint_dir: {qat_run / 'step_8'}, output_dir: elsewhere}}"]
+    small = [o for o in SMALL if not o.startswith(("max_steps", "save_every"))]
+    proc = run_cli("full_finetune", "--config", "tiny/full", "output_dir=rel", "max_steps_per_epoch=1", *start,
+                   *small, cwd=tmp_path)
+    assert (f"checkpointer.output_dir=elsewhere differs from output_dir={tmp_path / 'rel'}: checkpoints "
+            "(model and recipe state) are written to output_dir/step_N") in proc.stderr
+    assert sorted(p.name for p in (tmp_path / "rel").iterdir()) == ["logs", "step_1"]
+    assert {"config.json", "model.safetensors", "recipe_state.pt"} <= {p.name for p in (tmp_path / "rel" / "step_1").iterdir()}
+    assert not (tmp_path / "elsewhere").exists()
+
+
+def test_data_longer_than_the_model_is_refused_before_training(tmp_path):
+    proc = run_cli("full_finetune", "--config", "tiny/full", f"output_dir={tmp_path}", "dataset.max_seq_len=512",
+                   "~dataset_val", returncode=2)
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "error: dataset has sequences of up to 512 tokens, longer than the model's max_seq_len=256: set "
+        "dataset.max_seq_len to at most 256, or raise the model's if it handles longer inputs")
+    assert not (tmp_path / "logs").exists()
 
 
 GPTQ_START = ["+quantizer.range_learning=true", "+quantizer.rounding_init=gptq", "+quantizer.gptq_batches=2",

@@ -142,3 +142,12 @@ def test_validation_loss_and_logged_metrics(tmp_path):
             total += F.cross_entropy(logits[keep], item["labels"][keep], reduction="sum").item()
             count += int(keep.sum())
     assert val_records[-1]["val_loss"] == pytest.approx(total / count, rel=1e-5)
+
+
+def test_log_peak_memory_stats_false_leaves_memory_out_of_the_metrics(tmp_path):
+    logger = JSONLLogger(str(tmp_path))
+    build_trainer(learnable_dataset(8), batch_size=4, metric_logger=logger, log_peak_memory_stats=False).fit()
+    logger.close()
+    records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert [r["step"] for r in records] == [1, 2]
+    assert not any(key.startswith(("peak_", "memory_")) for record in records for key in record)

@@ -258,3 +258,30 @@ def test_damaged_recipe_state_is_one_clear_line(tmp_path):
     with pytest.raises(QattuneError) as err:
         load_recipe_state(str(tmp_path))
     assert "could not be read as qattune recipe state" in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("device, says", [
+    ("gpu", "device=gpu is not a device torch knows"),
+    ("cuda:x", "device=cuda:x is not a device torch knows"),
+])
+def test_unknown_device_is_one_clear_line(device, says):
+    from qattune.training.distributed import parse_device
+
+    with pytest.raises(QattuneError) as err:
+        parse_device(device)
+    assert str(err.value).startswith(says) and str(err.value).endswith("use cpu, cuda, cuda:N or mps")
+    assert "\n" not in str(err.value)
+    assert parse_device("cpu") == torch.device("cpu")
+
+
+def test_unwritable_output_dir_is_one_clear_line(tmp_path):
+    from qattune.checkpoint import writable_directory
+
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    with pytest.raises(QattuneError) as err:
+        writable_directory(str(blocker / "out"))
+    assert str(err.value) == (f"output_dir={blocker}/out cannot be written (Not a directory: {blocker}/out); "
+                              "set output_dir to a folder you can write")
+    made = writable_directory(str(tmp_path / "new" / "out"), key="x")
+    assert made.is_dir() and list(made.iterdir()) == []
