@@ -91,5 +91,44 @@ def test_all_bad_overrides_reported_together():
 def test_recipe_keys_can_be_set_without_plus():
     cfg = apply_overrides(_cfg(), ["epochs=3"], known_keys={"epochs", "seed"})
     assert cfg.epochs == 3
-    with pytest.raises(QattuneError, match="cannot override 'epoch': the config has no such key"):
+    with pytest.raises(QattuneError) as err:
         apply_overrides(_cfg(), ["epoch=3"], known_keys={"epochs"})
+    # `+epoch=3` would fail validation too, so it is not suggested
+    assert str(err.value) == "cannot override 'epoch': neither the config nor its recipe has such a key. Did you mean 'epochs'?"
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("prompt=Tell me a joke, please",
+         "override 'prompt=Tell me a joke, please' is a sweep (a comma separates values), which qattune does not "
+         "support; quote a value that contains a comma: \"prompt='Tell me a joke, please'\""),
+        ("+tags=1,2", "override '+tags=1,2' is a sweep (a comma separates values), which qattune does not support; "
+                      "quote a value that contains a comma: \"+tags='1,2'\""),
+        ("batch_size=range(1,3)", "override 'batch_size=range(1,3)' is a sweep (range()), which qattune does not "
+                                  "support; set a single value"),
+        ("batch_size=choice(1,2)", "override 'batch_size=choice(1,2)' is a sweep (choice()), which qattune does not "
+                                   "support; set a single value"),
+        ("output_dir=glob(*)", "override 'output_dir=glob(*)' is a sweep (glob()), which qattune does not support; "
+                               "set a single value"),
+    ],
+)
+def test_sweeps_are_refused_in_one_line(override, message):
+    with pytest.raises(QattuneError) as err:
+        apply_overrides(_cfg(), [override])
+    assert str(err.value) == message
+
+
+def test_a_quoted_comma_is_a_value():
+    assert apply_overrides(_cfg(), ["+prompt='Tell me a joke, please'"]).prompt == "Tell me a joke, please"
+
+
+def test_an_override_omegaconf_refuses_is_one_line():
+    with pytest.raises(QattuneError) as err:
+        apply_overrides(_cfg(), ["+tags.x=1"])
+    assert str(err.value) == "cannot apply override '+tags.x=1': invalid literal for int() with base 10: 'x'"
+
+
+def test_list_items_by_index():
+    assert apply_overrides(_cfg(), ["tags.0=b"]).tags == ["b"]
+    assert apply_overrides(_cfg(), ["~tags.0"]).tags == []
