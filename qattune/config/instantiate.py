@@ -18,7 +18,7 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from qattune.config.aliases import Alias, torchtune_alias
-from qattune.config.signatures import UnknownComponent, import_object
+from qattune.config.signatures import UnknownComponent, import_object, missing_package
 from qattune.config.suggest import did_you_mean
 from qattune.errors import QattuneError
 
@@ -50,7 +50,7 @@ def resolve_target(path: str, kwargs: dict[str, Any], where: str) -> tuple[Any, 
             raise QattuneError(
                 f"{where}: torchtune component '{path}' maps to '{target_path}', which is not available in qattune yet"
             ) from None
-        raise QattuneError(f"{where}: unknown component '{path}'.{hint}") from None
+        raise QattuneError(f"{where}: {missing_package(path) or f'unknown component {path!r}.{hint}'}") from None
 
 
 def _build(node: Any, where: str, args: tuple = (), overrides: dict[str, Any] | None = None,

@@ -5,6 +5,7 @@
         optimizer: Component("params")         # the recipe passes `params` when it builds it
         epochs: int = 1                        # a default makes the key optional
         max_steps_per_epoch: Optional[int] = None
+        fsdp_cpu_offload: Unsupported("set it to false") = False   # read for torchtune configs, refused when set
 
 The class body is parsed with `ast` (the recipe is never imported to validate a config), so validation
 costs milliseconds. The same annotations drive the type checks of component arguments.
@@ -20,6 +21,7 @@ from typing import Any
 
 from qattune.config import typespec
 from qattune.config.typespec import TypeSpec
+from qattune.errors import QattuneError
 
 SCHEMA_BASE = "RecipeConfig"
 
@@ -37,6 +39,14 @@ class Component:
         return f"Component({', '.join(map(repr, self.provided))})"
 
 
+class Unsupported:
+    """Annotation marker for a key the recipe accepts only at its (false) default: any true value is
+    refused, before anything runs, with `why` (what to do instead)."""
+
+    def __init__(self, why: str):
+        self.why = why
+
+
 class RecipeConfig:
     """Base class of a recipe's `Config`: its annotated fields are the config keys the recipe reads."""
 
@@ -48,6 +58,11 @@ class SchemaField:
     required: bool
     provided: tuple[str, ...]  # call-time arguments of a component field
     default: Any = None  # the literal default of an optional field
+    refused: str | None = None  # Unsupported(why): why any true value is refused
+
+    def refusal(self, value: Any) -> str:
+        shown = str(value).lower() if isinstance(value, bool) else repr(value)
+        return f"{shown} is not supported: {self.refused}"
 
 
 @dataclass(frozen=True)
@@ -61,6 +76,14 @@ def _provided(annotation: ast.expr) -> tuple[str, ...]:
         if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "Component":
             return tuple(a.value for a in node.args if isinstance(a, ast.Constant) and isinstance(a.value, str))
     return ()
+
+
+def _refused(annotation: ast.expr) -> str | None:
+    for node in ast.walk(annotation):
+        if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "Unsupported" and node.args:
+            why = node.args[0]
+            return why.value if isinstance(why, ast.Constant) and isinstance(why.value, str) else ""
+    return None
 
 
 def _literal(node: ast.expr | None) -> Any:
@@ -102,7 +125,7 @@ def _class_fields(cls: ast.ClassDef, resolve_base) -> dict[str, SchemaField] | N
         if isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name):
             name = stmt.target.id
             fields[name] = SchemaField(name, typespec.from_ast(stmt.annotation), stmt.value is None,
-                                       _provided(stmt.annotation), _literal(stmt.value))
+                                       _provided(stmt.annotation), _literal(stmt.value), _refused(stmt.annotation))
     return fields
 
 
@@ -132,6 +155,26 @@ def _imported_names_of(module: str) -> dict[str, str]:
         return _imported_names(ast.parse(path.read_text(encoding="utf-8"))) if path else {}
     except (OSError, SyntaxError):
         return {}
+
+
+def parse_recipe(path: Path) -> ast.Module:
+    """A recipe file's syntax tree; an unreadable file or a syntax error is one line naming the place."""
+    try:
+        return ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    except SyntaxError as err:
+        raise QattuneError(f"recipe {path} has a syntax error at line {err.lineno}: {err.msg}; fix the file") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise QattuneError(f"cannot read recipe {path}: {getattr(err, 'strerror', None) or err}") from None
+
+
+def require_schema(path: Path) -> RecipeSchema:
+    """The recipe's schema, or one line saying why there is none to check keys against."""
+    parse_recipe(path)
+    schema = read_schema(path)
+    if schema is None:
+        raise QattuneError(f"recipe {path} declares no Config class (a {SCHEMA_BASE} subclass listing the keys "
+                           "it reads), so a config cannot be checked against it; add one, as the shipped recipes do")
+    return schema
 
 
 @lru_cache(maxsize=None)

@@ -349,6 +349,29 @@ def _runtime_signature(path: str) -> Signature:
     return Signature(path, tuple(params), var_kw, var_pos)
 
 
+def missing_package(path: str) -> str | None:
+    """Why `path` cannot exist when its top-level package is not installed (None when it is installed).
+
+    Only the top module is looked up (`find_spec`, no import). A close installed name is suggested instead
+    of `pip install` for a likely typo (`toch.optim.AdamW`).
+    """
+    top = path.split(".")[0]
+    try:
+        if not top.isidentifier() or importlib.util.find_spec(top) is not None:
+            return None
+    except (ImportError, ValueError):
+        return None
+    import pkgutil
+    import sys
+
+    from qattune.config.suggest import did_you_mean
+
+    hint = did_you_mean(top, [*sys.builtin_module_names, *(m.name for m in pkgutil.iter_modules())])
+    if hint:
+        return f"unknown component '{path}': no package '{top}' is installed.{hint}"
+    return f"package '{top}' is not installed (pip install {top})"
+
+
 class ComponentImportError(ImportError):
     """The component's module exists but failed to import (a missing optional dependency, say)."""
 

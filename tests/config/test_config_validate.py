@@ -4,8 +4,12 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+import pytest
+
 from qattune.config import validate_config
-from qattune.config.schema import read_schema
+from qattune.config.schema import read_schema, require_schema
+from qattune.config.validate import resolution_problems
+from qattune.errors import QattuneError
 
 M = "qt_fixture_components"
 RECIPE = Path(__file__).parent.parent / "cli" / "fixtures" / "sum_recipe.py"
@@ -50,7 +54,7 @@ def test_a_config_with_many_mistakes():
 
 def test_recipe_schema_types_required_keys_and_provided_arguments():
     schema = read_schema(RECIPE)
-    assert set(schema.fields) == {"output_dir", "value", "seed", "points", "optimizer"}
+    assert set(schema.fields) == {"output_dir", "value", "seed", "points", "optimizer", "offload"}
     problems = _problems({"value": "one", "optimizer": {"_component_": "torch.optim.SGD", "lr": 0.1},
                           "points": 3}, schema)
     assert problems == [
@@ -69,8 +73,60 @@ def test_valid_config_has_no_problems():
         "extra": {"_component_": f"{M}.flexible", "a": 1, "anything": [1]},
     }
     assert _problems({k: v for k, v in cfg.items() if k != "extra"}, read_schema(RECIPE)) == []
-    # Without a schema only components are checked, and nobody supplies the optimizer's params.
-    assert _problems(cfg) == ["optimizer.params: missing required argument of torch.optim.AdamW; set optimizer.params=..."]
+    # Without a schema only components are checked; a top-level one may get arguments from the recipe
+    # (the optimizer's params), a nested one may not.
+    assert _problems(cfg) == []
+    nested = {"outer": {"inner": {"_component_": "torch.optim.AdamW", "lr": 1e-3}}, "listed": [cfg["optimizer"]]}
+    assert _problems(nested) == [
+        "outer.inner.params: missing required argument of torch.optim.AdamW; set outer.inner.params=..."]
+
+
+def test_unsupported_keys_are_refused_when_true():
+    schema = read_schema(RECIPE)
+    assert _problems({"output_dir": "/o", "offload": False}, schema) == []
+    assert _problems({"output_dir": "/o", "offload": True}, schema) == [
+        "offload: true is not supported: sum_recipe keeps everything on the host; set offload=false"]
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda", "cuda:0", "cuda:12", "mps", "xpu", "meta", None])
+def test_device_forms_torch_accepts(device):
+    assert _problems({"device": device, "extra": {"_component_": f"{M}.flexible", "a": 1, "device": device}}) == []
+
+
+@pytest.mark.parametrize("device", ["gpu", "cuda:x", "CUDA", "cuda:-1", "cuda:01", "cuda:0:1", ""])
+def test_device_forms_torch_refuses(device):
+    expected = f"expected a device such as cpu, cuda, cuda:N (N a GPU index), mps or xpu, got {device!r}"
+    assert _problems({"device": device, "nested": {"device": device}}) == [f"device: {expected}",
+                                                                          f"nested.device: {expected}"]
+
+
+def test_a_component_of_a_package_not_installed():
+    assert _problems({"optimizer": {"_component_": "bitsandbytes.optim.PagedAdamW8bit", "lr": 1e-3}}) == [
+        "optimizer._component_: package 'bitsandbytes' is not installed (pip install bitsandbytes)"]
+    assert _problems({"optimizer": {"_component_": "toch.optim.AdamW"}})[0].startswith(
+        "optimizer._component_: unknown component 'toch.optim.AdamW': no package 'toch' is installed. "
+        "Did you mean 'torch'")
+
+
+def test_resolution_problems_name_each_key():
+    cfg = OmegaConf.create({"out": "???", "log": "${out}/logs", "other": "${nope}", "fine": 1})
+    assert [str(p) for p in resolution_problems(cfg)] == [
+        "out: a value is required (the config has ???); set it with out=...",
+        "log: it refers to out, which has no value (???)",
+        "other: cannot resolve its value: Interpolation key 'nope' not found",
+    ]
+
+
+def test_a_recipe_to_check_against_must_have_a_config(tmp_path):
+    (tmp_path / "plain.py").write_text("def recipe(cfg):\n    pass\n")
+    (tmp_path / "broken.py").write_text("class Config(RecipeConfig:\n")
+    with pytest.raises(QattuneError) as err:
+        require_schema(tmp_path / "plain.py")
+    assert str(err.value) == (f"recipe {tmp_path / 'plain.py'} declares no Config class (a RecipeConfig subclass "
+                              "listing the keys it reads), so a config cannot be checked against it; add one, as "
+                              "the shipped recipes do")
+    with pytest.raises(QattuneError, match=r"^recipe .*broken.py has a syntax error at line 1: "):
+        require_schema(tmp_path / "broken.py")
 
 
 def test_torchtune_config_components():
