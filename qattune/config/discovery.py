@@ -104,6 +104,19 @@ def find_recipe(name: str) -> RecipeInfo:
     raise QattuneError(f"unknown recipe '{name}'.{hint} Valid recipes: {', '.join(names)} (or a path to a .py file)")
 
 
+def find_recipe_file(name: str, base: Path | None = None) -> Path:
+    """A recipe script: a shipped recipe's by name, or a `.py` path (relative to the working folder, else to
+    `base`, the folder of the config that names it)."""
+    if not name.endswith(".py"):
+        return find_recipe(name).path
+    path = Path(name).expanduser()
+    if not path.is_file() and base is not None and (base / path).is_file():
+        path = base / path
+    if not path.is_file():
+        raise QattuneError(f"recipe file not found: {name}")
+    return path
+
+
 def find_config(name: str) -> Path:
     """A config by shipped name or by file path, with a friendly error for either kind of miss."""
     shipped = {c.name: c.path for c in list_configs()}

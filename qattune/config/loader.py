@@ -17,7 +17,7 @@ from typing import Collection
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from qattune.config.discovery import find_config
+from qattune.config.discovery import config_recipe, find_config
 from qattune.config.overrides import apply_overrides
 from qattune.errors import QattuneError
 
@@ -71,6 +71,33 @@ def _resolve_parent(entry: object, including: Path) -> Path:
         raise QattuneError(f"{including}: '{DEFAULTS_KEY}' names {entry!r}, which cannot be found: {err}") from None
 
 
+def _pop_defaults(path: Path, own: DictConfig) -> list | None:
+    """The `defaults:` entries removed from `own` (None when it has none), `_self_` placed last if missing."""
+    parents = own.pop(DEFAULTS_KEY, None)
+    if parents is None:
+        return None
+    if isinstance(parents, str):
+        parents = [parents]
+    if not isinstance(parents, (list, ListConfig)):
+        raise QattuneError(f"{path}: '{DEFAULTS_KEY}' must be a list of config names, got {parents!r}")
+    entries = list(parents)
+    return entries if SELF_ENTRY in entries else [*entries, SELF_ENTRY]
+
+
+def header_recipe(path: Path, _chain: tuple[Path, ...] = ()) -> tuple[str, Path] | None:
+    """(recipe, file naming it): the config's `# recipe:` header, else the one its `defaults:` parents
+    name (the last parent that names one, as it merges last); None when no file names a recipe."""
+    path = path.resolve()
+    own = config_recipe(path)
+    if own or path in _chain:  # a loop is reported by `compose`
+        return (own, path) if own else None
+    for entry in reversed(_pop_defaults(path, read_yaml(path)) or []):
+        found = None if entry == SELF_ENTRY else header_recipe(_resolve_parent(entry, path), (*_chain, path))
+        if found:
+            return found
+    return None
+
+
 def compose(path: Path, _chain: tuple[Path, ...] = ()) -> DictConfig:
     """The config at `path` merged over its `defaults:` parents (recursively)."""
     path = path.resolve()
@@ -78,16 +105,9 @@ def compose(path: Path, _chain: tuple[Path, ...] = ()) -> DictConfig:
         cycle = " -> ".join(p.name for p in (*_chain, path))
         raise QattuneError(f"config inheritance loops: {cycle}; remove one of the '{DEFAULTS_KEY}' entries")
     own = read_yaml(path)
-    parents = own.pop(DEFAULTS_KEY, None)
-    if parents is None:
+    entries = _pop_defaults(path, own)
+    if entries is None:
         return own
-    if isinstance(parents, str):
-        parents = [parents]
-    if not isinstance(parents, (list, ListConfig)):
-        raise QattuneError(f"{path}: '{DEFAULTS_KEY}' must be a list of config names, got {parents!r}")
-    entries = list(parents)
-    if SELF_ENTRY not in entries:
-        entries.append(SELF_ENTRY)
     merged = OmegaConf.create({})
     for entry in entries:
         part = own if entry == SELF_ENTRY else compose(_resolve_parent(entry, path), (*_chain, path))
@@ -95,10 +115,12 @@ def compose(path: Path, _chain: tuple[Path, ...] = ()) -> DictConfig:
     return merged
 
 
-def load_config(name: str, overrides: list[str] | tuple[str, ...] = (), known_keys: Collection[str] = ()) -> DictConfig:
+def load_config(name: str, overrides: list[str] | tuple[str, ...] = (),
+                known_keys: Collection[str] | None = None) -> DictConfig:
     """A config by shipped name or path, composed, with `overrides` (hydra grammar) applied.
 
-    `known_keys` (the recipe's keys) may be set with plain `key=value` even when the file omits them.
+    `known_keys` (the recipe's keys; None: no recipe known) may be set with plain `key=value` even when
+    the file omits them.
     """
     cfg = compose(find_config(name))
     if overrides:

@@ -75,3 +75,28 @@ def test_unknown_config_name_suggests_closest():
     assert message.startswith("unknown config 'tiny/qat_ful': neither a shipped config nor a file. "
                               "Did you mean 'tiny/qat_full'")  # the closest name first
     assert message.endswith("? Run `qattune ls` to list shipped configs")
+
+
+def test_header_recipe_is_inherited_from_parents(tmp_path):
+    from qattune.config.discovery import find_config
+    from qattune.config.loader import header_recipe
+
+    own = _write(tmp_path / "own.yaml", "# recipe: eval\ndefaults: [tiny/qat_full]\n")
+    child = _write(tmp_path / "child.yaml", "defaults: [tiny/qat_full]\nbatchsize: 4\n")
+    grandchild = _write(tmp_path / "grandchild.yaml", "defaults: [child]\n")
+    two = _write(tmp_path / "two.yaml", "defaults: [tiny/qat_full, own]\n")
+    none = _write(tmp_path / "none.yaml", "a: 1\n")
+    shipped = find_config("tiny/qat_full").resolve()
+    assert header_recipe(own) == ("eval", own.resolve())  # the file's own header wins
+    assert header_recipe(child) == ("qat_distributed", shipped)
+    assert header_recipe(grandchild) == ("qat_distributed", shipped)
+    assert header_recipe(two) == ("eval", own.resolve())  # the last parent merges last
+    assert header_recipe(none) is None
+
+
+def test_header_recipe_stops_at_a_loop(tmp_path):
+    from qattune.config.loader import header_recipe
+
+    _write(tmp_path / "a.yaml", "defaults: [b]\n")
+    _write(tmp_path / "b.yaml", "defaults: [a]\n")
+    assert header_recipe(tmp_path / "a.yaml") is None
