@@ -6,7 +6,7 @@ import argparse
 import shutil
 from pathlib import Path
 
-from qattune.config.discovery import ConfigInfo, config_recipe, find_config, find_recipe, list_configs, list_recipes
+from qattune.config.discovery import ConfigInfo, list_configs, list_recipes
 from qattune.errors import QattuneError
 
 
@@ -47,50 +47,89 @@ def _copy_source(name: str, destination: str) -> Path:
     raise QattuneError(f"nothing to copy: '{name}' is neither a shipped config nor a recipe.{hint} See `qattune ls`")
 
 
+def _copy_target(name: str, destination: str, source: Path) -> Path:
+    """The file to write: DEST, DEST/<source name> for a folder, or DEST plus the source's suffix."""
+    target = Path(destination).expanduser()
+    if target.is_dir():
+        return target / source.name
+    if target.suffix == "":
+        return target.with_suffix(source.suffix)
+    if target.suffix not in (".yaml", ".yml", ".py") or (target.suffix == ".py") != (source.suffix == ".py"):
+        kind = "recipe script (.py)" if source.suffix == ".py" else "config (.yaml)"
+        raise QattuneError(f"cannot copy '{name}' to {target}: it is a {kind}; give the destination that suffix")
+    return target
+
+
+def _file_in_the_way(folder: Path) -> Path | None:
+    """The nearest existing ancestor of `folder` (itself included) when it is a file, not a folder."""
+    for path in (folder, *folder.parents):
+        if path.exists():
+            return None if path.is_dir() else path
+    return None
+
+
+def _make_folder(target: Path, make_parents: bool) -> None:
+    folder = target.parent
+    blocking = _file_in_the_way(folder)
+    if blocking is not None:
+        raise QattuneError(f"cannot copy to {target}: {blocking} is a file, not a folder")
+    if folder.exists():
+        return
+    if not make_parents:
+        raise QattuneError(f"cannot copy to {target}: folder {folder} does not exist (add --make-parents to create it)")
+    try:
+        folder.mkdir(parents=True)
+    except OSError as err:
+        raise QattuneError(f"cannot copy to {target}: cannot create folder {folder} ({err.strerror})") from None
+
+
 def cp_command(args: argparse.Namespace) -> None:
     """Copy a shipped config or recipe to a file the user can edit."""
     source = _copy_source(args.name, args.destination)
-    target = Path(args.destination).expanduser()
-    if target.is_dir():
-        target = target / source.name
-    elif target.suffix == "":
-        target = target.with_suffix(source.suffix)
-    elif target.suffix not in (".yaml", ".yml", ".py") or (target.suffix == ".py") != (source.suffix == ".py"):
-        kind = "recipe script (.py)" if source.suffix == ".py" else "config (.yaml)"
-        raise QattuneError(f"cannot copy '{args.name}' to {target}: it is a {kind}; give the destination that suffix")
+    target = _copy_target(args.name, args.destination, source)
     if target.exists() and not args.force:
         raise QattuneError(f"{target} already exists; pass --force to overwrite it")
-    if not target.parent.exists():
-        if not args.make_parents:
-            raise QattuneError(f"cannot copy to {target}: folder {target.parent} does not exist (add --make-parents to create it)")
-        target.parent.mkdir(parents=True)
-    shutil.copyfile(source, target)
+    _make_folder(target, args.make_parents)
+    try:
+        shutil.copyfile(source, target)
+    except OSError as err:
+        raise QattuneError(f"cannot copy to {target}: {err.strerror or err}") from None
     print(f"Copied {source.name} to {target}")
 
 
 def cat_command(args: argparse.Namespace) -> None:
-    """Print the composed config with overrides applied (interpolations kept unless --resolve)."""
+    """Print the composed config with overrides applied (interpolations kept unless --resolve); keys its
+    recipe reads may be set without `+`, as for `validate` and `run`."""
     from omegaconf import OmegaConf
 
     from qattune.config.loader import load_config
+    from qattune.config.recipe_main import config_recipe_file
+    from qattune.config.schema import read_schema
+    from qattune.config.validate import resolution_problems
 
-    cfg = load_config(args.config, args.overrides)
+    recipe_file = config_recipe_file(args.config)
+    schema = read_schema(recipe_file) if recipe_file else None
+    cfg = load_config(args.config, args.overrides, known_keys=schema.fields if schema else None)
+    if args.resolve and (problems := resolution_problems(cfg)):
+        count = f"{len(problems)} value{'s' if len(problems) > 1 else ''}"
+        raise QattuneError("\n".join([f"cannot resolve {count} of config '{args.config}':", *map(str, problems)]))
     print(OmegaConf.to_yaml(cfg, resolve=args.resolve), end="")
 
 
 def validate_command(args: argparse.Namespace) -> None:
     """Check a config (and overrides) against its recipe and every component's signature."""
-    from qattune.config.recipe_main import load_and_validate
+    from qattune.config.recipe_main import config_recipe_file, load_and_validate
+    from qattune.config.schema import require_schema
 
-    recipe_name = args.recipe or config_recipe(find_config(args.config))
-    recipe_file = None
-    if recipe_name:
-        recipe_file = Path(recipe_name) if recipe_name.endswith(".py") else find_recipe(recipe_name).path
-        if not recipe_file.is_file():
-            raise QattuneError(f"recipe file not found: {recipe_file}")
+    recipe_file = config_recipe_file(args.config, args.recipe)
+    if recipe_file is not None:
+        require_schema(recipe_file)
     load_and_validate(args.config, args.overrides, recipe_file)
-    against = f" for recipe '{recipe_file.stem}'" if recipe_file else " (no recipe named: components only)"
-    print(f"Config '{args.config}' is valid{against}.")
+    if recipe_file is not None:
+        print(f"Config '{args.config}' is valid for recipe '{recipe_file.stem}'.")
+    else:
+        print(f"Config '{args.config}' has valid components; no recipe is known, so its keys were not checked "
+              "(pass --recipe NAME, or give it a '# recipe: NAME' header).")
 
 
 def demo_command(args: argparse.Namespace) -> None:

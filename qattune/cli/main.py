@@ -43,6 +43,8 @@ and config on every process.
 
 overrides: a.b=v (change)  +a.b=v (add)  ++a.b=v (add or change)  ~a.b (delete)
            model=qattune.models.llama3_2_1b (same as model._component_=...)
+           a value with a comma is quoted: "prompt='Hello, world'" (a bare comma would be a sweep)
+`qattune run RECIPE --help` lists the keys RECIPE reads.
 
 examples:
   qattune run qat_distributed --config tiny/qat_full max_steps_per_epoch=10
@@ -68,12 +70,12 @@ def _parser() -> argparse.ArgumentParser:
 
     cat = verbs.add_parser("cat", help="print a config with overrides applied")
     cat.add_argument("config", help="a shipped config name or a YAML path")
-    cat.add_argument("overrides", nargs="*", help="key=value overrides")
+    cat.add_argument("overrides", nargs="*", default=[], help="key=value overrides")
     cat.add_argument("--resolve", action="store_true", help="resolve ${...} interpolations")
 
     validate = verbs.add_parser("validate", help="check a config and overrides without running anything")
     validate.add_argument("config", help="a shipped config name or a YAML path")
-    validate.add_argument("overrides", nargs="*", help="key=value overrides")
+    validate.add_argument("overrides", nargs="*", default=[], help="key=value overrides")
     validate.add_argument("--recipe", help="recipe to check against (default: the config's `# recipe:` header)")
 
     verbs.add_parser("run", help="run a recipe, in-process or through torchrun", add_help=False)
@@ -83,6 +85,8 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--steps", type=int, default=24, help="optimizer steps of each fine-tune (default: %(default)s)")
     demo.add_argument("--eval-documents", type=int, default=2,
                       help="held-out documentation topics to evaluate on (default: %(default)s)")
+    for verb_parser in (ls, cp, cat, validate, demo):
+        verb_parser.set_defaults(verb_parser=verb_parser)
     return parser
 
 
@@ -93,18 +97,22 @@ def main(argv: Sequence[str] | None = None) -> None:
             from qattune.cli.run import run_command
 
             rest = argv[1:]
-            if not rest or rest[0] in ("-h", "--help"):
+            if not rest:
+                print(RUN_USAGE, file=sys.stderr)
+                sys.exit(2)
+            if rest[0] in ("-h", "--help"):
                 print(RUN_USAGE)
                 return
             run_command(rest)
             return
         parser = _parser()
         args, extra = parser.parse_known_args(argv)
-        # Overrides may come after flags (`qattune cat cfg --resolve a=1`); anything else unknown is an error.
+        # Overrides may come after flags (`qattune cat cfg --resolve a=1`); anything else unknown is an error,
+        # shown with the verb's own usage.
         if extra and getattr(args, "overrides", None) is not None and not any(e.startswith("-") for e in extra):
             args.overrides += extra
         elif extra:
-            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+            getattr(args, "verb_parser", parser).error(f"unrecognized arguments: {' '.join(extra)}")
         if args.verb is None:
             _parser().print_help()
             return

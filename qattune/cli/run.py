@@ -2,7 +2,8 @@
 
 Without torchrun options the recipe script runs in this process (`runpy`, as `__main__`). With them,
 `torch.distributed.run` launches the same script on every process. Either way the script's own
-`recipe_main` parses `--config` and the overrides, so both paths behave the same.
+`recipe_main` parses `--config` and the overrides, so both paths behave the same; with torchrun the
+config is also validated here first (no torch import), so a mistake is one line before any process starts.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import runpy
 import sys
 from pathlib import Path
 
-from qattune.config.discovery import find_recipe
+from qattune.config.discovery import find_recipe_file
 from qattune.config.suggest import did_you_mean
 from qattune.errors import QattuneError
 
@@ -33,16 +34,6 @@ def split_run_args(args: list[str]) -> tuple[list[str], str, list[str]]:
     raise QattuneError("missing recipe: write `qattune run [torchrun options] RECIPE --config CONFIG` (see `qattune ls`)")
 
 
-def recipe_path(recipe: str) -> Path:
-    """A shipped recipe's script, or a user's .py recipe file."""
-    if recipe.endswith(".py"):
-        path = Path(recipe).expanduser()
-        if not path.is_file():
-            raise QattuneError(f"recipe file not found: {recipe}")
-        return path
-    return find_recipe(recipe).path
-
-
 def _check_torchrun_options(options: list[str]) -> None:
     """Name an unknown torchrun option in one line instead of argparse's usage dump."""
     from torch.distributed.run import get_args_parser
@@ -55,19 +46,34 @@ def _check_torchrun_options(options: list[str]) -> None:
             raise QattuneError(f"unknown torchrun option '{name}'.{hint} See `torchrun --help`")
 
 
-def run_command(args: list[str]) -> None:
-    torchrun_options, recipe, recipe_args = split_run_args(args)
-    script = recipe_path(recipe)
-    if torchrun_options:
-        _check_torchrun_options(torchrun_options)
-        from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-        from torch.distributed.run import main as torchrun_main
+def _torchrun(options: list[str], script: Path, recipe_args: list[str]) -> None:
+    """Validate the config here (cheap, no torch), then launch the script on every process."""
+    from qattune.config.recipe_main import load_and_validate, parse_recipe_args
 
-        try:
-            torchrun_main([*torchrun_options, str(script), *recipe_args])
-        except ChildFailedError as err:  # the failing process has printed its own error already
-            codes = [f.exitcode for f in err.failures.values() if f.exitcode and f.exitcode > 0]
-            sys.exit(codes[0] if codes else 1)
+    load_and_validate(*parse_recipe_args(recipe_args), script)
+    _check_torchrun_options(options)
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import main as torchrun_main
+
+    try:
+        torchrun_main([*options, str(script), *recipe_args])
+    except ChildFailedError as err:  # the failing process has printed its own error already
+        codes = [f.exitcode for f in err.failures.values() if f.exitcode and f.exitcode > 0]
+        sys.exit(codes[0] if codes else 1)
+
+
+def run_command(args: list[str]) -> None:
+    from qattune.config.recipe_main import recipe_usage, wants_help
+    from qattune.config.schema import parse_recipe
+
+    torchrun_options, recipe, recipe_args = split_run_args(args)
+    script = find_recipe_file(recipe)
+    parse_recipe(script)  # a syntax error is one line, not a traceback from every process
+    if wants_help(recipe_args):
+        print(recipe_usage(script, recipe))
+        return
+    if torchrun_options:
+        _torchrun(torchrun_options, script, recipe_args)
         return
     saved_argv = sys.argv
     sys.argv = [str(script), *recipe_args]

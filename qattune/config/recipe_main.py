@@ -7,16 +7,26 @@ apply overrides, validate everything against the recipe's `Config` schema, then 
 
 from __future__ import annotations
 
+import ast
+import json
 import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from omegaconf import DictConfig
 
-from qattune.config.loader import load_config
-from qattune.config.schema import read_schema
+from qattune.config.discovery import find_config, find_recipe_file, list_configs
+from qattune.config.loader import compose, header_recipe
+from qattune.config.overrides import override_problems
+from qattune.config.schema import RecipeSchema, SchemaField, parse_recipe, read_schema
 from qattune.config.validate import validate_config
 from qattune.errors import QattuneError, report_and_exit
+
+HELP_FLAGS = ("-h", "--help")
+
+
+def wants_help(argv: Sequence[str]) -> bool:
+    return any(arg in HELP_FLAGS for arg in argv)
 
 
 def parse_recipe_args(argv: Sequence[str]) -> tuple[str, list[str]]:
@@ -31,7 +41,8 @@ def parse_recipe_args(argv: Sequence[str]) -> tuple[str, list[str]]:
         elif arg.startswith("--config="):
             config = arg.split("=", 1)[1]
         elif arg.startswith("--"):
-            raise QattuneError(f"unknown option '{arg}': a recipe takes --config NAME and key=value overrides")
+            raise QattuneError(f"unknown option '{arg}': a recipe takes --config NAME and key=value overrides "
+                               "(--help lists its keys)")
         else:
             overrides.append(arg)
     if not config:
@@ -39,16 +50,41 @@ def parse_recipe_args(argv: Sequence[str]) -> tuple[str, list[str]]:
     return config, overrides
 
 
+def config_recipe_file(config: str, recipe: str | None = None) -> Path | None:
+    """The recipe script to check `config` against: `recipe` (a name or .py path) when given, else the one
+    its `# recipe:` header names (inherited through `defaults:`); None when no recipe is known."""
+    if recipe:
+        return find_recipe_file(recipe)
+    found = header_recipe(find_config(config))
+    if found is None:
+        return None
+    name, named_in = found
+    try:
+        return find_recipe_file(name, base=named_in.parent)
+    except QattuneError as err:
+        raise QattuneError(f"{named_in}: its '# recipe: {name}' header names no recipe: {err}") from None
+
+
+def _against(schema: RecipeSchema | None, recipe_file: Path | None) -> str:
+    """How a report names what the config was checked against."""
+    if schema is not None:
+        return f" for recipe '{schema.recipe}'"
+    if recipe_file is None:
+        return " (no recipe is known, so its keys were not checked: pass --recipe NAME)"
+    return f" (recipe '{recipe_file.stem}' declares no Config, so its keys were not checked)"
+
+
 def load_and_validate(config: str, overrides: Sequence[str], recipe_file: str | Path | None) -> DictConfig:
-    """The composed config with overrides, raising one QattuneError that lists every problem found."""
-    schema = read_schema(Path(recipe_file)) if recipe_file else None
-    cfg = load_config(config, list(overrides), known_keys=schema.fields if schema else ())
-    problems = validate_config(cfg, schema)
+    """The composed config with overrides, raising one QattuneError that lists every problem found
+    (bad overrides and the problems of the config they leave, together)."""
+    recipe_file = Path(recipe_file) if recipe_file else None
+    schema = read_schema(recipe_file) if recipe_file else None
+    cfg = compose(find_config(config))
+    problems = override_problems(cfg, list(overrides), schema.fields if schema else None)
+    problems += [str(p) for p in validate_config(cfg, schema)]
     if problems:
-        against = f" for recipe '{schema.recipe}'" if schema else ""
         count = f"{len(problems)} problem{'s' if len(problems) > 1 else ''}"
-        lines = [f"{count} in config '{config}'{against}:"] + [str(p) for p in problems]
-        raise QattuneError("\n".join(lines))
+        raise QattuneError("\n".join([f"{count} in config '{config}'{_against(schema, recipe_file)}:", *problems]))
     if schema is not None:
         for name, field in schema.fields.items():
             if not field.required and name not in cfg:
@@ -56,10 +92,41 @@ def load_and_validate(config: str, overrides: Sequence[str], recipe_file: str | 
     return cfg
 
 
+def _describe_field(field: SchemaField) -> str:
+    if field.refused is not None:
+        return f"must stay {json.dumps(field.default)} ({field.refused})"
+    kind = field.spec.describe().replace(" (a mapping with _component_)", "")
+    if field.provided:
+        kind += f" (the recipe passes {', '.join(field.provided)})"
+    return kind if field.required else f"{kind}; default {json.dumps(field.default)}"
+
+
+def recipe_usage(recipe_file: Path, name: str | None = None) -> str:
+    """`--help` for a recipe: how to run it, what it does, its shipped configs and the keys it reads."""
+    doc = (ast.get_docstring(parse_recipe(recipe_file)) or "").split("\n\n")[0]
+    name = name or recipe_file.stem
+    lines = [f"usage: qattune run [torchrun options] {name} --config CONFIG [overrides ...]", "", doc, ""]
+    configs = [c.name for c in list_configs() if c.recipe == recipe_file.stem]
+    if configs and not name.endswith(".py"):
+        lines += [f"shipped configs: {', '.join(configs)}", ""]
+    schema = read_schema(recipe_file)
+    if schema is None:
+        return "\n".join([*lines, "This recipe declares no Config class, so the keys it reads are not known."])
+    width = max(len(key) for key in schema.fields) + 3
+    lines.append("keys it reads (* required; set one with key=value, see `qattune cat CONFIG` for a config's values):")
+    for key, field in schema.fields.items():
+        lines.append(f"  {key + ('*' if field.required else ''):<{width}}{_describe_field(field)}")
+    return "\n".join(lines)
+
+
 def recipe_main(recipe: Callable[[DictConfig], Any], recipe_file: str, argv: Sequence[str] | None = None) -> None:
     """Run `recipe(cfg)` from the command line; user mistakes exit with code 2 and no traceback."""
+    argv = sys.argv[1:] if argv is None else argv
     try:
-        config, overrides = parse_recipe_args(sys.argv[1:] if argv is None else argv)
+        if wants_help(argv):
+            print(recipe_usage(Path(recipe_file)))
+            return
+        config, overrides = parse_recipe_args(argv)
         cfg = load_and_validate(config, overrides, recipe_file)
         recipe(cfg)
     except QattuneError as err:

@@ -182,7 +182,7 @@ def test_run_validates_before_running(tmp_path):
         (["run", "--config", "x"], "error: missing recipe: write `qattune run [torchrun options] RECIPE --config CONFIG` "
                                    "(see `qattune ls`)"),
         (["run", "/no/such/recipe.py", "--config", "x"], "error: recipe file not found: /no/such/recipe.py"),
-        (["run", "--nproc_per_nod", "2", "eval", "--config", "x"],
+        (["run", "--nproc_per_nod", "2", "eval", "--config", "eval"],
          "error: unknown torchrun option '--nproc_per_nod'. Did you mean '--nproc_per_node' or '--nproc-per-node'? "
          "See `torchrun --help`"),
         (["run", str(SUM_RECIPE)], "error: missing --config: name a shipped config (see `qattune ls`) or a YAML file"),
@@ -252,3 +252,153 @@ def test_a_copied_config_that_extends_another_still_validates(tmp_path, capsys):
 def test_every_shipped_config_validates(capsys, config):
     code, out, err = run_main(capsys, "validate", config)
     assert (code, err) == (0, ""), err
+
+
+def test_cat_resolve_names_each_unresolvable_key(capsys):
+    code, out, err = run_main(capsys, "cat", "tiny/qat_full", "output_dir=${nope}", "--resolve")
+    assert (code, out) == (2, "")
+    assert err.splitlines() == [
+        "error: cannot resolve 2 values of config 'tiny/qat_full':",
+        "  output_dir: cannot resolve its value: Interpolation key 'nope' not found",
+        "  metric_logger.log_dir: cannot resolve its value: Interpolation key 'nope' not found",
+    ]
+    code, _, err = run_main(capsys, "cat", "tiny/qat_full", "output_dir=???", "--resolve")
+    assert code == 2 and err.splitlines()[1:] == [
+        "  output_dir: a value is required (the config has ???); set it with output_dir=...",
+        "  metric_logger.log_dir: it refers to output_dir, which has no value (???)",
+    ]
+    assert run_main(capsys, "cat", "tiny/qat_full", "output_dir=???")[0] == 0  # printing unresolved is fine
+
+
+def test_cat_sets_keys_the_header_recipe_reads(capsys):
+    code, out, _ = run_main(capsys, "cat", "tiny/qat_full", "compile=true")
+    assert code == 0 and out.endswith("compile: true\n")
+    code, _, err = run_main(capsys, "cat", "tiny/qat_full", "compil=true")
+    assert code == 2 and err.strip() == ("error: cannot override 'compil': neither the config nor its recipe has such "
+                                         "a key. Did you mean 'compile'?")
+
+
+@pytest.mark.parametrize("override", ["epochs=1,2", "epochs=range(1,3)", "epochs=choice(1,2)"])
+def test_sweeps_are_one_line(capsys, override):
+    code, _, err = run_main(capsys, "validate", "tiny/qat_full", override)
+    assert code == 2 and "Traceback" not in err
+    assert err.splitlines()[1].startswith(f"  override '{override}' is a sweep (")
+
+
+def test_a_comma_in_a_run_override(tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"output_dir: {tmp_path}/o\n")
+    code, _, err = run_main(capsys, "run", str(SUM_RECIPE), "--config", str(cfg), "+note=Tell me a joke, please")
+    assert code == 2 and err.splitlines()[1] == (
+        "  override '+note=Tell me a joke, please' is a sweep (a comma separates values), which qattune does not "
+        "support; quote a value that contains a comma: \"+note='Tell me a joke, please'\"")
+
+
+def test_cp_under_a_file_or_where_it_cannot_write(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "x.yaml").write_text("a: 1\n")
+    for args in (["x.yaml/y.yaml"], ["x.yaml/z/y.yaml", "--make-parents"]):
+        code, _, err = run_main(capsys, "cp", "tiny/qat_full", *args)
+        assert (code, err.strip()) == (2, f"error: cannot copy to {args[0]}: x.yaml is a file, not a folder")
+    code, _, err = run_main(capsys, "cp", "tiny/qat_full", "/proc/x.yaml", "--make-parents")
+    assert code == 2 and err.startswith("error: cannot copy to /proc/x.yaml: ") and len(err.splitlines()) == 1
+
+
+def test_validate_inherits_the_recipe_from_defaults(tmp_path, capsys):
+    cfg = tmp_path / "v.yaml"
+    cfg.write_text("defaults: [tiny/qat_full]\nbatchsize: 4\n")
+    code, _, err = run_main(capsys, "validate", str(cfg))
+    assert code == 2 and err.splitlines() == [
+        f"error: 1 problem in config '{cfg}' for recipe 'qat_distributed':",
+        "  batchsize: unknown key for recipe 'qat_distributed'. Did you mean 'batch_size' or 'batch_size_val'?",
+    ]
+
+
+def test_validate_without_any_recipe_checks_components_only(tmp_path, capsys):
+    cfg = tmp_path / "n.yaml"
+    cfg.write_text("batchsize: 4\noptimizer: {_component_: torch.optim.AdamW, lr: 0.1}\n")
+    code, out, err = run_main(capsys, "validate", str(cfg))
+    assert (code, err) == (0, "")  # no 'missing params': the recipe would pass them
+    assert out.strip() == (f"Config '{cfg}' has valid components; no recipe is known, so its keys were not checked "
+                           "(pass --recipe NAME, or give it a '# recipe: NAME' header).")
+    code, _, err = run_main(capsys, "validate", str(cfg), "optimizer.lrr=1")
+    assert code == 2 and err.splitlines()[0] == (
+        f"error: 1 problem in config '{cfg}' (no recipe is known, so its keys were not checked: pass --recipe NAME):")
+
+
+def test_validate_recipe_without_config_or_with_a_syntax_error(tmp_path, capsys):
+    (tmp_path / "plain.py").write_text("print('hi')\n")
+    (tmp_path / "broken.py").write_text("def (\n")
+    code, _, err = run_main(capsys, "validate", "tiny/qat_full", "--recipe", str(tmp_path / "plain.py"))
+    assert code == 2 and err.startswith(f"error: recipe {tmp_path / 'plain.py'} declares no Config class")
+    code, _, err = run_main(capsys, "validate", "tiny/qat_full", "--recipe", str(tmp_path / "broken.py"))
+    assert code == 2 and err.strip() == (f"error: recipe {tmp_path / 'broken.py'} has a syntax error at line 1: "
+                                         "invalid syntax; fix the file")
+    code, _, err = run_main(capsys, "run", str(tmp_path / "broken.py"), "--config", "tiny/qat_full")
+    assert code == 2 and len(err.splitlines()) == 1 and "syntax error" in err
+
+
+def test_torchrun_validates_in_the_launcher_before_importing_torch(tmp_path):
+    fake = tmp_path / "no_torch" / "torch"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ImportError('the launcher imported torch')\n")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"output_dir: {tmp_path}/o\n")
+    code, out, err = qattune("run", "--nproc_per_node", "2", str(SUM_RECIPE), "--config", str(cfg), "value=five",
+                             env={"PYTHONPATH": str(fake.parent)})
+    assert (code, out) == (2, "")
+    assert err.splitlines() == [f"error: 1 problem in config '{cfg}' for recipe 'sum_recipe':",
+                                "  value: expected an int, got 'five'"]
+
+
+def test_run_recipe_help_lists_its_keys(capsys):
+    code, out, _ = run_main(capsys, "run", "qat_distributed", "--help")
+    assert code == 0
+    assert out.startswith("usage: qattune run [torchrun options] qat_distributed --config CONFIG [overrides ...]\n")
+    assert "tiny/qat_full" in out and "\n  quantizer*" in out and "\n  epochs " in out
+    code, out, _ = run_main(capsys, "run", str(SUM_RECIPE), "--config", "x", "-h")
+    assert code == 0 and "\n  offload " in out and "must stay false (sum_recipe keeps everything on the host" in out
+
+
+def test_verb_usage_errors(capsys):
+    code, out, err = run_main(capsys, "run")
+    assert (code, out) == (2, "") and err.startswith("usage: qattune run [torchrun options] RECIPE")
+    code, _, err = run_main(capsys, "cat")
+    assert code == 2 and err.splitlines()[-1] == "qattune cat: error: the following arguments are required: config"
+    code, _, err = run_main(capsys, "cat", "tiny/qat_full", "--foo")
+    assert code == 2 and err.splitlines() == ["usage: qattune cat [-h] [--resolve] config [overrides ...]",
+                                              "qattune cat: error: unrecognized arguments: --foo"]
+
+
+def test_bad_overrides_and_bad_values_are_reported_together(capsys):
+    code, _, err = run_main(capsys, "validate", "tiny/qat_full", "epochs=two", "bogus_key=1", "device=gpu")
+    assert code == 2 and err.splitlines() == [
+        "error: 3 problems in config 'tiny/qat_full' for recipe 'qat_distributed':",
+        "  cannot override 'bogus_key': neither the config nor its recipe has such a key.",
+        "  epochs: expected an int, got 'two'",
+        "  device: expected a device such as cpu, cuda, cuda:N (N a GPU index), mps or xpu, got 'gpu'",
+    ]
+
+
+def test_unsupported_keys_are_refused_by_validate_as_by_run(tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"output_dir: {tmp_path}/o\n")
+    expected = ["  offload: true is not supported: sum_recipe keeps everything on the host; set offload=false"]
+    code, _, err = run_main(capsys, "validate", str(cfg), "--recipe", str(SUM_RECIPE), "offload=true")
+    assert code == 2 and err.splitlines()[1:] == expected
+    code, _, err = run_main(capsys, "run", str(SUM_RECIPE), "--config", str(cfg), "offload=true")
+    assert code == 2 and err.splitlines()[1:] == expected
+
+
+def test_custom_keys_belong_in_a_copied_recipes_config(tmp_path, capsys):
+    code, _, err = run_main(capsys, "validate", "tiny/qat_full", "+custom=3")
+    assert code == 2 and err.splitlines()[1] == "  custom: unknown key for recipe 'qat_distributed'."
+    recipe = tmp_path / "my_recipe.py"
+    assert run_main(capsys, "cp", "qat_distributed", str(recipe))[0] == 0
+    recipe.write_text(recipe.read_text().replace("class Config(TrainingConfig):\n",
+                                                 "class Config(TrainingConfig):\n    custom: int = 0\n"))
+    for override in ("custom=3", "+custom=3"):
+        code, out, err = run_main(capsys, "validate", "tiny/qat_full", "--recipe", str(recipe), override)
+        assert (code, err) == (0, ""), err
+    code, _, err = run_main(capsys, "validate", "tiny/qat_full", "--recipe", str(recipe), "custom=three")
+    assert code == 2 and err.splitlines()[1] == "  custom: expected an int, got 'three'"
