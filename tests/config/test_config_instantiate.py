@@ -60,6 +60,13 @@ def test_unknown_component_error():
     assert str(err.value) == f"model: unknown component '{M}.Pointt'. Did you mean '{M}.Point' or '{M}.Point3'?"
 
 
+def test_a_package_not_installed_is_named():
+    cfg = OmegaConf.create({"optimizer": {"_component_": "bitsandbytes.optim.PagedAdamW8bit"}})
+    with pytest.raises(QattuneError) as err:
+        instantiate(cfg.optimizer)
+    assert str(err.value) == "optimizer: package 'bitsandbytes' is not installed (pip install bitsandbytes)"
+
+
 def test_wrong_argument_error_names_the_key():
     cfg = OmegaConf.create({"model": {"_component_": f"{M}.Point", "x": 1, "z": 1}})
     with pytest.raises(QattuneError) as err:
