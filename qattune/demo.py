@@ -39,7 +39,12 @@ def _banner(text: str) -> None:
 
 def run_demo(output_dir: str, steps: int, eval_documents: int, prompt: str = DEFAULT_PROMPT) -> dict:
     """Run the five stages into `output_dir`; returns the evaluation results (also written as JSON)."""
-    out = Path(output_dir).expanduser().resolve()
+    from qattune.checkpoint.atomic import writable_directory
+    from qattune.errors import QattuneError
+
+    if eval_documents < 1:
+        raise QattuneError(f"--eval-documents {eval_documents}: the evaluation needs at least 1 document")
+    out = writable_directory(output_dir, key="--output-dir").resolve()
     started = time.perf_counter()
     budget = [f"max_steps_per_epoch={steps}", f"run_val_every_n_steps={steps}"]
     step_dir = f"step_{steps}"

@@ -7,7 +7,8 @@
 checkpoint, then either fake-quantized by `quantizer` (QAT: the adapters learn to correct the
 quantization error the served model will have) or quantized for real by `base_quantizer` (QLoRA with
 scheme nf4, to save memory); then the adapters are added. Each checkpoint holds the merged float model
-in the Hugging Face layout and the adapter alone, PEFT-compatible, in `adapter/`.
+in the Hugging Face layout and the adapter alone, PEFT-compatible, in `adapter/`
+(`save_adapter_weights_only: true`: the adapter alone, as torchtune does; `quantize` needs the merged model).
 """
 
 from typing import Optional
@@ -22,7 +23,7 @@ class Config(TrainingConfig):
     quantizer: Optional[Component] = None  # fake-quantizes the frozen base during training
     base_quantizer: Optional[Component] = None  # converts the frozen base to real quantized weights
     fake_quant_after_n_steps: Optional[int] = None
-    save_adapter_weights_only: bool = False  # accepted for torchtune configs: the adapter is always saved
+    save_adapter_weights_only: bool = False  # checkpoints hold the adapter and recipe state, not the merged model
 
 
 def recipe(cfg) -> None:
@@ -75,6 +76,7 @@ def recipe(cfg) -> None:
             return merged_state_dict(replica)
 
         session.state_dict_fn = merged_weights
+        session.save_model_weights = not cfg.save_adapter_weights_only
         session.extra_writers.append(
             lambda out: write_peft_adapter(replica if replica is not None else session.model, out / ADAPTER_DIR))
         session.extra_info["lora"] = lora

@@ -59,6 +59,14 @@ class TrainingConfig(RecipeConfig):
     optimizer_in_bwd: bool = False  # accepted for torchtune configs; must stay false
     fsdp_cpu_offload: bool = False  # accepted for torchtune configs; must stay false
     custom_sharded_layers: Optional[list[str]] = None  # accepted for torchtune configs; every block is sharded
+    memory_efficient_fsdp_wrap: bool = False  # accepted for torchtune configs; every block is sharded
+    fsdp_reshard_after_forward: bool = True  # false: keep each block's gathered weights for its backward
+    fsdp_sharding_strategy: Optional[str] = None  # torchtune's; FULL_SHARD is what FSDP2 does here
+    ac_mode: Optional[str] = None  # torchtune's selective activation checkpointing; must stay null
+    ac_option: Optional[int] = None  # (with ac_mode)
+    activation_offloading_use_streams: bool = True  # accepted for torchtune configs (no offloading here)
+    cudnn_deterministic_mode: bool = False  # torch.backends.cudnn.deterministic (CUDA)
+    collate_fn: Optional[str] = None  # torchtune's padded collates; qattune's padded_collate serves both
     save_every_n_steps: Optional[int] = None
     keep_last_n_checkpoints: Optional[int] = None
     run_val_every_n_steps: Optional[int] = None
@@ -71,14 +79,40 @@ class TrainingConfig(RecipeConfig):
     progress_bar: bool = True
 
 
+PADDED_COLLATES = ("qattune.data.padded_collate", "torchtune.data.padded_collate_sft",
+                   "torchtune.data.padded_collate_packed")
+UNSUPPORTED_OPTIONS: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
+    # (key, whether a value is accepted, what to do instead): torchtune keys qattune reads but cannot honour
+    ("optimizer_in_bwd", lambda v: not v, "qattune steps the optimizer after backward; set optimizer_in_bwd=false"),
+    ("enable_activation_offloading", lambda v: not v,
+     "use enable_activation_checkpointing to save memory; set it to false"),
+    ("fsdp_cpu_offload", lambda v: not v, "qattune does not offload FSDP parameters to CPU; set fsdp_cpu_offload=false"),
+    ("fsdp_sharding_strategy", lambda v: v in (None, "FULL_SHARD"),
+     "FSDP2 shards parameters, gradients and optimizer state (FULL_SHARD); remove the key"),
+    ("ac_mode", lambda v: v is None,
+     "selective activation checkpointing is not available; use enable_activation_checkpointing=true"),
+    ("ac_option", lambda v: v is None,
+     "selective activation checkpointing is not available; use enable_activation_checkpointing=true"),
+    ("collate_fn", lambda v: v is None or v in PADDED_COLLATES,
+     "batches go through qattune.data.padded_collate (padded and packed data alike); remove the key"),
+)
+
+
+def unsupported_option_problems(cfg: Any) -> list[str]:
+    """One line for each key in UNSUPPORTED_OPTIONS whose value this config sets and qattune cannot honour."""
+    problems = []
+    for key, accepted, why in UNSUPPORTED_OPTIONS:
+        value = cfg.get(key, None)
+        if not accepted(value):
+            shown = str(value).lower() if isinstance(value, bool) else value
+            problems.append(f"{key}={shown} is not supported: {why}")
+    return problems
+
+
 def _unsupported_options(cfg: Any) -> None:
-    for key, why in (
-        ("optimizer_in_bwd", "qattune steps the optimizer after backward; set optimizer_in_bwd=false"),
-        ("enable_activation_offloading", "use enable_activation_checkpointing to save memory; set it to false"),
-        ("fsdp_cpu_offload", "qattune does not offload FSDP parameters to CPU; set fsdp_cpu_offload=false"),
-    ):
-        if cfg.get(key, False):
-            raise QattuneError(f"{key}=true is not supported: {why}")
+    problems = unsupported_option_problems(cfg)
+    if problems:
+        raise QattuneError(problems[0])
 
 
 def _refuse_quantized(checkpointer: Any) -> None:
@@ -156,6 +190,8 @@ class TrainingSession:
         self.dtype = resolve_dtype(cfg.get("dtype", "bf16"), self.device)
         if self.device.type == "cpu":
             keep_freed_host_memory()
+        if cfg.get("cudnn_deterministic_mode", False):
+            torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
         self.seed = cfg.get("seed") if cfg.get("seed") is not None else 0
         torch.manual_seed(self.seed)
         self.tokenizer = instantiate(cfg.tokenizer)
@@ -175,10 +211,12 @@ class TrainingSession:
             _check_fits_model(dataset, self.model, key)
         self.base_keys = frozenset(self.model.state_dict())
         self.trainer = None
-        # What a recipe customises about saving: the state dict to write, extra facts for the training
-        # info file, extra files written inside each checkpoint folder (by rank 0), and extra tensor
-        # files whose contents every rank helps gather (file name -> state, or None to skip).
+        # What a recipe customises about saving: the state dict to write (and whether to write the model at
+        # all), extra facts for the training info file, extra files written inside each checkpoint folder
+        # (by rank 0), and extra tensor files whose contents every rank helps gather (file name -> state,
+        # or None to skip).
         self.state_dict_fn: Callable[[], dict[str, torch.Tensor]] = self.float_state_dict
+        self.save_model_weights = True
         self.extra_info: dict[str, Any] = {}
         self.extra_writers: list[Callable[[Path], None]] = []
         self.extra_tensor_files: dict[str, Callable[[], Optional[dict[str, torch.Tensor]]]] = {}
@@ -338,9 +376,10 @@ class TrainingSession:
             compile_blocks(model)
         if not self.dist.is_distributed:
             return model.to(self.device)
+        reshard = {"reshard_after_forward": self.cfg.get("fsdp_reshard_after_forward", True)}
         if self.rank0_loads:
-            return shard_model_from_rank0(model, self.device)
-        return shard_model(model.to(self.device))
+            return shard_model_from_rank0(model, self.device, **reshard)
+        return shard_model(model.to(self.device), **reshard)
 
     def build_trainer(self, *, step_hooks: Sequence[Any] = (), teacher: Optional[nn.Module] = None,
                       teacher_from_step: int = 0, loss_fn: Optional[nn.Module] = None,
@@ -413,18 +452,34 @@ class TrainingSession:
         return gather_full_state_dict(self.model)
 
     def save_model(self, directory: str, step: int) -> None:
-        """Write the model as a Hugging Face folder (rank 0) plus qattune's training info."""
+        """Write the model as a Hugging Face folder (rank 0) plus qattune's training info; with
+        `save_model_weights` off (a recipe saving only adapters), the training info and extra files alone."""
         from safetensors.torch import save_file
 
-        from qattune.checkpoint.hf import write_hf_checkpoint
-        from qattune.models import get_adapter
         from qattune.quant.serialization import untie_shared_tensors
 
-        state_dict = self.state_dict_fn()
+        state_dict = self.state_dict_fn() if self.save_model_weights else None
         tensor_files = {name: state() for name, state in self.extra_tensor_files.items()}
         if not self.dist.is_main:
             return
         out = Path(directory).absolute()  # a relative path would land under the checkpointer's output_dir
+        if state_dict is not None:
+            self._write_model_files(state_dict, out)
+        for name, tensors in tensor_files.items():
+            if tensors is not None:
+                save_file(untie_shared_tensors(tensors), str(out / name))
+        info = {"step": step, **self.extra_info}
+        (out / TRAINING_INFO_FILE).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
+        for write in self.extra_writers:
+            write(out)
+
+    def _write_model_files(self, state_dict: dict[str, torch.Tensor], out: Path) -> None:
+        """The plain model through the checkpointer (or as a fresh HF folder), and the state beyond it."""
+        from safetensors.torch import save_file
+
+        from qattune.checkpoint.hf import write_hf_checkpoint
+        from qattune.models import get_adapter
+
         base = {k: v for k, v in state_dict.items() if k in self.base_keys}
         extra = {k: v.contiguous().cpu() for k, v in state_dict.items() if k not in self.base_keys}
         if self.checkpointer is not None:
@@ -434,13 +489,6 @@ class TrainingSession:
             write_hf_checkpoint(base, self.model_config(), get_adapter("llama"), out, max_shard_bytes=5 << 30)
         if extra:
             save_file(extra, str(out / EXTRA_STATE_FILE))
-        for name, tensors in tensor_files.items():
-            if tensors is not None:
-                save_file(untie_shared_tensors(tensors), str(out / name))
-        info = {"step": step, **self.extra_info}
-        (out / TRAINING_INFO_FILE).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
-        for write in self.extra_writers:
-            write(out)
 
     def model_config(self):
         """The model's TransformerConfig (for saving a model that came from no checkpoint)."""

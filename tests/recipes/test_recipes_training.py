@@ -282,6 +282,20 @@ def test_qat_lora_trains_adapters_saves_peft_and_resumes(tmp_path):
     assert [r["loss"] for r in metrics(resumed)] == [r["loss"] for r in rows[4:]]
 
 
+def test_qat_lora_saves_adapter_weights_only_and_resumes_from_them(tmp_path):
+    small = [o for o in SMALL if not o.startswith("max_steps")] + ["max_steps_per_epoch=4",
+                                                                  "save_adapter_weights_only=true"]
+    run_cli("qat_lora", "--config", "tiny/qat_lora", f"output_dir={tmp_path / 'lora'}", *small)
+    step = tmp_path / "lora" / "step_2"
+    assert sorted(p.name for p in step.iterdir()) == ["adapter", "qattune_training.json", "recipe_state.pt"]
+    assert (step / "adapter" / "adapter_model.safetensors").is_file()
+    (tmp_path / "resumed").mkdir()
+    shutil.copytree(step, tmp_path / "resumed" / "step_2")
+    run_cli("qat_lora", "--config", "tiny/qat_lora", f"output_dir={tmp_path / 'resumed'}", "resume_from_checkpoint=true",
+            *small)
+    assert [r["loss"] for r in metrics(tmp_path / "resumed")] == [r["loss"] for r in metrics(tmp_path / "lora")[2:]]
+
+
 def test_qlora_trains_over_a_real_nf4_base(tmp_path):
     out = tmp_path / "qlora"
     small = [o for o in SMALL if not o.startswith(("save_every", "max_steps"))]

@@ -285,3 +285,22 @@ def test_unwritable_output_dir_is_one_clear_line(tmp_path):
                               "set output_dir to a folder you can write")
     made = writable_directory(str(tmp_path / "new" / "out"), key="x")
     assert made.is_dir() and list(made.iterdir()) == []
+
+
+def test_torchtune_options_qattune_cannot_honour_are_each_one_line():
+    from qattune.training.session import unsupported_option_problems
+
+    accepted = {"optimizer_in_bwd": False, "fsdp_sharding_strategy": "FULL_SHARD", "ac_mode": None,
+                "collate_fn": "torchtune.data.padded_collate_sft"}
+    assert unsupported_option_problems(accepted) == []
+    refused = {"optimizer_in_bwd": True, "fsdp_sharding_strategy": "SHARD_GRAD_OP", "ac_mode": "selective",
+               "collate_fn": "my.collate"}
+    assert unsupported_option_problems(refused) == [
+        "optimizer_in_bwd=true is not supported: qattune steps the optimizer after backward; set optimizer_in_bwd=false",
+        "fsdp_sharding_strategy=SHARD_GRAD_OP is not supported: FSDP2 shards parameters, gradients and optimizer "
+        "state (FULL_SHARD); remove the key",
+        "ac_mode=selective is not supported: selective activation checkpointing is not available; use "
+        "enable_activation_checkpointing=true",
+        "collate_fn=my.collate is not supported: batches go through qattune.data.padded_collate (padded and packed "
+        "data alike); remove the key",
+    ]
