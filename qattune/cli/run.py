@@ -63,6 +63,7 @@ def _torchrun(options: list[str], script: Path, recipe_args: list[str]) -> None:
 
 
 def run_command(args: list[str]) -> None:
+    """`qattune run ...`: the recipe's --help, torchrun, or the recipe script in this process."""
     from qattune.config.recipe_main import recipe_usage, wants_help
     from qattune.config.schema import parse_recipe
 
