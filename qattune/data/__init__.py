@@ -2,7 +2,7 @@
 
 from .chat import chat_dataset
 from .collate import block_causal_mask, padded_collate
-from .instruct import alpaca_cleaned_dataset, alpaca_dataset, alpaca_prompt, instruct_dataset
+from .instruct import alpaca_cleaned_dataset, alpaca_dataset, alpaca_prompt, input_output_dataset, instruct_dataset
 from .labels import IGNORE_INDEX, next_token_labels
 from .loader import StatefulDataLoader, build_dataloader, epoch_indices
 from .packing import PackedDataset, pack_samples
@@ -24,6 +24,7 @@ __all__ = [
     "build_dataloader",
     "chat_dataset",
     "epoch_indices",
+    "input_output_dataset",
     "instruct_dataset",
     "load_rows",
     "next_token_labels",

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional
+import contextlib
+import logging
+from typing import Any, Iterator, Optional
 
 from torch.utils.data import Dataset
 
 from qattune.errors import QattuneError
 
 from .packing import PackedDataset
-from .samples import Sample, TokenizedDataset, drop_untrained, split_into_chunks
+from .samples import Sample, TokenizedDataset, drop_untrained, fit_to_length, has_target, split_into_chunks
+
+log = logging.getLogger(__name__)
 
 
 def pad_id_of(tokenizer: Any) -> int:
@@ -23,6 +27,42 @@ def resolve_max_seq_len(max_seq_len: Optional[int], tokenizer: Any) -> Optional[
     return max_seq_len if max_seq_len is not None else getattr(tokenizer, "max_seq_len", None)
 
 
+@contextlib.contextmanager
+def untruncated(tokenizer: Any) -> Iterator[Any]:
+    """The tokenizer with its own `max_seq_len` lifted for the duration: `tokenize_messages` truncates to
+    it, and the dataset must apply its one length limit itself (`finish_dataset`)."""
+    limit = getattr(tokenizer, "max_seq_len", None)
+    if limit is None:
+        yield tokenizer
+        return
+    tokenizer.max_seq_len = None
+    try:
+        yield tokenizer
+    finally:
+        tokenizer.max_seq_len = limit
+
+
+def _keep_trained(rows: list[Sample], fitted: list[Sample], max_seq_len: Optional[int], source: str) -> list[Sample]:
+    """The fitted samples that have a token to train on. Rows left out are counted in one warning per
+    cause (none to begin with; all cut off by truncation); when none is left, the error names the cause."""
+    untrained = [i for i, s in enumerate(rows) if not has_target(s)]
+    cut = [i for i, (row, fit) in enumerate(zip(rows, fitted)) if has_target(row) and not has_target(fit)]
+    kept = [fit for fit in fitted if has_target(fit)]
+    if not kept and cut:
+        raise QattuneError(f"dataset '{source}': no sample has a token to train on after truncation to "
+                           f"max_seq_len={max_seq_len} (it cut off every response); raise max_seq_len")
+    if not kept:
+        raise QattuneError(f"dataset '{source}' has no sample with a token to train on; check its columns and content")
+    if untrained:
+        log.warning("dataset '%s': %d of %d samples have no token to train on (the first is row %d: with "
+                    "train_on_input=False, a row with no assistant message) and are left out",
+                    source, len(untrained), len(rows), untrained[0])
+    if cut:
+        log.warning("dataset '%s': %d of %d samples have no token to train on after truncation to max_seq_len=%d "
+                    "and are left out", source, len(cut), len(rows), max_seq_len)
+    return kept
+
+
 def finish_dataset(
     samples: list[Sample],
     tokenizer: Any,
@@ -31,19 +71,21 @@ def finish_dataset(
     split_long_documents: bool,
     source: str,
     split_across_pack: bool = False,
+    truncate: bool = True,
 ) -> Dataset:
-    """Pack, or keep as plain samples.
+    """Apply the length policy, then pack or keep as plain samples; `samples[i]` is row i of `source`.
 
     `split_long_documents` (plain text): a document longer than `max_seq_len` becomes consecutive
     pieces; when packing with `split_across_pack`, the packer does that cut itself, continuing a
-    document into the next pack. Callers have already truncated samples that must not be split
-    (prompt/response pairs).
+    document into the next pack. Otherwise (prompt/response pairs, conversations) a longer sample is
+    truncated, or refused when `truncate` is False.
     """
     if packed and max_seq_len is None:
         raise QattuneError(f"dataset '{source}': packed=True needs max_seq_len; set max_seq_len (e.g. 2048)")
-    samples = drop_untrained(samples)
-    if not samples:
-        raise QattuneError(f"dataset '{source}' has no sample with a token to train on; check its columns and content")
+    fitted = samples
+    if not split_long_documents and max_seq_len is not None:
+        fitted = [fit_to_length(s, max_seq_len, truncate, f"dataset '{source}' row {i}") for i, s in enumerate(samples)]
+    samples = _keep_trained(samples, fitted, max_seq_len, source)
     pad_id = pad_id_of(tokenizer)
     if split_long_documents and max_seq_len is not None and not (packed and split_across_pack):
         samples = drop_untrained([piece for s in samples for piece in split_into_chunks(s, max_seq_len)])

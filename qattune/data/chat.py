@@ -3,44 +3,65 @@
 from __future__ import annotations
 
 import json
-from typing import Any, Literal, Optional
+from typing import Any, Callable, Literal, Optional, Union
 
 from torch.utils.data import Dataset
 
 from qattune.errors import QattuneError
+from qattune.tokenizers.base import ROLES
 
-from .builder import finish_dataset, resolve_max_seq_len
-from .samples import Sample, fit_to_length
-from .sources import load_rows, require_columns
+from .builder import finish_dataset, resolve_max_seq_len, untruncated
+from .fields import content_text, text_of
+from .samples import Sample
+from .sources import dataset_label, load_rows, require_columns
 
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 
 
-def to_openai_messages(conversation: Any, style: str, where: str) -> list[dict[str, str]]:
-    """Normalize a conversation (a list of turns, or that list as a JSON string) to
-    `[{"role": ..., "content": ...}]`; `style` "auto" looks at the first turn."""
+def _turns(conversation: Any, where: str) -> list[dict[str, Any]]:
+    """The conversation as a non-empty list of turn mappings (a JSON string holding one is parsed)."""
     if isinstance(conversation, str):
         try:
             conversation = json.loads(conversation)
         except json.JSONDecodeError as err:
             raise QattuneError(f"{where} holds a string that is not a JSON list of turns ({err}); fix the data") from err
-    if not conversation:
-        raise QattuneError(f"{where} has an empty conversation; remove it or fix the data")
+    if not isinstance(conversation, list) or not conversation:
+        found = "an empty conversation" if isinstance(conversation, list) else f"a {type(conversation).__name__}"
+        raise QattuneError(f"{where} has {found}, not a list of turns; remove the row or fix the data")
+    for index, turn in enumerate(conversation):
+        if not isinstance(turn, dict):
+            raise QattuneError(f"{where} turn {index} is a {type(turn).__name__}, not a mapping; fix the data")
+    return conversation
+
+
+def _sharegpt_message(turn: dict[str, Any], where: str, index: int) -> dict[str, str]:
+    speaker = turn.get("from")
+    if speaker not in SHAREGPT_ROLES:
+        raise QattuneError(f"{where} has a ShareGPT turn ({index}) from {speaker!r}; "
+                           f"expected one of {sorted(SHAREGPT_ROLES)}")
+    return {"role": SHAREGPT_ROLES[speaker], "content": text_of(turn.get("value"), f"{where} turn {index} value")}
+
+
+def _openai_message(turn: dict[str, Any], where: str, index: int) -> dict[str, str]:
+    role = turn.get("role")
+    if role is None and turn.get("content") is None:
+        raise QattuneError(f"{where} has a message without 'role'/'content' (turn {index}, keys: {sorted(turn)}); "
+                           "set conversation_style='sharegpt' for from/value turns")
+    if role not in ROLES:
+        raise QattuneError(f"{where} turn {index} has role {role!r}; use one of {', '.join(ROLES)} "
+                           "(conversation_style='sharegpt' reads from/value turns)")
+    return {"role": role, "content": content_text(turn.get("content"), f"{where} turn {index}")}
+
+
+def to_openai_messages(conversation: Any, style: str, where: str) -> list[dict[str, str]]:
+    """Normalize a conversation (a list of turns, or that list as a JSON string) to
+    `[{"role": ..., "content": ...}]`; `style` "auto" looks at the first turn. A null value, an unknown
+    role and a non-text content part are refused, naming `where` (the row) and the turn."""
+    turns = _turns(conversation, where)
     if style == "auto":
-        style = "sharegpt" if "from" in conversation[0] else "openai"
-    messages = []
-    for turn in conversation:
-        if style == "sharegpt":
-            speaker = turn.get("from")
-            if speaker not in SHAREGPT_ROLES:
-                raise QattuneError(f"{where} has a ShareGPT turn from {speaker!r}; expected one of {sorted(SHAREGPT_ROLES)}")
-            messages.append({"role": SHAREGPT_ROLES[speaker], "content": str(turn.get("value", ""))})
-        else:
-            if "role" not in turn or "content" not in turn:
-                raise QattuneError(f"{where} has a message without 'role'/'content' (keys: {sorted(turn)}); "
-                                   "set conversation_style='sharegpt' for from/value turns")
-            messages.append({"role": str(turn["role"]), "content": str(turn["content"] or "")})
-    return messages
+        style = "sharegpt" if turns[0].get("from") is not None else "openai"
+    to_message = _sharegpt_message if style == "sharegpt" else _openai_message
+    return [to_message(turn, where, index) for index, turn in enumerate(turns)]
 
 
 def with_system_prompt(messages: list[dict[str, str]], system_prompt: Optional[str]) -> list[dict[str, str]]:
@@ -49,6 +70,15 @@ def with_system_prompt(messages: list[dict[str, str]], system_prompt: Optional[s
         return messages
     rest = [m for m in messages if m["role"] != "system"]
     return [{"role": "system", "content": system_prompt}] + rest
+
+
+def chat_sample(tokenizer: Any, messages: list[dict[str, str]], train_on_input: bool) -> Sample:
+    """One conversation through the tokenizer's chat template, untruncated (the dataset applies its
+    length limit); the assistant's tokens are trained, every token with `train_on_input`."""
+    with untruncated(tokenizer):
+        ids, assistant_mask = tokenizer.tokenize_messages(messages)
+    trained = [True] * len(ids) if train_on_input else [bool(m) for m in assistant_mask]
+    return Sample.from_mask(ids, trained)
 
 
 def chat_dataset(
@@ -62,25 +92,27 @@ def chat_dataset(
     max_seq_len: Optional[int] = None,
     packed: bool = False,
     truncate: bool = True,
-    data_files: Optional[str] = None,
+    data_files: Optional[Union[str, list[str]]] = None,
+    name: Optional[str] = None,
+    data_dir: Optional[str] = None,
+    filter_fn: Optional[Callable[[dict[str, Any]], bool]] = None,
 ) -> Dataset:
     """Multi-turn chat fine-tuning; loss on assistant turns only unless `train_on_input`.
 
-    Each row's `conversation_column` holds OpenAI-style messages (role/content) or ShareGPT turns
-    (from/value; human->user, gpt->assistant). Conversations longer than `max_seq_len` are truncated
-    (or refused with `truncate=False`); `max_seq_len` defaults to the tokenizer's. `new_system_prompt`
-    replaces (or adds) the system message of every conversation.
+    Each row's `conversation_column` holds OpenAI-style messages (role/content; content a string or a
+    list of text parts) or ShareGPT turns (from/value; human->user, gpt->assistant). Conversations
+    longer than `max_seq_len` (default: the tokenizer's) are truncated, or refused with
+    `truncate=False`. `new_system_prompt` replaces (or adds) the system message of every conversation.
+    Loading arguments (`data_files`, `name`, `data_dir`, `filter_fn`): see `load_rows`.
     """
-    max_seq_len = resolve_max_seq_len(max_seq_len, tokenizer)
-    rows = load_rows(source, split, data_files=data_files)
-    require_columns(rows, [conversation_column], source)
+    label = dataset_label(source, data_files)
+    rows = load_rows(source, split, data_files=data_files, name=name, data_dir=data_dir, filter_fn=filter_fn)
+    require_columns(rows, [conversation_column], label)
     samples = []
     for index, row in enumerate(rows):
-        where = f"dataset '{source}' row {index}"
-        messages = with_system_prompt(
-            to_openai_messages(row[conversation_column], conversation_style, where), new_system_prompt
-        )
-        ids, assistant_mask = tokenizer.tokenize_messages(messages)
-        trained = [True] * len(ids) if train_on_input else [bool(m) for m in assistant_mask]
-        samples.append(fit_to_length(Sample.from_mask(ids, trained), max_seq_len, truncate, where))
-    return finish_dataset(samples, tokenizer, max_seq_len, packed, split_long_documents=False, source=source)
+        where = f"dataset '{label}' row {index}"
+        messages = to_openai_messages(row[conversation_column], conversation_style, where)
+        samples.append(chat_sample(tokenizer, with_system_prompt(messages, new_system_prompt), train_on_input))
+    max_seq_len = resolve_max_seq_len(max_seq_len, tokenizer)
+    return finish_dataset(samples, tokenizer, max_seq_len, packed, split_long_documents=False, source=label,
+                          truncate=truncate)

@@ -1,16 +1,19 @@
-"""Instruction datasets (alpaca style): a prompt built from instruction/input, then the response."""
+"""Instruction datasets: alpaca style (a prompt built from instruction/input, then the response), and
+torchtune's `instruct_dataset` (input -> user message, output -> assistant message, chat template)."""
 
 from __future__ import annotations
 
-from typing import Any, Literal, Optional
+from typing import Any, Callable, Literal, Mapping, Optional, Union
 
 from torch.utils.data import Dataset
 
 from qattune.errors import QattuneError
 
 from .builder import finish_dataset, resolve_max_seq_len
-from .samples import Sample, fit_to_length
-from .sources import load_rows, require_columns
+from .chat import chat_sample, with_system_prompt
+from .fields import column_text
+from .samples import Sample
+from .sources import dataset_label, load_rows, require_columns
 
 ALPACA_PROMPT_WITH_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides further context. "
@@ -31,16 +34,29 @@ def alpaca_prompt(instruction: str, input_text: str) -> str:
     return ALPACA_PROMPT_NO_INPUT.format(instruction=instruction)
 
 
+def mapped_columns(column_map: Optional[Mapping[str, str]], defaults: dict[str, str], builder: str) -> dict[str, str]:
+    """torchtune's `column_map` (field -> the data's column name) over the `defaults` columns."""
+    mapped = dict(column_map or {})
+    unknown = sorted(set(mapped) - set(defaults))
+    if unknown:
+        raise QattuneError(f"{builder} column_map has unknown key(s) {unknown}; use {', '.join(defaults)}")
+    return {**defaults, **mapped}
+
+
+def pair_sample(tokenizer: Any, user: str, assistant: str, system_prompt: Optional[str], train_on_input: bool) -> Sample:
+    """A user/assistant exchange (after an optional system message) through the chat template."""
+    messages = [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
+    return chat_sample(tokenizer, with_system_prompt(messages, system_prompt), train_on_input)
+
+
 def instruct_sample(
-    tokenizer: Any, instruction: str, input_text: str, output: str, template: str, train_on_input: bool
+    tokenizer: Any, instruction: str, input_text: str, output: str, template: str, train_on_input: bool,
+    system_prompt: Optional[str] = None,
 ) -> Sample:
     """Tokenize one instruction example; the prompt is trained only when `train_on_input`."""
     if template == "chat":
         user = f"{instruction}\n\n{input_text}" if input_text else instruction
-        messages = [{"role": "user", "content": user}, {"role": "assistant", "content": output}]
-        ids, assistant_mask = tokenizer.tokenize_messages(messages)
-        trained = [True] * len(ids) if train_on_input else [bool(m) for m in assistant_mask]
-        return Sample.from_mask(ids, trained)
+        return pair_sample(tokenizer, user, output, system_prompt, train_on_input)
     prompt_ids = tokenizer.encode(alpaca_prompt(instruction, input_text), add_bos=True, add_eos=False)
     response_ids = tokenizer.encode(output, add_bos=False, add_eos=True)
     trained = [train_on_input] * len(prompt_ids) + [True] * len(response_ids)
@@ -59,42 +75,86 @@ def instruct_dataset(
     max_seq_len: Optional[int] = None,
     packed: bool = False,
     truncate: bool = True,
-    data_files: Optional[str] = None,
+    data_files: Optional[Union[str, list[str]]] = None,
     column_map: Optional[dict[str, str]] = None,
+    new_system_prompt: Optional[str] = None,
+    name: Optional[str] = None,
+    data_dir: Optional[str] = None,
+    filter_fn: Optional[Callable[[dict[str, Any]], bool]] = None,
 ) -> Dataset:
     """Supervised fine-tuning on instruction/input/output rows (alpaca and its many look-alikes).
 
     `template="alpaca"` uses the Alpaca prompt text; `"chat"` sends the example through the tokenizer's
-    chat template as a user/assistant pair. Loss is on the response only unless `train_on_input`.
-    Examples longer than `max_seq_len` are truncated (or refused with `truncate=False`).
-    An `input_column` missing from the data is treated as empty when it is the default `input`.
+    chat template as a user/assistant pair, after `new_system_prompt` as a system message when given
+    (the Alpaca prompt has no place for one). Loss is on the response only unless `train_on_input`.
+    Examples longer than `max_seq_len` (default: the tokenizer's) are truncated, or refused with
+    `truncate=False`. An `input_column` missing from the data is treated as empty when it is the
+    default `input`, and a null input is empty; a null instruction or output is refused.
     `column_map` (torchtune's spelling) maps "instruction"/"input"/"output" to the data's column names.
-    `max_seq_len` defaults to the tokenizer's.
+    Loading arguments (`data_files`, `name`, `data_dir`, `filter_fn`): see `load_rows`.
     """
-    mapped = column_map or {}
-    unknown = sorted(set(mapped) - {"instruction", "input", "output"})
-    if unknown:
-        raise QattuneError(f"instruct_dataset column_map has unknown key(s) {unknown}; use instruction, input, output")
-    instruction_column = mapped.get("instruction", instruction_column)
-    input_column = mapped.get("input", input_column)
-    output_column = mapped.get("output", output_column)
-    max_seq_len = resolve_max_seq_len(max_seq_len, tokenizer)
-    rows = load_rows(source, split, data_files=data_files)
-    columns = getattr(rows, "column_names", None) or list(rows[0].keys())
-    use_input = input_column is not None and (input_column in columns or input_column != "input")
-    require_columns(rows, [instruction_column, output_column] + ([input_column] if use_input else []), source)
+    if new_system_prompt is not None and template != "chat":
+        raise QattuneError("instruct_dataset: new_system_prompt needs template='chat' (the Alpaca prompt has no "
+                           "system message); set template=chat or remove new_system_prompt")
+    columns = mapped_columns(
+        column_map, {"instruction": instruction_column, "input": input_column, "output": output_column}, "instruct_dataset"
+    )
+    label = dataset_label(source, data_files)
+    rows = load_rows(source, split, data_files=data_files, name=name, data_dir=data_dir, filter_fn=filter_fn)
+    input_column = columns["input"]
+    use_input = input_column is not None and (input_column in rows.column_names or input_column != "input")
+    require_columns(rows, [columns["instruction"], columns["output"]] + ([input_column] if use_input else []), label)
     samples = []
     for index, row in enumerate(rows):
-        sample = instruct_sample(
+        where = f"dataset '{label}' row {index}"
+        samples.append(instruct_sample(
             tokenizer,
-            str(row[instruction_column]),
-            str(row[input_column] or "") if use_input else "",
-            str(row[output_column]),
+            column_text(row, columns["instruction"], where),
+            column_text(row, input_column, where, optional=True) if use_input else "",
+            column_text(row, columns["output"], where),
             template,
             train_on_input,
-        )
-        samples.append(fit_to_length(sample, max_seq_len, truncate, f"dataset '{source}' row {index}"))
-    return finish_dataset(samples, tokenizer, max_seq_len, packed, split_long_documents=False, source=source)
+            new_system_prompt,
+        ))
+    max_seq_len = resolve_max_seq_len(max_seq_len, tokenizer)
+    return finish_dataset(samples, tokenizer, max_seq_len, packed, split_long_documents=False, source=label,
+                          truncate=truncate)
+
+
+def input_output_dataset(
+    tokenizer: Any,
+    source: str,
+    split: str = "train",
+    column_map: Optional[dict[str, str]] = None,
+    new_system_prompt: Optional[str] = None,
+    train_on_input: bool = False,
+    max_seq_len: Optional[int] = None,
+    packed: bool = False,
+    truncate: bool = True,
+    data_files: Optional[Union[str, list[str]]] = None,
+    name: Optional[str] = None,
+    data_dir: Optional[str] = None,
+    filter_fn: Optional[Callable[[dict[str, Any]], bool]] = None,
+) -> Dataset:
+    """torchtune's `instruct_dataset`: each row's `input` is a user message and its `output` the assistant's
+    answer, through the tokenizer's chat template (no Alpaca text).
+
+    `column_map` maps "input"/"output" to the data's column names; `new_system_prompt` adds a system
+    message first. Loss is on the answer only unless `train_on_input`. Null values are refused. Length
+    and loading arguments as in `chat_dataset`.
+    """
+    columns = mapped_columns(column_map, {"input": "input", "output": "output"}, "input_output_dataset")
+    label = dataset_label(source, data_files)
+    rows = load_rows(source, split, data_files=data_files, name=name, data_dir=data_dir, filter_fn=filter_fn)
+    require_columns(rows, [columns["input"], columns["output"]], label)
+    samples = []
+    for index, row in enumerate(rows):
+        where = f"dataset '{label}' row {index}"
+        user, answer = column_text(row, columns["input"], where), column_text(row, columns["output"], where)
+        samples.append(pair_sample(tokenizer, user, answer, new_system_prompt, train_on_input))
+    max_seq_len = resolve_max_seq_len(max_seq_len, tokenizer)
+    return finish_dataset(samples, tokenizer, max_seq_len, packed, split_long_documents=False, source=label,
+                          truncate=truncate)
 
 
 def alpaca_dataset(
@@ -104,13 +164,18 @@ def alpaca_dataset(
     train_on_input: bool = True,
     max_seq_len: Optional[int] = None,
     packed: bool = False,
-    data_files: Optional[str] = None,
+    data_files: Optional[Union[str, list[str]]] = None,
+    column_map: Optional[dict[str, str]] = None,
+    truncate: bool = True,
+    name: Optional[str] = None,
+    data_dir: Optional[str] = None,
+    filter_fn: Optional[Callable[[dict[str, Any]], bool]] = None,
 ) -> Dataset:
     """Stanford Alpaca (52k instructions) with the Alpaca prompt; `source` may be a local copy
-    (a JSON file of instruction/input/output rows) for offline use."""
+    (a JSON file of instruction/input/output rows) for offline use. Arguments as in `instruct_dataset`."""
     return instruct_dataset(
-        tokenizer, source, split, train_on_input=train_on_input, max_seq_len=max_seq_len, packed=packed,
-        data_files=data_files,
+        tokenizer, source, split, column_map=column_map, train_on_input=train_on_input, max_seq_len=max_seq_len,
+        packed=packed, truncate=truncate, data_files=data_files, name=name, data_dir=data_dir, filter_fn=filter_fn,
     )
 
 
@@ -121,7 +186,15 @@ def alpaca_cleaned_dataset(
     train_on_input: bool = True,
     max_seq_len: Optional[int] = None,
     packed: bool = False,
-    data_files: Optional[str] = None,
+    data_files: Optional[Union[str, list[str]]] = None,
+    column_map: Optional[dict[str, str]] = None,
+    truncate: bool = True,
+    name: Optional[str] = None,
+    data_dir: Optional[str] = None,
+    filter_fn: Optional[Callable[[dict[str, Any]], bool]] = None,
 ) -> Dataset:
     """The cleaned Alpaca set (yahma/alpaca-cleaned), same format and options as `alpaca_dataset`."""
-    return alpaca_dataset(tokenizer, source, split, train_on_input, max_seq_len, packed, data_files)
+    return alpaca_dataset(
+        tokenizer, source, split, column_map=column_map, train_on_input=train_on_input, max_seq_len=max_seq_len,
+        packed=packed, truncate=truncate, data_files=data_files, name=name, data_dir=data_dir, filter_fn=filter_fn,
+    )

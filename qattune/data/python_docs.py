@@ -43,9 +43,10 @@ def python_docs_dataset(
 
     The train and validation splits hold disjoint topics. Long topics are split at `max_seq_len`.
     """
-    samples = text_samples(python_docs_rows(split), "text", tokenizer)
+    label = f"python_docs/{split}"
+    samples = text_samples(python_docs_rows(split), "text", tokenizer, label=label)
     max_seq_len = resolve_max_seq_len(max_seq_len, tokenizer)
     return finish_dataset(
-        samples, tokenizer, max_seq_len, packed, split_long_documents=True, source=f"python_docs/{split}",
+        samples, tokenizer, max_seq_len, packed, split_long_documents=True, source=label,
         split_across_pack=True,
     )

@@ -53,9 +53,14 @@ def fit_to_length(sample: Sample, max_seq_len: Optional[int], truncate: bool, wh
     return Sample(sample.tokens[:max_seq_len], sample.labels[:max_seq_len])
 
 
+def has_target(sample: Sample) -> bool:
+    """Whether the sample has at least one trained label."""
+    return bool((sample.labels != IGNORE_INDEX).any())
+
+
 def drop_untrained(samples: Iterable[Sample]) -> list[Sample]:
     """Keep samples that have at least one trained label (others add nothing but padding)."""
-    return [s for s in samples if bool((s.labels != IGNORE_INDEX).any())]
+    return [s for s in samples if has_target(s)]
 
 
 class TokenizedDataset(Dataset):
