@@ -14,6 +14,12 @@ from qattune.models.builders import qwen2_5_0_5b
 from qattune.models.builders import qwen2_5_1_5b
 from qattune.models.builders import qwen2_5_3b
 from qattune.models.builders import qwen2_5_7b
+from qattune.models.builders import qwen2_5_1_5b_base
+from qattune.models.builders import qwen2_5_1_5b_instruct
+from qattune.models.builders import qwen2_5_7b_base
+from qattune.models.builders import qwen2_5_7b_instruct
+from qattune.models.builders import qwen2_5_14b_base
+from qattune.models.builders import qwen2_5_14b_instruct
 from qattune.models.lora import LoRAConfig
 from qattune.models.lora import LoRALinear
 from qattune.models.lora import apply_lora
@@ -41,6 +47,8 @@ from qattune.models.lora_builders import lora_qwen2_5_1_5b_base
 from qattune.models.lora_builders import lora_qwen2_5_1_5b_instruct
 from qattune.models.lora_builders import lora_qwen2_5_7b_base
 from qattune.models.lora_builders import lora_qwen2_5_7b_instruct
+from qattune.models.lora_builders import lora_qwen2_5_14b_base
+from qattune.models.lora_builders import lora_qwen2_5_14b_instruct
 from qattune.models.transformer import KVCache, RMSNorm, Transformer, TransformerBlock, TransformerConfig
 
 __all__ = [
@@ -65,6 +73,12 @@ __all__ = [
     "qwen2_5_1_5b",
     "qwen2_5_3b",
     "qwen2_5_7b",
+    "qwen2_5_1_5b_base",
+    "qwen2_5_1_5b_instruct",
+    "qwen2_5_7b_base",
+    "qwen2_5_7b_instruct",
+    "qwen2_5_14b_base",
+    "qwen2_5_14b_instruct",
     "LoRAConfig",
     "LoRALinear",
     "apply_lora",
@@ -92,4 +106,6 @@ __all__ = [
     "lora_qwen2_5_1_5b_instruct",
     "lora_qwen2_5_7b_base",
     "lora_qwen2_5_7b_instruct",
+    "lora_qwen2_5_14b_base",
+    "lora_qwen2_5_14b_instruct",
 ]

@@ -114,12 +114,15 @@ def smollm2_1_7b() -> Transformer:
 
 
 # --- Qwen2.5 (q/k/v biases; tied embeddings up to 3B) --------------------------------------------------
+# Base and instruct checkpoints of 1.5B, 7B and 14B differ: the base ones declare a 131072-token context
+# (and 14B base norm_eps 1e-5); `qwen2_5_1_5b` and `qwen2_5_7b` are the instruct sizes.
 
 
-def _qwen2_5(vocab: int, layers: int, heads: int, kv_heads: int, dim: int, hidden: int, tied: bool) -> Transformer:
+def _qwen2_5(vocab: int, layers: int, heads: int, kv_heads: int, dim: int, hidden: int, tied: bool,
+             max_seq_len: int = 32_768, norm_eps: float = 1e-6) -> Transformer:
     return llama(
-        vocab, layers, heads, kv_heads, dim, hidden, 32_768,
-        norm_eps=1e-6, rope_base=1_000_000.0, tie_embeddings=tied, qkv_bias=True,
+        vocab, layers, heads, kv_heads, dim, hidden, max_seq_len,
+        norm_eps=norm_eps, rope_base=1_000_000.0, tie_embeddings=tied, qkv_bias=True,
     )  # fmt: skip
 
 
@@ -141,3 +144,28 @@ def qwen2_5_3b() -> Transformer:
 def qwen2_5_7b() -> Transformer:
     """Qwen2.5 7B: 28 layers, width 3584, 28 heads / 4 kv heads, separate output head."""
     return _qwen2_5(152_064, 28, 28, 4, 3584, 18_944, tied=False)
+
+
+def qwen2_5_1_5b_base() -> Transformer:
+    """Qwen2.5 1.5B base (Qwen/Qwen2.5-1.5B): the 1.5B sizes with a 131072-token context."""
+    return _qwen2_5(151_936, 28, 12, 2, 1536, 8960, tied=True, max_seq_len=131_072)
+
+
+def qwen2_5_7b_base() -> Transformer:
+    """Qwen2.5 7B base (Qwen/Qwen2.5-7B): the 7B sizes with a 131072-token context."""
+    return _qwen2_5(152_064, 28, 28, 4, 3584, 18_944, tied=False, max_seq_len=131_072)
+
+
+def qwen2_5_14b_base() -> Transformer:
+    """Qwen2.5 14B base (Qwen/Qwen2.5-14B): 48 layers, width 5120, 40 heads / 8 kv heads, norm_eps 1e-5."""
+    return _qwen2_5(152_064, 48, 40, 8, 5120, 13_824, tied=False, max_seq_len=131_072, norm_eps=1e-5)
+
+
+def qwen2_5_14b_instruct() -> Transformer:
+    """Qwen2.5 14B instruct (Qwen/Qwen2.5-14B-Instruct): the 14B sizes, 32768-token context, norm_eps 1e-6."""
+    return _qwen2_5(152_064, 48, 40, 8, 5120, 13_824, tied=False)
+
+
+# torchtune's names for the instruct checkpoints (the same sizes as qattune's qwen2_5_1_5b / qwen2_5_7b)
+qwen2_5_1_5b_instruct = qwen2_5_1_5b
+qwen2_5_7b_instruct = qwen2_5_7b

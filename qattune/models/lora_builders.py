@@ -6,18 +6,50 @@ again. Every builder takes torchtune's fields:
     lora_attn_modules: any of q_proj, k_proj, v_proj, output_proj.
     apply_lora_to_mlp: adapt gate/up/down projections. apply_lora_to_output: adapt the output head.
     lora_rank, lora_alpha, lora_dropout: rank r, scale alpha / r, dropout on the adapter's input.
-    use_dora, quantize_base: accepted for torchtune configs; only False is supported (QLoRA in qattune is
-        the recipe's quantizer with scheme nf4).
+    use_dora: accepted for torchtune configs; only False is supported.
+    quantize_base: QLoRA, as torchtune's `qlora_*` builders (`lora_*` with quantize_base=True): the frozen
+        base must be in NF4 before the model's first forward, converted by the `qat_lora` recipe's
+        `base_quantizer` (`qattune.quant.PTQQuantizer` with scheme nf4); a forward with any other base is
+        refused.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Literal, Optional
+from typing import Any, Callable, Literal, Optional
+
+from torch import nn
 
 from qattune.errors import QattuneError
 from qattune.models import builders
 from qattune.models.lora import apply_lora
 from qattune.models.transformer import Transformer
+
+QLORA_BASE_SCHEME = "nf4"  # torchtune's quantize_base: the frozen base weights in NormalFloat4
+QLORA_BASE_QUANTIZER = f"{{_component_: qattune.quant.PTQQuantizer, scheme: {QLORA_BASE_SCHEME}}}"
+
+
+def _base_scheme(model: nn.Module) -> Optional[str]:
+    """The scheme `quantizer.convert` turned the model's base into, if any."""
+    from qattune.quant.quantizer import QUANT_CONFIG_ATTR
+
+    return (getattr(model, QUANT_CONFIG_ATTR, None) or {}).get("config", {}).get("scheme")
+
+
+def _require_nf4_base(model: nn.Module) -> None:
+    """Refuse the model's first forward unless its base has been converted to NF4 by then (QLoRA)."""
+
+    def check(module: nn.Module, _args: Any) -> None:
+        scheme = _base_scheme(module)
+        if scheme != QLORA_BASE_SCHEME:
+            found = f"base_quantizer converted it to {scheme}" if scheme else "it was not converted"
+            raise QattuneError(
+                f"quantize_base=true (torchtune's qlora_* builders) trains LoRA over an NF4 base, but {found}; "
+                f"in recipe qat_lora set base_quantizer={QLORA_BASE_QUANTIZER} and no quantizer, or use a "
+                "lora_* builder with quantize_base: false"
+            )
+        handle.remove()
+
+    handle = model.register_forward_pre_hook(check)
 
 
 def _with_lora(
@@ -33,17 +65,14 @@ def _with_lora(
 ) -> Transformer:
     if use_dora:
         raise QattuneError("use_dora=true: DoRA is not supported by qattune; set use_dora: false")
-    if quantize_base:
-        raise QattuneError(
-            "quantize_base=true: qattune quantizes the frozen base through the recipe's quantizer; set "
-            "quantize_base: false and quantizer._component_: qattune.quant.PTQQuantizer with scheme: nf4 (QLoRA)"
-        )
     model = build()
     apply_lora(
         model, lora_attn_modules=lora_attn_modules, apply_lora_to_mlp=apply_lora_to_mlp,
         apply_lora_to_output=apply_lora_to_output, lora_rank=lora_rank, lora_alpha=lora_alpha,
         lora_dropout=lora_dropout,
     )  # fmt: skip
+    if quantize_base:
+        _require_nf4_base(model)
     return model
 
 
@@ -303,9 +332,9 @@ def lora_qwen2_5_1_5b_base(
     use_dora: bool = False,
     quantize_base: bool = False,
 ) -> Transformer:
-    """Qwen2.5 1.5B base (torchtune's name; same model as lora_qwen2_5_1_5b)."""
+    """Qwen2.5 1.5B base (131072-token context) with LoRA applied."""
     return _with_lora(
-        builders.qwen2_5_1_5b, lora_attn_modules, apply_lora_to_mlp, apply_lora_to_output, lora_rank, lora_alpha,
+        builders.qwen2_5_1_5b_base, lora_attn_modules, apply_lora_to_mlp, apply_lora_to_output, lora_rank, lora_alpha,
         lora_dropout, use_dora, quantize_base,
     )
 
@@ -337,9 +366,9 @@ def lora_qwen2_5_7b_base(
     use_dora: bool = False,
     quantize_base: bool = False,
 ) -> Transformer:
-    """Qwen2.5 7B base (torchtune's name; same model as lora_qwen2_5_7b)."""
+    """Qwen2.5 7B base (131072-token context) with LoRA applied."""
     return _with_lora(
-        builders.qwen2_5_7b, lora_attn_modules, apply_lora_to_mlp, apply_lora_to_output, lora_rank, lora_alpha,
+        builders.qwen2_5_7b_base, lora_attn_modules, apply_lora_to_mlp, apply_lora_to_output, lora_rank, lora_alpha,
         lora_dropout, use_dora, quantize_base,
     )
 
@@ -361,6 +390,40 @@ def lora_qwen2_5_7b_instruct(
     )
 
 
+def lora_qwen2_5_14b_base(
+    lora_attn_modules: list[Literal["q_proj", "k_proj", "v_proj", "output_proj"]],
+    apply_lora_to_mlp: bool = False,
+    apply_lora_to_output: bool = False,
+    lora_rank: int = 8,
+    lora_alpha: float = 16.0,
+    lora_dropout: float = 0.0,
+    use_dora: bool = False,
+    quantize_base: bool = False,
+) -> Transformer:
+    """Qwen2.5 14B base (131072-token context, norm_eps 1e-5) with LoRA applied."""
+    return _with_lora(
+        builders.qwen2_5_14b_base, lora_attn_modules, apply_lora_to_mlp, apply_lora_to_output, lora_rank, lora_alpha,
+        lora_dropout, use_dora, quantize_base,
+    )
+
+
+def lora_qwen2_5_14b_instruct(
+    lora_attn_modules: list[Literal["q_proj", "k_proj", "v_proj", "output_proj"]],
+    apply_lora_to_mlp: bool = False,
+    apply_lora_to_output: bool = False,
+    lora_rank: int = 8,
+    lora_alpha: float = 16.0,
+    lora_dropout: float = 0.0,
+    use_dora: bool = False,
+    quantize_base: bool = False,
+) -> Transformer:
+    """Qwen2.5 14B instruct with LoRA applied."""
+    return _with_lora(
+        builders.qwen2_5_14b_instruct, lora_attn_modules, apply_lora_to_mlp, apply_lora_to_output, lora_rank,
+        lora_alpha, lora_dropout, use_dora, quantize_base,
+    )
+
+
 __all__ = [
     "lora_llama",
     "lora_llama2_7b",
@@ -379,4 +442,6 @@ __all__ = [
     "lora_qwen2_5_1_5b_instruct",
     "lora_qwen2_5_7b_base",
     "lora_qwen2_5_7b_instruct",
+    "lora_qwen2_5_14b_base",
+    "lora_qwen2_5_14b_instruct",
 ]

@@ -11,13 +11,15 @@ from qattune.config.instantiate import instantiate
 from qattune.config.signatures import component_signature
 from qattune.errors import QattuneError
 from qattune.models import LoRALinear, get_lora_config, split_lora
+from qattune.quant import PTQQuantizer
 
 TORCHTUNE_FIELDS = ["lora_attn_modules", "apply_lora_to_mlp", "apply_lora_to_output", "lora_rank", "lora_alpha",
                     "lora_dropout", "use_dora", "quantize_base"]  # fmt: skip
 SIZED = ["lora_llama2_7b", "lora_llama3_8b", "lora_llama3_1_8b", "lora_llama3_2_1b", "lora_llama3_2_3b",
          "lora_smollm2_135m", "lora_smollm2_360m", "lora_smollm2_1_7b", "lora_qwen2_5_0_5b", "lora_qwen2_5_1_5b",
          "lora_qwen2_5_3b", "lora_qwen2_5_7b", "lora_qwen2_5_1_5b_base", "lora_qwen2_5_1_5b_instruct",
-         "lora_qwen2_5_7b_base", "lora_qwen2_5_7b_instruct"]  # fmt: skip
+         "lora_qwen2_5_7b_base", "lora_qwen2_5_7b_instruct", "lora_qwen2_5_14b_base",
+         "lora_qwen2_5_14b_instruct"]  # fmt: skip
 
 
 @pytest.mark.parametrize("name", SIZED)
@@ -53,10 +55,42 @@ def test_refused_options():
     with pytest.raises(QattuneError) as err:
         models.lora_llama(128, 1, 4, 2, 64, 128, 64, ["q_proj"], use_dora=True)
     assert str(err.value) == "use_dora=true: DoRA is not supported by qattune; set use_dora: false"
-    with pytest.raises(QattuneError) as err:
-        models.lora_llama(128, 1, 4, 2, 64, 128, 64, ["q_proj"], quantize_base=True)
-    assert "set quantize_base: false and quantizer._component_: qattune.quant.PTQQuantizer with scheme: nf4" in str(
-        err.value)
+
+
+QLORA_REFUSAL = ("quantize_base=true (torchtune's qlora_* builders) trains LoRA over an NF4 base, but {}; in recipe "
+                 "qat_lora set base_quantizer={{_component_: qattune.quant.PTQQuantizer, scheme: nf4}} and no "
+                 "quantizer, or use a lora_* builder with quantize_base: false")
+
+
+def _qlora_model(base_scheme):
+    """The qat_lora order for quantize_base=true: build, split, convert the base (or not), apply LoRA again."""
+    torch.manual_seed(0)
+    base, lora = split_lora(models.lora_llama(128, 2, 4, 2, 64, 128, 64, ["q_proj", "v_proj"],
+                                              apply_lora_to_mlp=True, quantize_base=True))  # fmt: skip
+    if base_scheme is not None:
+        PTQQuantizer(base_scheme).convert(base)
+    models.apply_lora(base, **lora.to_dict())
+    return base
+
+
+def test_quantize_base_needs_an_nf4_base_before_the_first_forward():
+    tokens = torch.randint(0, 128, (2, 8))
+    model = _qlora_model("nf4")
+    assert type(model.layers[0].mlp.up_proj.base).__name__ == "QuantizedLinear"
+    logits = model(tokens)
+    assert logits.shape == (2, 8, 128) and torch.isfinite(logits).all()
+    assert len(model._forward_pre_hooks) == 0  # checked once, then out of the way
+    for scheme, found in ((None, "it was not converted"), ("8w", "base_quantizer converted it to 8w")):
+        with pytest.raises(QattuneError) as err:
+            _qlora_model(scheme)(tokens)
+        assert str(err.value) == QLORA_REFUSAL.format(found)
+
+
+def test_qwen2_5_base_builders_have_the_base_checkpoints_context():
+    with torch.device("meta"):
+        assert models.lora_qwen2_5_1_5b_base(["q_proj"]).config.max_seq_len == 131_072
+        assert models.lora_qwen2_5_1_5b_instruct(["q_proj"]).config.max_seq_len == 32_768
+        assert models.lora_qwen2_5_14b_base(["q_proj"]).config.norm_eps == 1e-5
 
 
 YAML = """
