@@ -94,7 +94,8 @@ def load_and_validate(config: str, overrides: Sequence[str], recipe_file: str | 
 
 def _describe_field(field: SchemaField) -> str:
     if field.refused is not None:
-        return f"must stay {json.dumps(field.default)} ({field.refused})"
+        accepted = field.refused.accept or (field.default,)
+        return f"must be {' or '.join(json.dumps(a) for a in accepted)} ({field.refused.why})"
     kind = field.spec.describe().replace(" (a mapping with _component_)", "")
     if field.provided:
         kind += f" (the recipe passes {', '.join(field.provided)})"

@@ -5,7 +5,8 @@
         optimizer: Component("params")         # the recipe passes `params` when it builds it
         epochs: int = 1                        # a default makes the key optional
         max_steps_per_epoch: Optional[int] = None
-        fsdp_cpu_offload: Unsupported("set it to false") = False   # read for torchtune configs, refused when set
+        fsdp_cpu_offload: Unsupported("set it to false") = False   # any true value is refused
+        ac_mode: Unsupported("remove the key", accept=(None,)) = None  # any value but these is refused
 
 The class body is parsed with `ast` (the recipe is never imported to validate a config), so validation
 costs milliseconds. The same annotations drive the type checks of component arguments.
@@ -40,11 +41,26 @@ class Component:
 
 
 class Unsupported:
-    """Annotation marker for a key the recipe accepts only at its (false) default: any true value is
-    refused, before anything runs, with `why` (what to do instead)."""
+    """Annotation marker for a key read (say for torchtune configs) but honoured only at some values: any
+    true value is refused, or with `accept`, any value not in it; `why` says what to do instead. Both are
+    read statically: write literals, or names of module-level literal constants."""
 
-    def __init__(self, why: str):
-        self.why = why
+    def __init__(self, why: str, accept: tuple | None = None):
+        self.why, self.accept = why, accept
+
+
+@dataclass(frozen=True)
+class Refusal:
+    why: str
+    accept: tuple | None  # None: every false value
+
+    def refuses(self, value: Any) -> bool:
+        return bool(value) if self.accept is None else value not in self.accept
+
+    def describe(self, value: Any) -> str:
+        """`true is not supported: WHY`; after `key=` it is the line validate and run report."""
+        shown = str(value).lower() if isinstance(value, bool) else value
+        return f"{shown} is not supported: {self.why}"
 
 
 class RecipeConfig:
@@ -58,11 +74,7 @@ class SchemaField:
     required: bool
     provided: tuple[str, ...]  # call-time arguments of a component field
     default: Any = None  # the literal default of an optional field
-    refused: str | None = None  # Unsupported(why): why any true value is refused
-
-    def refusal(self, value: Any) -> str:
-        shown = str(value).lower() if isinstance(value, bool) else repr(value)
-        return f"{shown} is not supported: {self.refused}"
+    refused: Refusal | None = None  # an Unsupported(...) annotation
 
 
 @dataclass(frozen=True)
@@ -78,35 +90,59 @@ def _provided(annotation: ast.expr) -> tuple[str, ...]:
     return ()
 
 
-def _refused(annotation: ast.expr) -> str | None:
+def _refused(annotation: ast.expr, constants: dict[str, Any]) -> Refusal | None:
     for node in ast.walk(annotation):
-        if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "Unsupported" and node.args:
-            why = node.args[0]
-            return why.value if isinstance(why, ast.Constant) and isinstance(why.value, str) else ""
+        if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "Unsupported":
+            why = _literal(node.args[0], constants) if node.args else None
+            accept = next((_literal(k.value, constants) for k in node.keywords if k.arg == "accept"), None)
+            return Refusal(why if isinstance(why, str) else "", tuple(accept) if accept is not None else None)
     return None
 
 
-def _literal(node: ast.expr | None) -> Any:
-    """A field's default when it is a literal (None, numbers, strings, lists...); None otherwise."""
-    if node is None:
-        return None
+_NOT_LITERAL = object()
+
+
+def _literal(node: ast.expr | None, constants: dict[str, Any] | None = None) -> Any:
+    """The value of a literal (None, numbers, strings, lists...) or of a name in `constants` (also inside
+    a tuple, `*NAME` included: `(None, *PADDED_COLLATES)`); None when it is neither."""
+    value = _evaluate(node, constants or {}) if node is not None else None
+    return None if value is _NOT_LITERAL else value
+
+
+def _evaluate(node: ast.expr, constants: dict[str, Any]) -> Any:
+    if isinstance(node, ast.Name) and node.id in constants:
+        return constants[node.id]
+    if isinstance(node, ast.Tuple):
+        items = []
+        for element in node.elts:
+            starred = isinstance(element, ast.Starred)
+            value = _evaluate(element.value if starred else element, constants)
+            if value is _NOT_LITERAL or (starred and not isinstance(value, (tuple, list))):
+                return _NOT_LITERAL
+            items.extend(value if starred else [value])
+        return tuple(items)
     try:
         return ast.literal_eval(node)
-    except ValueError:
-        return None
+    except (ValueError, TypeError, SyntaxError):
+        return _NOT_LITERAL
 
 
-def _imported_names(tree: ast.Module) -> dict[str, str]:
-    """Local name -> dotted path, for the `from x import y` lines of a recipe file."""
-    names = {}
+def _module_scope(tree: ast.Module) -> tuple[dict[str, str], dict[str, Any]]:
+    """(local name -> dotted path for its `from x import y` lines, its module-level literal constants)."""
+    names, constants = {}, {}
     for node in tree.body:
         if isinstance(node, ast.ImportFrom) and node.module and not node.level:
             for alias in node.names:
                 names[alias.asname or alias.name] = f"{node.module}.{alias.name}"
-    return names
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)) and node.value is not None:
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            value = _literal(node.value, constants)
+            if len(targets) == 1 and isinstance(targets[0], ast.Name) and value is not None:
+                constants[targets[0].id] = value
+    return names, constants
 
 
-def _class_fields(cls: ast.ClassDef, resolve_base) -> dict[str, SchemaField] | None:
+def _class_fields(cls: ast.ClassDef, resolve_base, constants: dict[str, Any]) -> dict[str, SchemaField] | None:
     """Fields of a RecipeConfig subclass, inherited ones first; None if it is not one."""
     fields: dict[str, SchemaField] = {}
     is_schema = False
@@ -125,7 +161,8 @@ def _class_fields(cls: ast.ClassDef, resolve_base) -> dict[str, SchemaField] | N
         if isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name):
             name = stmt.target.id
             fields[name] = SchemaField(name, typespec.from_ast(stmt.annotation), stmt.value is None,
-                                       _provided(stmt.annotation), _literal(stmt.value), _refused(stmt.annotation))
+                                       _provided(stmt.annotation), _literal(stmt.value, constants),
+                                       _refused(stmt.annotation, constants))
     return fields
 
 
@@ -142,19 +179,20 @@ def _base_resolver(imports: dict[str, str], module: str | None):
         if found is None:
             return None
         cls, where = found
-        return _class_fields(cls, _base_resolver(_imported_names_of(where), where))
+        base_imports, base_constants = _module_scope_of(where)
+        return _class_fields(cls, _base_resolver(base_imports, where), base_constants)
 
     return resolve
 
 
-def _imported_names_of(module: str) -> dict[str, str]:
+def _module_scope_of(module: str) -> tuple[dict[str, str], dict[str, Any]]:
     from qattune.config.signatures import module_file
 
     path = module_file(module)
     try:
-        return _imported_names(ast.parse(path.read_text(encoding="utf-8"))) if path else {}
+        return _module_scope(ast.parse(path.read_text(encoding="utf-8"))) if path else ({}, {})
     except (OSError, SyntaxError):
-        return {}
+        return {}, {}
 
 
 def parse_recipe(path: Path) -> ast.Module:
@@ -184,10 +222,11 @@ def read_schema(path: Path) -> RecipeSchema | None:
         tree = ast.parse(path.read_text(encoding="utf-8"))
     except (OSError, SyntaxError, UnicodeDecodeError):
         return None
-    resolve = _base_resolver(_imported_names(tree), None)
+    imports, constants = _module_scope(tree)
+    resolve = _base_resolver(imports, None)
     for node in tree.body:
         if isinstance(node, ast.ClassDef):
-            fields = _class_fields(node, resolve)
+            fields = _class_fields(node, resolve, constants)
             if fields is not None:
                 return RecipeSchema(path.stem, fields)
     return None

@@ -37,9 +37,10 @@ _DEVICE = re.compile(r"(cpu|cuda|mps|xpu|meta|hip|hpu|mtia|maia|xla|lazy|ipu|ve|
 class Problem:
     key: str
     message: str
+    sep: str = ": "  # "=" for `key=value is not supported: ...`
 
     def __str__(self) -> str:
-        return f"{self.key}: {self.message}" if self.key else self.message
+        return f"{self.key}{self.sep}{self.message}" if self.key else self.message
 
 
 class _Unresolved:
@@ -139,8 +140,8 @@ class _Validator:
                 continue
             if field.spec.kind == "component" and not is_component_node(value) and value is not UNRESOLVED:
                 self.problems.append(Problem(key, f"expected a component (a mapping with _component_), got {value!r}"))
-            elif field.refused is not None and value:
-                self.problems.append(Problem(key, field.refusal(value)))
+            elif field.refused is not None and field.refused.refuses(value):
+                self.problems.append(Problem(key, field.refused.describe(value), sep="="))
             else:
                 self._add(_type_problem(key, value, field.spec))
         for name, field in fields.items():

@@ -357,7 +357,8 @@ def test_run_recipe_help_lists_its_keys(capsys):
     assert out.startswith("usage: qattune run [torchrun options] qat_distributed --config CONFIG [overrides ...]\n")
     assert "tiny/qat_full" in out and "\n  quantizer*" in out and "\n  epochs " in out
     code, out, _ = run_main(capsys, "run", str(SUM_RECIPE), "--config", "x", "-h")
-    assert code == 0 and "\n  offload " in out and "must stay false (sum_recipe keeps everything on the host" in out
+    assert code == 0 and "\n  offload " in out and "must be false (sum_recipe keeps everything on the host" in out
+    assert 'must be null or "sum" (sum_recipe only sums; remove the key)' in out
 
 
 def test_verb_usage_errors(capsys):
@@ -383,7 +384,7 @@ def test_bad_overrides_and_bad_values_are_reported_together(capsys):
 def test_unsupported_keys_are_refused_by_validate_as_by_run(tmp_path, capsys):
     cfg = tmp_path / "c.yaml"
     cfg.write_text(f"output_dir: {tmp_path}/o\n")
-    expected = ["  offload: true is not supported: sum_recipe keeps everything on the host; set offload=false"]
+    expected = ["  offload=true is not supported: sum_recipe keeps everything on the host; set offload=false"]
     code, _, err = run_main(capsys, "validate", str(cfg), "--recipe", str(SUM_RECIPE), "offload=true")
     assert code == 2 and err.splitlines()[1:] == expected
     code, _, err = run_main(capsys, "run", str(SUM_RECIPE), "--config", str(cfg), "offload=true")

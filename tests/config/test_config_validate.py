@@ -54,7 +54,7 @@ def test_a_config_with_many_mistakes():
 
 def test_recipe_schema_types_required_keys_and_provided_arguments():
     schema = read_schema(RECIPE)
-    assert set(schema.fields) == {"output_dir", "value", "seed", "points", "optimizer", "offload"}
+    assert set(schema.fields) == {"output_dir", "value", "seed", "points", "optimizer", "offload", "reduce_op"}
     problems = _problems({"value": "one", "optimizer": {"_component_": "torch.optim.SGD", "lr": 0.1},
                           "points": 3}, schema)
     assert problems == [
@@ -83,9 +83,11 @@ def test_valid_config_has_no_problems():
 
 def test_unsupported_keys_are_refused_when_true():
     schema = read_schema(RECIPE)
-    assert _problems({"output_dir": "/o", "offload": False}, schema) == []
-    assert _problems({"output_dir": "/o", "offload": True}, schema) == [
-        "offload: true is not supported: sum_recipe keeps everything on the host; set offload=false"]
+    assert _problems({"output_dir": "/o", "offload": False, "reduce_op": "sum"}, schema) == []
+    assert _problems({"output_dir": "/o", "offload": True, "reduce_op": "max"}, schema) == [
+        "offload=true is not supported: sum_recipe keeps everything on the host; set offload=false",
+        "reduce_op=max is not supported: sum_recipe only sums; remove the key",
+    ]
 
 
 @pytest.mark.parametrize("device", ["cpu", "cuda", "cuda:0", "cuda:12", "mps", "xpu", "meta", None])
