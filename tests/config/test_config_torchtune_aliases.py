@@ -26,12 +26,12 @@ def _build(yaml: str, key: str, **kwargs):
 
 
 def _refusal(yaml: str, key: str, **kwargs) -> str:
-    """The one-line error building `key` gives (without a leading '<key>.', should the caller add one)."""
+    """The one-line error building `key` gives (without a leading '<key>: ', should instantiate add one)."""
     with pytest.raises(QattuneError) as err:
         _build(yaml, key, **kwargs)
     message = str(err.value)
     assert "\n" not in message
-    return message.removeprefix(f"{key}.")
+    return message.removeprefix(f"{key}: ")
 
 
 # ---------------------------------------------------------------- 1. group sizes: torchtune's / torchao's defaults
