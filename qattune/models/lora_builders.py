@@ -124,11 +124,11 @@ def lora_llama2_7b(
     apply_lora_to_output: bool = False,
     lora_rank: int = 8,
     lora_alpha: float = 16.0,
-    lora_dropout: float = 0.0,
+    lora_dropout: float = 0.05,
     use_dora: bool = False,
     quantize_base: bool = False,
 ) -> Transformer:
-    """Llama 2 7B with LoRA applied."""
+    """Llama 2 7B with LoRA applied (torchtune's default lora_dropout for Llama 2, 0.05)."""
     return _with_lora(
         builders.llama2_7b, lora_attn_modules, apply_lora_to_mlp, apply_lora_to_output, lora_rank, lora_alpha,
         lora_dropout, use_dora, quantize_base,

@@ -28,8 +28,9 @@ def test_sized_builders_take_torchtune_fields(name):
     params = inspect.signature(builder).parameters
     assert list(params) == TORCHTUNE_FIELDS
     defaults = {k: p.default for k, p in params.items() if p.default is not inspect.Parameter.empty}
+    dropout = 0.05 if name == "lora_llama2_7b" else 0.0  # torchtune's defaults
     assert defaults == dict(apply_lora_to_mlp=False, apply_lora_to_output=False, lora_rank=8, lora_alpha=16.0,
-                            lora_dropout=0.0, use_dora=False, quantize_base=False)  # fmt: skip
+                            lora_dropout=dropout, use_dora=False, quantize_base=False)  # fmt: skip
     static = component_signature(f"qattune.models.{name}")  # what `qattune validate` reads, without importing
     assert static.names == TORCHTUNE_FIELDS
 
