@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader, Dataset
 from qattune.errors import QattuneError
 
 from .collate import padded_collate
+from .packing import PackedDataset
 
 
 def epoch_indices(num_samples: int, epoch: int, shuffle: bool, seed: int, rank: int, world_size: int) -> list[int]:
@@ -43,6 +44,7 @@ class StatefulDataLoader:
         rank: int = 0,
         world_size: int = 1,
         num_workers: int = 0,
+        name: str = "the dataset",
     ) -> None:
         if batch_size < 1:
             raise QattuneError(f"batch_size must be at least 1, got {batch_size}")
@@ -58,10 +60,18 @@ class StatefulDataLoader:
         self.epoch = 0
         self.batches_done = 0
         if len(self) == 0:
-            raise QattuneError(
-                f"the dataset has {len(dataset)} samples, too few for one batch of {batch_size} per rank "
-                f"on {world_size} rank(s); lower batch_size or use more data"
-            )
+            raise QattuneError(self._too_few_message(name))
+
+    def _too_few_message(self, name: str) -> str:
+        """Why there is not one batch: `name` (e.g. a config key) and its size, in packs when packed."""
+        size = f"{len(self.dataset)} samples"
+        if isinstance(self.dataset, PackedDataset):
+            size = f"{len(self.dataset)} packs of {self.dataset.max_seq_len} tokens"
+        if not self.drop_last:
+            return (f"{name} has {size}, fewer than the {self.world_size} ranks that each need one; "
+                    "use more data or fewer processes")
+        return (f"{name} has {size}, too few for one batch of {self.batch_size} per rank on {self.world_size} "
+                "rank(s); lower the batch size or use more data")
 
     def __len__(self) -> int:
         """Batches per epoch on this rank."""
@@ -134,11 +144,17 @@ def build_dataloader(
     drop_last: bool = True,
     num_workers: int = 0,
     max_seq_len: Optional[int] = None,
+    name: str = "the dataset",
 ) -> StatefulDataLoader:
     """A `StatefulDataLoader` with `padded_collate` (the dataset's `pad_id`), sharded over the
-    torch.distributed ranks when a process group is initialized."""
+    torch.distributed ranks when a process group is initialized.
+
+    `drop_last=False` keeps the last, partial batch (validation scores every sample); `name` is how
+    errors call the dataset (e.g. its config key, "dataset_val")."""
     rank, world_size = 0, 1
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         rank, world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
     collate = functools.partial(padded_collate, pad_id=getattr(dataset, "pad_id", 0), max_seq_len=max_seq_len)
-    return StatefulDataLoader(dataset, batch_size, collate, shuffle, seed, drop_last, rank, world_size, num_workers)
+    return StatefulDataLoader(
+        dataset, batch_size, collate, shuffle, seed, drop_last, rank, world_size, num_workers, name=name
+    )

@@ -50,7 +50,7 @@ def _file_list(data_files: DataFiles) -> list[str]:
     """`data_files` (one path or a list of paths) as a list of paths; refuse anything else."""
     files = [data_files] if isinstance(data_files, str) else data_files
     if not isinstance(files, (list, tuple)) or not files or not all(isinstance(f, str) for f in files):
-        raise QattuneError(f"data_files must be a file path or a list of file paths, got {data_files!r:.80}")
+        raise QattuneError(f"data_files must be a file path or a list of file paths, got {data_files!r}")
     return list(files)
 
 
@@ -206,7 +206,7 @@ def _load_failure(what: str, split: str, files: list[str], builder: str, err: Ex
     if isinstance(err, ValueError) and "Unknown split" in str(err):
         return f"{what} has no split '{split}' ({cause}); a local file has only 'train' (slice it: train[:90%])"
     if isinstance(err, ValueError) and "corresponds to no data" in str(err):
-        return f"{what} holds no rows with any column (such as [] or {{}} rows); put rows such as {{\"text\": ...}} in it"
+        return f"{what} holds no rows (or only rows without columns, such as [] or {{}}); put data in it"
     if isinstance(err, ConnectionError):
         if _hub_offline():
             return (f"{what} is not a local file and the Hugging Face hub is offline (HF_DATASETS_OFFLINE/HF_HUB_OFFLINE "
@@ -220,7 +220,7 @@ def _load_failure(what: str, split: str, files: list[str], builder: str, err: Ex
             if problem is not None:
                 return f"dataset file '{path}' {problem}; fix the file"
     if isinstance(err, StopIteration):  # `datasets` found no row to infer a schema from
-        return f"{what} holds no rows; put rows in it or name another file"
+        return f"{what} holds no rows; put rows in it or name another source"
     kind = f" as {builder}" if builder in BUILDERS else ""
     return f"{what} could not be read{kind} ({cause}); check that the file is valid {builder or 'data'}"
 

@@ -108,3 +108,30 @@ def test_loader_refuses_a_different_dataset():
     state = _ids_loader(n=10).state_dict()
     with pytest.raises(QattuneError, match="num_samples=10, this run has num_samples=12"):
         _ids_loader(n=12).load_state_dict(state)
+
+
+def test_loader_keeps_the_last_partial_batch_when_asked():
+    from qattune.data import build_dataloader
+
+    ds = TokenizedDataset([doc(100 + i, 2) for i in range(13)], pad_id=0)
+    scored = [b["tokens"][:, 0].tolist() for b in build_dataloader(ds, 8, shuffle=False, drop_last=False)]
+    assert scored == [list(range(100, 108)), list(range(108, 113))]
+    assert [len(b["tokens"]) for b in build_dataloader(ds, 8, shuffle=False)] == [8]
+
+
+def test_loader_too_few_names_the_dataset_and_counts_packs():
+    from qattune.data import PackedDataset, build_dataloader
+
+    plain = TokenizedDataset([doc(1, 2) for _ in range(5)], pad_id=0)
+    with pytest.raises(QattuneError) as err:
+        build_dataloader(plain, 8, name="dataset_val")
+    assert str(err.value) == ("dataset_val has 5 samples, too few for one batch of 8 per rank on 1 rank(s); "
+                              "lower the batch size or use more data")
+    packed = PackedDataset([doc(1, 3) for _ in range(5)], max_seq_len=8, pad_id=0, split_across_pack=True)
+    with pytest.raises(QattuneError) as err:
+        build_dataloader(packed, 4)
+    assert str(err.value) == ("the dataset has 2 packs of 8 tokens, too few for one batch of 4 per rank on 1 rank(s); "
+                              "lower the batch size or use more data")
+    with pytest.raises(QattuneError) as err:
+        StatefulDataLoader(plain, 8, padded_collate, drop_last=False, rank=0, world_size=8, name="dataset")
+    assert str(err.value) == "dataset has 5 samples, fewer than the 8 ranks that each need one; use more data or fewer processes"
