@@ -178,7 +178,8 @@ TORCHTUNE_COMPONENTS: dict[str, Alias] = {
         "PTQQuantizer", "4w", 256, "inner_k_tiles", "device"),
     # datasets and collators
     "torchtune.datasets.text_completion_dataset": Alias("qattune.data.text_completion_dataset"),
-    "torchtune.datasets.instruct_dataset": Alias("qattune.data.instruct_dataset"),
+    # torchtune's instruct_dataset is input -> user, output -> assistant (qattune's instruct_dataset is alpaca style)
+    "torchtune.datasets.instruct_dataset": Alias("qattune.data.input_output_dataset"),
     "torchtune.datasets.chat_dataset": Alias("qattune.data.chat_dataset"),
     "torchtune.datasets.alpaca_cleaned_dataset": Alias("qattune.data.alpaca_cleaned_dataset"),
     "torchtune.datasets.alpaca_dataset": Alias("qattune.data.alpaca_dataset"),
