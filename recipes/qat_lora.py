@@ -6,9 +6,10 @@
 `model` is a LoRA builder (e.g. `qattune.models.lora_llama3_2_1b`). The frozen base is loaded from the
 checkpoint, then either fake-quantized by `quantizer` (QAT: the adapters learn to correct the
 quantization error the served model will have) or quantized for real by `base_quantizer` (QLoRA with
-scheme nf4, to save memory); then the adapters are added. Each checkpoint holds the merged float model
-in the Hugging Face layout and the adapter alone, PEFT-compatible, in `adapter/`
-(`save_adapter_weights_only: true`: the adapter alone, as torchtune does; `quantize` needs the merged model).
+scheme nf4, to save memory; a `qlora_*` model builder, as torchtune's, implies it); then the adapters
+are added. Each checkpoint holds the merged float model in the Hugging Face layout and the adapter alone,
+PEFT-compatible, in `adapter/` (`save_adapter_weights_only: true`: the adapter alone, as torchtune does;
+`quantize` needs the merged model).
 """
 
 from typing import Optional
@@ -32,12 +33,16 @@ def recipe(cfg) -> None:
 
     from qattune.checkpoint import load_peft_adapter, write_peft_adapter
     from qattune.config import instantiate
+    from qattune.config.aliases import component_argument
     from qattune.errors import QattuneError
     from qattune.models import apply_lora, merged_state_dict, split_lora
     from qattune.training import FakeQuantAfterNSteps
     from qattune.training.session import TrainingSession
 
-    if cfg.quantizer is not None and cfg.base_quantizer is not None:
+    base_quantizer_cfg = cfg.base_quantizer
+    if base_quantizer_cfg is None and component_argument(cfg.model, "quantize_base", False):
+        base_quantizer_cfg = {"_component_": "qattune.quant.PTQQuantizer", "scheme": "nf4"}  # torchtune's qlora_*
+    if cfg.quantizer is not None and base_quantizer_cfg is not None:
         raise QattuneError("set either quantizer (QAT of the frozen base) or base_quantizer (QLoRA), not both")
     lora = {}
 
@@ -48,7 +53,7 @@ def recipe(cfg) -> None:
 
     # QLoRA quantizes the base for real before sharding, so every rank needs its weights
     session = TrainingSession(cfg, model_builder=base_builder, weights_from_resume=False,
-                              load_on_rank0_only=cfg.base_quantizer is None)
+                              load_on_rank0_only=base_quantizer_cfg is None)
     try:
         hooks = []
         if cfg.quantizer is not None:
@@ -56,8 +61,8 @@ def recipe(cfg) -> None:
             quantizer.prepare(session.model)
             session.record_quantizer(quantizer)
             hooks.append(FakeQuantAfterNSteps(quantizer, session.model, cfg.fake_quant_after_n_steps))
-        elif cfg.base_quantizer is not None:
-            base_quantizer = instantiate(cfg.base_quantizer)
+        elif base_quantizer_cfg is not None:
+            base_quantizer = instantiate(base_quantizer_cfg)
             base_quantizer.convert(session.model)
             session.record_quantizer(base_quantizer)
         apply_lora(session.model, **lora)

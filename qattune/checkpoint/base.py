@@ -39,7 +39,8 @@ class Checkpointer(ABC):
     checkpoint_dir: folder (or file, for GGUF) to read. checkpoint_files: files inside it (default: what
     the folder's index/layout says). model_type: family, e.g. "llama3_2", "qwen2_5" (default: from the
     checkpoint's own config). output_dir: where `save(sd, "step_N")` writes. The remaining fields are
-    torchtune's, kept for recipes that resume (`recipe_checkpoint`, `resume_from_checkpoint`).
+    torchtune's, accepted at their defaults only: a run resumes from the recipe's top-level
+    `resume_from_checkpoint` (the `recipe_state.pt` inside an `output_dir/step_N` folder).
     """
 
     format: str = ""
@@ -54,11 +55,14 @@ class Checkpointer(ABC):
         recipe_checkpoint: Optional[str] = None,
         resume_from_checkpoint: bool = False,
     ) -> None:
+        if recipe_checkpoint is not None or resume_from_checkpoint:
+            given = (f"recipe_checkpoint={recipe_checkpoint}" if recipe_checkpoint is not None
+                     else "resume_from_checkpoint=true")
+            raise QattuneError(f"checkpointer {given}: a run resumes from the top-level resume_from_checkpoint "
+                               "(true, or an output_dir/step_N folder); set that and remove this argument")
         self.checkpoint_dir = Path(checkpoint_dir).expanduser()
         self.checkpoint_files = _expand_files(checkpoint_files)
         self.output_dir = Path(output_dir).expanduser() if output_dir is not None else None
-        self.recipe_checkpoint = recipe_checkpoint
-        self.resume_from_checkpoint = resume_from_checkpoint
         self._model_type = model_type
         self._adapter: Optional[StateDictAdapter] = get_adapter(model_type) if model_type else None
         self._config: Optional[TransformerConfig] = None

@@ -17,7 +17,7 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from qattune.config.aliases import Alias, torchtune_alias
+from qattune.config.aliases import Alias, RefusedArgument, torchtune_alias
 from qattune.config.signatures import UnknownComponent, import_object, missing_package
 from qattune.config.suggest import did_you_mean
 from qattune.errors import QattuneError
@@ -39,7 +39,10 @@ def resolve_target(path: str, kwargs: dict[str, Any], where: str) -> tuple[Any, 
     if alias is not None:
         if alias.target is None:
             raise QattuneError(f"{where}: torchtune component '{path}' has no qattune counterpart: {alias.reason}")
-        target_path, kwargs = alias.target, alias.translate(kwargs)
+        try:
+            target_path, kwargs = alias.target, alias.translate(kwargs)
+        except RefusedArgument as err:
+            raise QattuneError(f"{where}: {err}") from None
     else:
         target_path = path
     try:

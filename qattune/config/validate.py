@@ -185,6 +185,10 @@ class _Validator:
             if alias.target is None:
                 self.problems.append(Problem(where, f"torchtune component '{target}' has no qattune counterpart: {alias.reason}"))
                 return
+            refused = alias.refusals(kwargs)
+            if refused:
+                self.problems.extend(Problem(path, str(err)) for err in refused)
+                return
             kwargs = alias.translate(kwargs)
         signature = self._signature(alias.target if alias else target, target, where)
         if signature is None:

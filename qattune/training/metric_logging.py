@@ -6,7 +6,7 @@ import json
 import os
 import sys
 import time
-from typing import Mapping
+from typing import Mapping, Optional
 
 from qattune.errors import QattuneError
 
@@ -29,9 +29,9 @@ class JSONLLogger:
     """Appends one JSON object per log call, `{"step": N, "time": unix_seconds, ...metrics}`, to
     `log_dir/filename`; each line is flushed so a crashed run keeps what it logged."""
 
-    def __init__(self, log_dir: str, filename: str = "metrics.jsonl") -> None:
+    def __init__(self, log_dir: str, filename: Optional[str] = "metrics.jsonl") -> None:
         os.makedirs(log_dir, exist_ok=True)
-        self.path = os.path.join(log_dir, filename)
+        self.path = os.path.join(log_dir, filename or "metrics.jsonl")  # torchtune's DiskLogger: null = default
         self._file = open(self.path, "a", encoding="utf-8")
 
     def log(self, metrics: Mapping[str, float], step: int) -> None:

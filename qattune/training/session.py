@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from qattune.config import Component, RecipeConfig, instantiate
+from qattune.config.schema import Unsupported
 from qattune.errors import QattuneError
 from qattune.training.hooks import RoundingAtStep
 
@@ -28,6 +29,11 @@ log = logging.getLogger(__name__)
 TRAINING_INFO_FILE = "qattune_training.json"
 EXTRA_STATE_FILE = "extra_state.safetensors"
 """Model state beyond the plain model's (e.g. learned quantization ranges), saved beside the HF files."""
+
+
+PADDED_COLLATES = ("qattune.data.padded_collate", "torchtune.data.padded_collate_sft",
+                   "torchtune.data.padded_collate_packed")
+_SELECTIVE_AC = "selective activation checkpointing is not available; use enable_activation_checkpointing=true"
 
 
 class TrainingConfig(RecipeConfig):
@@ -55,18 +61,20 @@ class TrainingConfig(RecipeConfig):
     dtype: Literal["fp32", "float32", "bf16", "bfloat16"] = "bf16"
     compile: bool = False
     enable_activation_checkpointing: bool = False
-    enable_activation_offloading: bool = False  # accepted for torchtune configs; qattune does not offload
-    optimizer_in_bwd: bool = False  # accepted for torchtune configs; must stay false
-    fsdp_cpu_offload: bool = False  # accepted for torchtune configs; must stay false
+    enable_activation_offloading: Unsupported("use enable_activation_checkpointing to save memory; set it to false") = False
+    optimizer_in_bwd: Unsupported("qattune steps the optimizer after backward; set optimizer_in_bwd=false") = False
+    fsdp_cpu_offload: Unsupported("qattune does not offload FSDP parameters to CPU; set fsdp_cpu_offload=false") = False
     custom_sharded_layers: Optional[list[str]] = None  # accepted for torchtune configs; every block is sharded
     memory_efficient_fsdp_wrap: bool = False  # accepted for torchtune configs; every block is sharded
     fsdp_reshard_after_forward: bool = True  # false: keep each block's gathered weights for its backward
-    fsdp_sharding_strategy: Optional[str] = None  # torchtune's; FULL_SHARD is what FSDP2 does here
-    ac_mode: Optional[str] = None  # torchtune's selective activation checkpointing; must stay null
-    ac_option: Optional[int] = None  # (with ac_mode)
+    fsdp_sharding_strategy: Unsupported("FSDP2 shards parameters, gradients and optimizer state (FULL_SHARD); "
+                                        "remove the key", accept=(None, "FULL_SHARD")) = None
+    ac_mode: Unsupported(_SELECTIVE_AC, accept=(None,)) = None  # torchtune's selective checkpointing
+    ac_option: Unsupported(_SELECTIVE_AC, accept=(None,)) = None
     activation_offloading_use_streams: bool = True  # accepted for torchtune configs (no offloading here)
     cudnn_deterministic_mode: bool = False  # torch.backends.cudnn.deterministic (CUDA)
-    collate_fn: Optional[str] = None  # torchtune's padded collates; qattune's padded_collate serves both
+    collate_fn: Unsupported("batches go through qattune.data.padded_collate (padded and packed data alike); "
+                            "remove the key", accept=(None, *PADDED_COLLATES)) = None
     save_every_n_steps: Optional[int] = None
     keep_last_n_checkpoints: Optional[int] = None
     run_val_every_n_steps: Optional[int] = None
@@ -77,42 +85,6 @@ class TrainingConfig(RecipeConfig):
     log_level: Optional[str] = None
     profiler: Optional[Component] = None
     progress_bar: bool = True
-
-
-PADDED_COLLATES = ("qattune.data.padded_collate", "torchtune.data.padded_collate_sft",
-                   "torchtune.data.padded_collate_packed")
-UNSUPPORTED_OPTIONS: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
-    # (key, whether a value is accepted, what to do instead): torchtune keys qattune reads but cannot honour
-    ("optimizer_in_bwd", lambda v: not v, "qattune steps the optimizer after backward; set optimizer_in_bwd=false"),
-    ("enable_activation_offloading", lambda v: not v,
-     "use enable_activation_checkpointing to save memory; set it to false"),
-    ("fsdp_cpu_offload", lambda v: not v, "qattune does not offload FSDP parameters to CPU; set fsdp_cpu_offload=false"),
-    ("fsdp_sharding_strategy", lambda v: v in (None, "FULL_SHARD"),
-     "FSDP2 shards parameters, gradients and optimizer state (FULL_SHARD); remove the key"),
-    ("ac_mode", lambda v: v is None,
-     "selective activation checkpointing is not available; use enable_activation_checkpointing=true"),
-    ("ac_option", lambda v: v is None,
-     "selective activation checkpointing is not available; use enable_activation_checkpointing=true"),
-    ("collate_fn", lambda v: v is None or v in PADDED_COLLATES,
-     "batches go through qattune.data.padded_collate (padded and packed data alike); remove the key"),
-)
-
-
-def unsupported_option_problems(cfg: Any) -> list[str]:
-    """One line for each key in UNSUPPORTED_OPTIONS whose value this config sets and qattune cannot honour."""
-    problems = []
-    for key, accepted, why in UNSUPPORTED_OPTIONS:
-        value = cfg.get(key, None)
-        if not accepted(value):
-            shown = str(value).lower() if isinstance(value, bool) else value
-            problems.append(f"{key}={shown} is not supported: {why}")
-    return problems
-
-
-def _unsupported_options(cfg: Any) -> None:
-    problems = unsupported_option_problems(cfg)
-    if problems:
-        raise QattuneError(problems[0])
 
 
 def _refuse_quantized(checkpointer: Any) -> None:
@@ -180,7 +152,6 @@ class TrainingSession:
 
         from qattune.checkpoint import writable_directory
 
-        _unsupported_options(cfg)
         self.cfg = cfg
         self.output_dir = str(writable_directory(cfg.output_dir))
         if cfg.get("log_level"):

@@ -119,6 +119,15 @@ def test_unexpected_tensor_is_named(tmp_path):
     )
 
 
+@pytest.mark.parametrize("given, shown", [({"recipe_checkpoint": "recipe_state.pt"}, "recipe_checkpoint=recipe_state.pt"),
+                                          ({"resume_from_checkpoint": True}, "resume_from_checkpoint=true")])
+def test_resume_arguments_of_the_checkpointer_point_at_the_recipe_key(tmp_path, given, shown):
+    with pytest.raises(QattuneError) as err:
+        HFCheckpointer(str(tmp_path), **given)
+    assert str(err.value) == (f"checkpointer {shown}: a run resumes from the top-level resume_from_checkpoint "
+                              "(true, or an output_dir/step_N folder); set that and remove this argument")
+
+
 def test_missing_folder_and_missing_config(tmp_path):
     assert message(lambda: HFCheckpointer(str(tmp_path / "nope"))) == f"checkpoint_dir does not exist: {tmp_path / 'nope'}"
     (tmp_path / "empty").mkdir()

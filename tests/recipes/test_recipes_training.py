@@ -296,11 +296,14 @@ def test_qat_lora_saves_adapter_weights_only_and_resumes_from_them(tmp_path):
     assert [r["loss"] for r in metrics(tmp_path / "resumed")] == [r["loss"] for r in metrics(tmp_path / "lora")[2:]]
 
 
-def test_qlora_trains_over_a_real_nf4_base(tmp_path):
+@pytest.mark.parametrize("qlora", [["base_quantizer={_component_: qattune.quant.PTQQuantizer, scheme: nf4}"],
+                                   ["+model.quantize_base=true"]], ids=["base_quantizer", "torchtune_qlora_builder"])
+def test_qlora_trains_over_a_real_nf4_base(tmp_path, qlora):
+    """QLoRA from a base_quantizer, or from a model builder with quantize_base (torchtune's qlora_*)."""
     out = tmp_path / "qlora"
     small = [o for o in SMALL if not o.startswith(("save_every", "max_steps"))]
     run_cli("qat_lora", "--config", "tiny/qat_lora", f"output_dir={out}", "~quantizer", "max_steps_per_epoch=3",
-            "base_quantizer={_component_: qattune.quant.PTQQuantizer, scheme: nf4}", *small)
+            *qlora, *small)
     assert len(metrics(out)) == 3
     info = json.loads((out / "step_3" / "qattune_training.json").read_text())
     assert info["quantizer"]["scheme"] == "nf4"

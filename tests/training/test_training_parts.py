@@ -132,6 +132,8 @@ def test_loggers(tmp_path, capsys):
     logger.close()
     lines = [json.loads(x) for x in (tmp_path / "logs" / "metrics.jsonl").read_text().splitlines()]
     assert [(r["step"], r["loss"]) for r in lines] == [(1, 2.0), (2, 1.0)]
+    JSONLLogger(str(tmp_path / "null"), filename=None).close()  # torchtune's DiskLogger(filename: null)
+    assert [p.name for p in (tmp_path / "null").iterdir()] == ["metrics.jsonl"]
     if importlib.util.find_spec("tensorboard") is None:
         with pytest.raises(QattuneError, match="needs the tensorboard package, which is not installed"):
             TensorBoardLogger(str(tmp_path / "tb"))
@@ -288,14 +290,27 @@ def test_unwritable_output_dir_is_one_clear_line(tmp_path):
 
 
 def test_torchtune_options_qattune_cannot_honour_are_each_one_line():
-    from qattune.training.session import unsupported_option_problems
+    """The training recipes' Unsupported keys, as `validate` and `run` report them (before anything runs)."""
+    from pathlib import Path
 
-    accepted = {"optimizer_in_bwd": False, "fsdp_sharding_strategy": "FULL_SHARD", "ac_mode": None,
-                "collate_fn": "torchtune.data.padded_collate_sft"}
-    assert unsupported_option_problems(accepted) == []
-    refused = {"optimizer_in_bwd": True, "fsdp_sharding_strategy": "SHARD_GRAD_OP", "ac_mode": "selective",
-               "collate_fn": "my.collate"}
-    assert unsupported_option_problems(refused) == [
+    from omegaconf import OmegaConf
+
+    from qattune.config.schema import read_schema
+    from qattune.config.validate import validate_config
+
+    schema = read_schema(Path(__file__).parents[2] / "recipes" / "full_finetune.py")
+    base = {"output_dir": "/o", "model": {"_component_": "qattune.models.llama3_2_1b"},
+            "tokenizer": {"_component_": "qattune.tokenizers.byte_tokenizer"},
+            "dataset": {"_component_": "qattune.data.python_docs_dataset"},
+            "optimizer": {"_component_": "torch.optim.AdamW"}}
+
+    def problems(**keys):
+        return [str(p) for p in validate_config(OmegaConf.create({**base, **keys}), schema)]
+
+    assert problems(optimizer_in_bwd=False, fsdp_sharding_strategy="FULL_SHARD", ac_mode=None,
+                    collate_fn="torchtune.data.padded_collate_sft") == []
+    assert problems(optimizer_in_bwd=True, fsdp_sharding_strategy="SHARD_GRAD_OP", ac_mode="selective",
+                    collate_fn="my.collate") == [
         "optimizer_in_bwd=true is not supported: qattune steps the optimizer after backward; set optimizer_in_bwd=false",
         "fsdp_sharding_strategy=SHARD_GRAD_OP is not supported: FSDP2 shards parameters, gradients and optimizer "
         "state (FULL_SHARD); remove the key",
