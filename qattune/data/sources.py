@@ -106,10 +106,12 @@ def load_rows(
         rows = _load_with_builder(source, split, data_files, text_sample_by or "line", extra)
     else:
         rows = _load_path_or_hub(source, split, text_sample_by or "paragraph", extra)
-    label = dataset_label(source, data_files)
-    if len(rows) == 0:
-        raise QattuneError(f"dataset '{label}' split '{split}' has no rows; check the data and the split")
-    return rows if filter_fn is None else filter_rows(rows, filter_fn, label)
+    return rows if filter_fn is None else filter_rows(rows, filter_fn, dataset_label(source, data_files))
+
+
+def _text_options(builder: str, sample_by: str) -> dict[str, str]:
+    """The text builder's `sample_by` (line, paragraph or document); nothing for the other builders."""
+    return {"sample_by": sample_by} if builder == "text" else {}
 
 
 def _load_with_builder(source: str, split: str, data_files: DataFiles, sample_by: str, extra: dict) -> Rows:
@@ -117,7 +119,7 @@ def _load_with_builder(source: str, split: str, data_files: DataFiles, sample_by
     if source not in BUILDERS:
         raise QattuneError(f"dataset source '{source}' with data_files must be a file type, one of "
                            f"{', '.join(BUILDERS)} (json reads .json and .jsonl).{did_you_mean(source, BUILDERS)}")
-    text = {"sample_by": sample_by} if source == "text" else {}
+    text = _text_options(source, sample_by)
     if data_files is None:
         if "data_dir" not in extra:
             raise QattuneError(f"dataset source '{source}' is a file type; name the file with data_files=PATH "
@@ -142,7 +144,7 @@ def _load_path_or_hub(source: str, split: str, sample_by: str, extra: dict) -> R
                 "or set source to a file type (json, text, csv, parquet) and data_files to the file"
             )
         _check_files([source], "")
-        text = {"sample_by": sample_by} if builder == "text" else {}
+        text = _text_options(builder, sample_by)
         return _load(f"dataset file '{source}'", split, [path], builder, data_files=path, **text, **extra)
     if os.path.isdir(path):
         return _load(f"dataset folder '{source}'", split, [], path, **extra)
@@ -206,7 +208,7 @@ def _load_failure(what: str, split: str, files: list[str], builder: str, err: Ex
     if isinstance(err, ValueError) and "Unknown split" in str(err):
         return f"{what} has no split '{split}' ({cause}); a local file has only 'train' (slice it: train[:90%])"
     if isinstance(err, ValueError) and "corresponds to no data" in str(err):
-        return f"{what} holds no rows (or only rows without columns, such as [] or {{}}); put data in it"
+        return f"{what} holds no rows for split '{split}' ([] and {{}} rows count as none); put data in it or check the split"
     if isinstance(err, ConnectionError):
         if _hub_offline():
             return (f"{what} is not a local file and the Hugging Face hub is offline (HF_DATASETS_OFFLINE/HF_HUB_OFFLINE "

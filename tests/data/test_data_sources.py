@@ -2,6 +2,8 @@
 loading arguments (data_files lists, name, data_dir, filter_fn); text split by line or paragraph."""
 
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 from data_byte_tokenizer import BOS, EOS, ByteTokenizer
@@ -43,7 +45,8 @@ def test_folder_of_empty_files_and_whitespace_only_file_hold_no_rows(tmp_path):
     assert error_of(source=folder) == f"dataset folder '{folder}' holds no rows; put rows in it or name another source"
     path = write(tmp_path / "blank.jsonl", "\n\n")
     assert error_of(source=path) == (
-        f"dataset file '{path}' holds no rows (or only rows without columns, such as [] or {{}}); put data in it")
+        f"dataset file '{path}' holds no rows for split 'train' ([] and {{}} rows count as none); put data in it "
+        "or check the split")
 
 
 def test_malformed_json_lines_name_the_line(tmp_path):
@@ -66,7 +69,8 @@ def test_malformed_pretty_printed_json_names_the_line(tmp_path):
 def test_rows_without_columns(tmp_path, content):
     path = write(tmp_path / "rows.json", content)
     assert error_of(source=path) == (
-        f"dataset file '{path}' holds no rows (or only rows without columns, such as [] or {{}}); put data in it")
+        f"dataset file '{path}' holds no rows for split 'train' ([] and {{}} rows count as none); put data in it "
+        "or check the split")
 
 
 def test_ragged_csv_and_bad_parquet_give_the_root_cause(tmp_path):
@@ -96,6 +100,9 @@ def test_no_split_and_unknown_suffix(tmp_path):
     assert error_of(source=path, split="validation") == (
         f"dataset file '{path}' has no split 'validation' (ValueError: Unknown split \"validation\". Should be one "
         "of ['train'].); a local file has only 'train' (slice it: train[:90%])")
+    assert error_of(source=path, split="train[:0%]") == (
+        f"dataset file '{path}' holds no rows for split 'train[:0%]' ([] and {{}} rows count as none); put data in it "
+        "or check the split")
     odd = write(tmp_path / "d.xyz", "a")
     assert error_of(source=odd).startswith(f"dataset file '{odd}' has an unknown type '.xyz'; use one of")
 
@@ -147,6 +154,22 @@ def test_hub_offline_without_a_cached_copy(monkeypatch):
     assert error_of(source="someone/corpus") == (
         "dataset 'someone/corpus' is not a local file and the Hugging Face hub is offline "
         "(HF_DATASETS_OFFLINE/HF_HUB_OFFLINE set), with no copy in the local cache; pass a local file path instead")
+
+
+def test_hub_offline_reads_a_cached_copy(tmp_path, monkeypatch):
+    import datasets
+
+    built = datasets.load_dataset("json", data_files=write(tmp_path / "d.jsonl", '{"text": "cached"}\n'),
+                                  cache_dir=str(tmp_path / "build"), split="train")
+    arrow = Path(built.cache_files[0]["filename"])
+    # the layout `datasets` keeps a downloaded hub dataset in: <cache>/<owner>___<name>/<config>/<version>/<hash>/
+    cached = tmp_path / "cache" / "someone___corpus" / "default" / "0.0.0" / arrow.parent.name
+    cached.mkdir(parents=True)
+    shutil.copy(arrow.parent / "dataset_info.json", cached)
+    shutil.copy(arrow, cached / "corpus-train.arrow")
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "cache")
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    assert list(load_rows("someone/corpus")) == [{"text": "cached"}]
 
 
 def test_unreachable_hub_is_one_line_without_retries(monkeypatch):
