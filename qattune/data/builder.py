@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 from torch.utils.data import Dataset
 
@@ -25,21 +24,6 @@ def pad_id_of(tokenizer: Any) -> int:
 def resolve_max_seq_len(max_seq_len: Optional[int], tokenizer: Any) -> Optional[int]:
     """The dataset's `max_seq_len`, else the tokenizer's (torchtune configs set it there), else None."""
     return max_seq_len if max_seq_len is not None else getattr(tokenizer, "max_seq_len", None)
-
-
-@contextlib.contextmanager
-def untruncated(tokenizer: Any) -> Iterator[Any]:
-    """The tokenizer with its own `max_seq_len` lifted for the duration: `tokenize_messages` truncates to
-    it, and the dataset must apply its one length limit itself (`finish_dataset`)."""
-    limit = getattr(tokenizer, "max_seq_len", None)
-    if limit is None:
-        yield tokenizer
-        return
-    tokenizer.max_seq_len = None
-    try:
-        yield tokenizer
-    finally:
-        tokenizer.max_seq_len = limit
 
 
 def _keep_trained(rows: list[Sample], fitted: list[Sample], max_seq_len: Optional[int], source: str) -> list[Sample]:

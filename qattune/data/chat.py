@@ -10,7 +10,7 @@ from torch.utils.data import Dataset
 from qattune.errors import QattuneError
 from qattune.tokenizers.base import ROLES
 
-from .builder import finish_dataset, resolve_max_seq_len, untruncated
+from .builder import finish_dataset, resolve_max_seq_len
 from .fields import content_text, text_of
 from .samples import Sample
 from .sources import dataset_label, load_rows, require_columns
@@ -75,8 +75,7 @@ def with_system_prompt(messages: list[dict[str, str]], system_prompt: Optional[s
 def chat_sample(tokenizer: Any, messages: list[dict[str, str]], train_on_input: bool) -> Sample:
     """One conversation through the tokenizer's chat template, untruncated (the dataset applies its
     length limit); the assistant's tokens are trained, every token with `train_on_input`."""
-    with untruncated(tokenizer):
-        ids, assistant_mask = tokenizer.tokenize_messages(messages)
+    ids, assistant_mask = tokenizer.tokenize_messages(messages, truncate=False)
     trained = [True] * len(ids) if train_on_input else [bool(m) for m in assistant_mask]
     return Sample.from_mask(ids, trained)
 

@@ -136,11 +136,12 @@ class Tokenizer(ABC):
                 ids += self._encode_text(part)
         return ids
 
-    def tokenize_messages(self, messages: Sequence[Mapping[str, object]],
-                          add_generation_prompt: bool = False) -> tuple[list[int], list[bool]]:
+    def tokenize_messages(self, messages: Sequence[Mapping[str, object]], add_generation_prompt: bool = False,
+                          truncate: bool = True) -> tuple[list[int], list[bool]]:
         """Ids of a conversation and a mask that is True exactly on tokens the assistant produced
         (its message content and its end-of-turn token). `add_generation_prompt` appends the header
-        that asks the model for the next assistant message. Truncated to `max_seq_len` when set."""
+        that asks the model for the next assistant message. Truncated to `max_seq_len` when set, unless
+        `truncate=False` (datasets apply their own length policy)."""
         ids: list[int] = []
         mask: list[bool] = []
         previous_was_text = False
@@ -152,7 +153,7 @@ class Tokenizer(ABC):
             previous_was_text = not segment.special
             ids += piece
             mask += [segment.assistant] * len(piece)
-        if self.max_seq_len is not None and len(ids) > self.max_seq_len:
+        if truncate and self.max_seq_len is not None and len(ids) > self.max_seq_len:
             ids, mask = ids[: self.max_seq_len], mask[: self.max_seq_len]
         return ids, mask
 

@@ -332,10 +332,11 @@ class TrainingSession:
         return teacher.eval()
 
     # ----- data ---------------------------------------------------------------------------------
-    def _loader(self, dataset: Any, batch_size: int, shuffle: bool):
+    def _loader(self, dataset: Any, batch_size: int, shuffle: bool, *, drop_last: bool = True, name: str = "dataset"):
         from qattune.data import build_dataloader
 
-        return build_dataloader(dataset, batch_size=batch_size, shuffle=shuffle, seed=self.seed)
+        return build_dataloader(dataset, batch_size=batch_size, shuffle=shuffle, seed=self.seed,
+                                drop_last=drop_last, name=name)
 
     # ----- the run ------------------------------------------------------------------------------
     def _prepare_for_training(self, model: nn.Module, trainable: bool) -> nn.Module:
@@ -368,7 +369,8 @@ class TrainingSession:
         train_loader = self._loader(self.train_dataset, cfg.get("batch_size", 1), cfg.get("shuffle", True))
         val_loader = None
         if self.val_dataset is not None:
-            val_loader = self._loader(self.val_dataset, cfg.get("batch_size_val") or cfg.get("batch_size", 1), False)
+            val_loader = self._loader(self.val_dataset, cfg.get("batch_size_val") or cfg.get("batch_size", 1), False,
+                                      drop_last=False, name="dataset_val")  # every validation sample scored
         if param_groups is not None:
             params = param_groups(self.model)
         else:

@@ -16,9 +16,9 @@ class ByteTokenizer:
     def decode(self, ids: list[int]) -> str:
         return bytes(i - 3 for i in ids if i >= 3).decode("utf-8", errors="replace")
 
-    def tokenize_messages(self, messages, add_generation_prompt: bool = False):
+    def tokenize_messages(self, messages, add_generation_prompt: bool = False, truncate: bool = True):
         """Template: BOS, then per message `<role>` header (never trained) and content + EOS
-        (trained for assistant messages)."""
+        (trained for assistant messages). No length limit of its own, so `truncate` changes nothing."""
         ids, mask = [BOS], [False]
         for message in messages:
             header = self.encode(f"<{message['role']}>", add_bos=False, add_eos=False)
