@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 _CUDA_INT4_INNER_K_TILES = 8
+_CPU_INT4_N_MULTIPLE = 16  # _convert_weight_to_int4pack_for_cpu: N divisible by 16, K even
 
 
 def _has(op_name: str) -> bool:
@@ -24,9 +25,12 @@ def _has(op_name: str) -> bool:
 
 
 def int4_pack_for_kernel(codes: Tensor) -> Optional[Tensor]:
-    """uint8 codes 0..15 `[N, K]` in the layout of the device's int4 mm kernel (None: no kernel)."""
+    """uint8 codes 0..15 `[N, K]` in the layout of the device's int4 mm kernel (None: no kernel for this
+    device or shape, e.g. a 260-token output head on CPU)."""
     n, k = codes.shape
     if codes.device.type == "cpu" and _has("_convert_weight_to_int4pack_for_cpu"):
+        if n % _CPU_INT4_N_MULTIPLE or k % 2:
+            return None
         return torch._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1)
     if codes.device.type == "cuda" and k % (_CUDA_INT4_INNER_K_TILES * 16) == 0 and n % 8 == 0:
         high_first = (codes[:, ::2] << 4 | codes[:, 1::2]).to(torch.uint8)
@@ -36,7 +40,7 @@ def int4_pack_for_kernel(codes: Tensor) -> Optional[Tensor]:
 
 def int4_kernel_dtype(x2d: Tensor, group_size: int) -> Optional[torch.dtype]:
     """The compute dtype the device's int4 kernel takes for these activations, or None (no kernel)."""
-    if group_size not in (32, 64, 128, 256):
+    if group_size not in (32, 64, 128, 256) or x2d.shape[-1] % group_size:
         return None
     if x2d.device.type == "cpu":
         return x2d.dtype if x2d.dtype in (torch.float32, torch.bfloat16, torch.float16) else None
