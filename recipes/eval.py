@@ -5,11 +5,16 @@
 
 Each checkpoint (Hugging Face folder, training `step_N`, `quantize` output, or .gguf) gets the built-in
 perplexity on `perplexity.source` and the lm-eval `tasks` (names, or tasks in local `task_dirs`, so it
-runs offline). With several checkpoints it prints one table and, given `bf16` and `ptq` entries, the
-share of the PTQ degradation each other checkpoint recovered; it writes `output_dir/eval_results.json`
-and a bar chart `output_dir/eval_comparison.png`. `perplexity.per_document: true` adds each document's
-perplexity (`document_<n>/perplexity`, n counted from 1) to all three: which texts lose most, and where
-QAT wins back the least.
+runs offline). `checkpoints`, when set, replaces `checkpoint_dir` (evaluated alone as "model"). With
+several checkpoints it prints one table and, given `bf16` and `ptq` entries, the share of the PTQ
+degradation each other checkpoint recovered; it writes `output_dir/eval_results.json` and a bar chart
+`output_dir/eval_comparison.png`. `perplexity.per_document: true` adds each document's perplexity
+(`document_<n>/perplexity`, n counted from 1) to all three: which texts lose most, and where QAT wins
+back the least. Every checkpoint runs in the compute `dtype` (a quantized one keeps its packed codes and
+scales as stored), so a comparison is like with like.
+Before any model loads, every checkpoint, the tokenizer against each model's vocabulary, the tasks and
+the perplexity options are checked. eval_results.json is written again after each checkpoint, so an
+evaluation that fails part-way keeps the results of the checkpoints before it (the error says so).
 """
 
 from typing import Literal, Optional
@@ -21,7 +26,7 @@ class Config(RecipeConfig):
     output_dir: str
     tokenizer: Component
     checkpoint_dir: Optional[str] = None  # one checkpoint, named "model"
-    checkpoints: Optional[dict] = None  # several: {name: path}; "bf16" and "ptq" name the references
+    checkpoints: Optional[dict] = None  # several: {name: path}, replacing checkpoint_dir; "bf16", "ptq" are references
     # {source, split, column, max_documents, max_seq_len, stride, per_document}; null: skip
     perplexity: Optional[dict] = None
     tasks: list[str] = []
@@ -36,11 +41,43 @@ class Config(RecipeConfig):
 
 
 PERPLEXITY_KEYS = ("source", "split", "column", "max_documents", "max_seq_len", "stride", "per_document")
+RESULTS_FILE = "eval_results.json"
 
 
-def _perplexity_options(cfg) -> Optional[dict]:
+def _checkpoints(cfg) -> dict[str, str]:
+    """`{name: path}`: `checkpoints` when set (it replaces `checkpoint_dir`), else `{"model": checkpoint_dir}`."""
+    from qattune.errors import QattuneError
+
+    if cfg.checkpoints:
+        return {str(name): str(path) for name, path in cfg.checkpoints.items()}
+    if cfg.checkpoint_dir:
+        return {"model": str(cfg.checkpoint_dir)}
+    raise QattuneError("nothing to evaluate: set checkpoint_dir=PATH or checkpoints={name: path, ...}")
+
+
+def _model_configs(cfg, checkpoints: dict[str, str], tokenizer) -> dict:
+    """Each checkpoint's model config, after checking it looks loadable and fits the tokenizer."""
+    from qattune.checkpoint.auto import checkpoint_config
+    from qattune.errors import QattuneError
+    from qattune.generation import check_tokenizer_fits
+
+    configs = {}
+    for name, path in checkpoints.items():
+        key = f"checkpoints.{name}" if cfg.checkpoints else "checkpoint_dir"
+        try:
+            configs[name] = checkpoint_config(path)
+            check_tokenizer_fits(tokenizer, configs[name].vocab_size, path)
+        except QattuneError as err:
+            raise QattuneError(f"{key}: {err}") from None
+    return configs
+
+
+def _perplexity_setup(cfg, configs: dict) -> Optional[dict]:
+    """The perplexity texts and options, checked against every model, or None to skip perplexity."""
     from qattune.config.suggest import did_you_mean
     from qattune.errors import QattuneError
+    from qattune.eval import load_texts
+    from qattune.eval.perplexity import resolve_windows
 
     if cfg.perplexity is None:
         return None
@@ -49,61 +86,69 @@ def _perplexity_options(cfg) -> Optional[dict]:
         if key not in PERPLEXITY_KEYS:
             raise QattuneError(f"perplexity.{key}: unknown option.{did_you_mean(key, PERPLEXITY_KEYS)} "
                                f"Options: {', '.join(PERPLEXITY_KEYS)}")
-    return options
+    windows = {"max_seq_len": options.get("max_seq_len"), "stride": options.get("stride")}
+    for name, config in configs.items():
+        try:
+            resolve_windows(windows["max_seq_len"], windows["stride"], config.max_seq_len)
+        except QattuneError as err:
+            raise QattuneError(f"{err} (checkpoint {name})") from None
+    texts = load_texts(options.get("source", "python_docs"), split=options.get("split", "validation"),
+                       column=options.get("column", "text"), max_documents=options.get("max_documents"))
+    return {"texts": texts, "windows": windows, "per_document": bool(options.get("per_document", False))}
 
 
-def _checkpoints(cfg) -> dict[str, str]:
-    from qattune.errors import QattuneError
+def _evaluate(cfg, model, tokenizer, ppl: Optional[dict], task_manager) -> tuple[dict, dict]:
+    """One model's metrics and the directions lm-eval reported for its task metrics."""
+    from qattune.eval import lm_eval_model, perplexity, run_lm_eval
 
-    named = dict(cfg.checkpoints or {})
-    if cfg.checkpoint_dir:
-        named.setdefault("model", cfg.checkpoint_dir)
-    if not named:
-        raise QattuneError("nothing to evaluate: set checkpoint_dir=PATH or checkpoints={name: path, ...}")
-    return named
+    metrics: dict[str, float] = {}
+    directions: dict[str, bool] = {}
+    if ppl is not None:
+        result = perplexity(model, tokenizer, ppl["texts"], batch_size=cfg.batch_size, **ppl["windows"])
+        metrics.update(result.metrics())
+        if ppl["per_document"]:
+            metrics.update(result.per_document_metrics())
+    if cfg.tasks:
+        lm = lm_eval_model(model, tokenizer, batch_size=cfg.batch_size)
+        task_results = run_lm_eval(lm, list(cfg.tasks), list(cfg.task_dirs), num_fewshot=cfg.num_fewshot,
+                                   limit=cfg.limit, task_manager=task_manager)
+        metrics.update(task_results.flat())
+        directions.update(task_results.flat_higher_is_better())
+    return metrics, directions
 
 
 def recipe(cfg) -> None:
-    from pathlib import Path
-
-    from qattune.checkpoint import load_model
+    from qattune.checkpoint import load_model, writable_directory
     from qattune.config import instantiate
-    from qattune.eval import compare_checkpoints, lm_eval_model, load_texts, perplexity, plot_comparison, run_lm_eval
-    import torch
-
+    from qattune.errors import QattuneError
+    from qattune.eval import check_tasks, compare_checkpoints, plot_comparison
+    from qattune.training.distributed import parse_device
     from qattune.training.precision import resolve_dtype
 
+    device = parse_device(cfg.device or "cpu")
+    dtype = resolve_dtype(cfg.dtype, device)
+    checkpoints = _checkpoints(cfg)
+    out = writable_directory(cfg.output_dir)
     tokenizer = instantiate(cfg.tokenizer)
-    ppl = _perplexity_options(cfg)
-    texts, per_document = None, False
-    if ppl is not None:
-        texts = load_texts(ppl.pop("source", "python_docs"), split=ppl.pop("split", "validation"),
-                           column=ppl.pop("column", "text"), max_documents=ppl.pop("max_documents", None))
-        per_document = bool(ppl.pop("per_document", False))
+    ppl = _perplexity_setup(cfg, _model_configs(cfg, checkpoints, tokenizer))
+    task_manager = check_tasks(list(cfg.tasks), list(cfg.task_dirs)) if cfg.tasks else None
     results: dict[str, dict[str, float]] = {}
     directions: dict[str, bool] = {}
-    for name, path in _checkpoints(cfg).items():
-        print(f"Evaluating {name}: {path}")
-        model = load_model(path, device=cfg.device or "cpu", dtype=resolve_dtype(cfg.dtype, torch.device(cfg.device or "cpu")),
-                       keep_dequantized=cfg.keep_dequantized)
-        metrics: dict[str, float] = {}
-        if texts is not None:
-            result = perplexity(model, tokenizer, texts, batch_size=cfg.batch_size, **ppl)
-            metrics.update(result.metrics())
-            if per_document:
-                metrics.update(result.per_document_metrics())
-        if cfg.tasks:
-            lm = lm_eval_model(model, tokenizer, batch_size=cfg.batch_size)
-            task_results = run_lm_eval(lm, list(cfg.tasks), list(cfg.task_dirs), num_fewshot=cfg.num_fewshot,
-                                       limit=cfg.limit)
-            metrics.update(task_results.flat())
-            directions.update(task_results.flat_higher_is_better())
+    for name, path in checkpoints.items():
+        print(f"Evaluating {name}: {path}", flush=True)
+        try:
+            model = load_model(path, device=device, dtype=dtype, keep_dequantized=cfg.keep_dequantized)
+            metrics, found = _evaluate(cfg, model, tokenizer, ppl, task_manager)
+        except QattuneError as err:
+            kept = f" (the results of {', '.join(results)} are in {out / RESULTS_FILE})" if results else ""
+            raise QattuneError(f"{name}: {err}{kept}") from None
         results[name] = metrics
+        directions.update(found)
         del model
-    comparison = compare_checkpoints(results, higher_is_better=directions or None)
+        comparison = compare_checkpoints(results, higher_is_better=directions or None)
+        comparison.write_json(out / RESULTS_FILE)
     print(comparison.table())
-    out = Path(cfg.output_dir)
-    print(f"Wrote {comparison.write_json(out / 'eval_results.json')}")
+    print(f"Wrote {out / RESULTS_FILE}")
     if cfg.plot and len(results) > 1:
         print(f"Wrote {plot_comparison(comparison, out / 'eval_comparison.png')}")
 

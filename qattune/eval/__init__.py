@@ -8,6 +8,7 @@ from .compare import compare_checkpoints
 from .compare import infer_higher_is_better
 from .compare import recovered_share
 from .lm_eval_tasks import LmEvalResults
+from .lm_eval_tasks import check_tasks
 from .lm_eval_tasks import lm_eval_model
 from .lm_eval_tasks import run_lm_eval
 from .perplexity import DocumentScore
@@ -25,6 +26,7 @@ __all__ = [
     "LmEvalResults",
     "PerplexityResult",
     "WindowScore",
+    "check_tasks",
     "compare_checkpoints",
     "infer_higher_is_better",
     "lm_eval_model",

@@ -69,20 +69,36 @@ def _metric_name(key: str) -> str:
     return name if filter_name in ("", "none") else key
 
 
+def _metric_entries(values: dict[str, Any], directions: dict[str, bool]) -> dict[str, float]:
+    """The numeric `metric,filter` entries of one task's results (lm-eval's bookkeeping, such as
+    `sample_len`, `name` or `alias`, is left out), keeping only metrics in the task's `directions`
+    when it has any (their `_stderr` companions too)."""
+    out = {}
+    for key, value in values.items():
+        if "," not in key or not isinstance(value, (int, float)) or isinstance(value, bool):
+            continue
+        base = key.partition(",")[0].removesuffix("_stderr")
+        if not directions or base in directions:
+            out[key] = float(value)
+    return out
+
+
 def _collect(raw: dict[str, Any]) -> LmEvalResults:
+    reported = {task: {name: bool(v) for name, v in values.items()}
+                for task, values in raw.get("higher_is_better", {}).items()}
     metrics: dict[str, dict[str, float]] = {}
     stderr: dict[str, dict[str, float]] = {}
+    directions: dict[str, dict[str, bool]] = {}
     for task, values in raw.get("results", {}).items():
-        for key, value in values.items():
-            if key == "alias" or not isinstance(value, (int, float)) or isinstance(value, bool):
+        known = reported.get(task, {})
+        for key, value in _metric_entries(values, known).items():
+            name, base = _metric_name(key), key.partition(",")[0]
+            if base.endswith("_stderr"):
+                stderr.setdefault(task, {})[name.replace("_stderr", "", 1)] = value
                 continue
-            name = _metric_name(key)
-            if "_stderr" in name:
-                stderr.setdefault(task, {})[name.replace("_stderr", "")] = float(value)
-            else:
-                metrics.setdefault(task, {})[name] = float(value)
-    directions = {task: {name: bool(v) for name, v in values.items()}
-                  for task, values in raw.get("higher_is_better", {}).items()}
+            metrics.setdefault(task, {})[name] = value
+            if base in known:
+                directions.setdefault(task, {})[name] = known[base]
     return LmEvalResults(metrics, stderr, directions, raw)
 
 
@@ -107,6 +123,17 @@ def _check_task_names(tasks: Sequence[str], manager: Any, task_dirs: Sequence[st
                            "needs its lm-eval name and network access, or add a local task dir with its YAML")
 
 
+def check_tasks(tasks: Sequence[str], task_dirs: Sequence[str] = (), include_default_tasks: bool = True) -> Any:
+    """Index the lm-eval tasks (lm-eval's own and those in `task_dirs`) and check every name in `tasks`;
+    the `TaskManager` to pass to `run_lm_eval`. Cheap next to evaluating: call it before loading models."""
+    _require_lm_eval()
+    if not tasks:
+        raise QattuneError("no lm-eval tasks given; name at least one lm-eval task")
+    manager = _task_manager(task_dirs, include_default_tasks)
+    _check_task_names(tasks, manager, task_dirs)
+    return manager
+
+
 def run_lm_eval(
     lm: Any,
     tasks: Sequence[str],
@@ -117,17 +144,16 @@ def run_lm_eval(
     bootstrap_iters: int = 1000,
     apply_chat_template: bool = False,
     random_seed: int = 0,
+    task_manager: Optional[Any] = None,
 ) -> LmEvalResults:
     """Evaluate `lm` (from `lm_eval_model`) on `tasks`: lm-eval task names, names of tasks in `task_dirs`,
     or paths to task YAML files. A task whose data must come from the network and is not cached is a
-    QattuneError saying so. `limit`: at most this many documents per task (a fraction if < 1)."""
+    QattuneError saying so. `limit`: at most this many documents per task (a fraction if < 1).
+    `task_manager`: from `check_tasks` (already checked), else built and checked here."""
     _require_lm_eval()
     import lm_eval
 
-    if not tasks:
-        raise QattuneError("run_lm_eval got no tasks; name at least one lm-eval task")
-    manager = _task_manager(task_dirs, include_default_tasks)
-    _check_task_names(tasks, manager, task_dirs)
+    manager = task_manager if task_manager is not None else check_tasks(tasks, task_dirs, include_default_tasks)
     try:
         raw = lm_eval.simple_evaluate(
             model=lm, tasks=list(tasks), num_fewshot=num_fewshot, limit=limit, task_manager=manager,

@@ -110,6 +110,30 @@ def perplexity_windows(tokens: Sequence[int], prefix_token: int, max_seq_len: in
     return windows
 
 
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def resolve_windows(max_seq_len: Optional[int], stride: Optional[int], model_limit: Optional[int]) -> tuple[int, int]:
+    """The window length and stride `perplexity` uses on a model whose max_seq_len is `model_limit`:
+    max_seq_len defaults to the model's, at most DEFAULT_MAX_SEQ_LEN, stride to max_seq_len. A
+    QattuneError for a value that is not a whole number in range (checked before any model loads)."""
+    for key, value in (("max_seq_len", max_seq_len), ("stride", stride)):
+        if value is not None and not _positive_int(value):
+            raise QattuneError(f"perplexity.{key}={value} must be a whole number >= 1 (or null: the default)")
+    if max_seq_len is None:
+        max_seq_len = min(model_limit or DEFAULT_MAX_SEQ_LEN, DEFAULT_MAX_SEQ_LEN)
+    elif model_limit is not None and max_seq_len > model_limit:
+        raise QattuneError(f"perplexity windows of max_seq_len={max_seq_len} tokens are longer than the model's "
+                           f"max_seq_len={model_limit}: set perplexity.max_seq_len to at most {model_limit} "
+                           "(null: the model's own)")
+    stride = max_seq_len if stride is None else stride
+    if stride > max_seq_len:
+        raise QattuneError(f"perplexity needs 1 <= stride <= max_seq_len; got max_seq_len={max_seq_len}, "
+                           f"stride={stride}")
+    return max_seq_len, stride
+
+
 def default_prefix_token(tokenizer: Any) -> int:
     """The token every document is conditioned on first: bos, or eos when the tokenizer has no bos."""
     return tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.eos_id
@@ -132,15 +156,9 @@ def perplexity(
     batch_size, max_batch_tokens: at most this many windows and padded tokens per forward pass.
     """
     model_limit = getattr(getattr(model, "config", None), "max_seq_len", None)
-    if max_seq_len is None:
-        if model_limit is None:
-            raise QattuneError(f"{type(model).__name__} has no config.max_seq_len; pass max_seq_len to perplexity")
-        max_seq_len = min(model_limit, DEFAULT_MAX_SEQ_LEN)
-    elif model_limit is not None and max_seq_len > model_limit:
-        raise QattuneError(f"perplexity windows of max_seq_len={max_seq_len} tokens are longer than the model's "
-                           f"max_seq_len={model_limit}: set perplexity.max_seq_len to at most {model_limit} "
-                           "(null: the model's own)")
-    stride = max_seq_len if stride is None else stride
+    if max_seq_len is None and model_limit is None:
+        raise QattuneError(f"{type(model).__name__} has no config.max_seq_len; pass max_seq_len to perplexity")
+    max_seq_len, stride = resolve_windows(max_seq_len, stride, model_limit)
     prefix = default_prefix_token(tokenizer) if prefix_token_id is None else prefix_token_id
     windows, spans = [], []  # spans: (document index, tokens, bytes, how many windows)
     for index, text in enumerate(texts):
@@ -166,24 +184,40 @@ def load_texts(source: str, split: str = "validation", column: str = "text",
                max_documents: Optional[int] = None) -> list[str]:
     """Documents to evaluate on: `python_docs` (the CPython docs, train/validation split), a `.txt` file
     (one document), or a `.json` list / `.jsonl` file of objects whose `column` holds the text."""
-    if source == "python_docs":
-        from qattune.data.python_docs import python_docs_rows
-
-        texts = [row["text"] for row in python_docs_rows(split)]  # type: ignore[arg-type]
-    else:
-        path = Path(source)
-        if not path.is_file():
-            raise QattuneError(f"perplexity text source {source!r} is neither 'python_docs' nor an existing file; "
-                               "give a .txt, .json or .jsonl path")
-        if path.suffix == ".txt":
-            texts = [path.read_text(encoding="utf-8")]
-        elif path.suffix in (".json", ".jsonl"):
-            raw = path.read_text(encoding="utf-8")
-            rows = json.loads(raw) if path.suffix == ".json" else [json.loads(l) for l in raw.splitlines() if l.strip()]
-            missing = next((i for i, row in enumerate(rows) if not isinstance(row, dict) or column not in row), None)
-            if missing is not None:
-                raise QattuneError(f"{path}: row {missing} has no {column!r} field; set the text column name")
-            texts = [str(row[column]) for row in rows]
-        else:
-            raise QattuneError(f"{path}: unsupported text file type {path.suffix!r}; use .txt, .json or .jsonl")
+    if max_documents is not None and not _positive_int(max_documents):
+        raise QattuneError(f"perplexity.max_documents={max_documents} must be a whole number >= 1 "
+                           "(or null: every document)")
+    texts = _python_docs(split) if source == "python_docs" else _file_texts(source, column)
+    if not texts:
+        raise QattuneError(f"perplexity text source {source!r} has no documents")
     return texts if max_documents is None else texts[:max_documents]
+
+
+def _python_docs(split: str) -> list[str]:
+    from qattune.data.python_docs import python_docs_rows
+
+    try:
+        return [row["text"] for row in python_docs_rows(split)]  # type: ignore[arg-type]
+    except ValueError as err:
+        raise QattuneError(f"perplexity.split={split}: {err}") from None
+
+
+def _file_texts(source: str, column: str) -> list[str]:
+    path = Path(source)
+    if not path.is_file():
+        raise QattuneError(f"perplexity text source {source!r} is neither 'python_docs' nor an existing file; "
+                           "give a .txt, .json or .jsonl path")
+    if path.suffix == ".txt":
+        return [path.read_text(encoding="utf-8")]
+    if path.suffix not in (".json", ".jsonl"):
+        raise QattuneError(f"{path}: unsupported text file type {path.suffix!r}; use .txt, .json or .jsonl")
+    raw = path.read_text(encoding="utf-8")
+    try:
+        rows = json.loads(raw) if path.suffix == ".json" else [json.loads(l) for l in raw.splitlines() if l.strip()]
+    except json.JSONDecodeError as err:
+        raise QattuneError(f"{path} is not valid {path.suffix[1:].upper()}: {err}") from None
+    rows = rows if isinstance(rows, list) else [rows]
+    missing = next((i for i, row in enumerate(rows) if not isinstance(row, dict) or column not in row), None)
+    if missing is not None:
+        raise QattuneError(f"{path}: row {missing} has no {column!r} field; set the text column name")
+    return [str(row[column]) for row in rows]

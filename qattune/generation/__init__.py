@@ -9,6 +9,7 @@ from .sampling import sample_next_token
 from .sampling import top_k_filter
 from .sampling import top_p_filter
 from .text import TextGeneration
+from .text import check_tokenizer_fits
 from .text import encode_prompt
 from .text import generate_text
 
@@ -16,6 +17,7 @@ __all__ = [
     "GenerationOutput",
     "GenerationStats",
     "TextGeneration",
+    "check_tokenizer_fits",
     "encode_prompt",
     "generate",
     "generate_text",

@@ -15,6 +15,15 @@ Messages = Sequence[Mapping[str, Any]]
 Prompt = Union[str, Messages]
 
 
+def check_tokenizer_fits(tokenizer: Any, vocab_size: int, checkpoint: str) -> None:
+    """One line if `tokenizer` can produce ids the model at `checkpoint` has no embedding for (checked
+    before the model loads; the model would fail on the first such id)."""
+    tokenizer_size = getattr(tokenizer, "vocab_size", None)
+    if tokenizer_size is not None and tokenizer_size > vocab_size:
+        raise QattuneError(f"tokenizer ids reach {tokenizer_size - 1} but the model's vocab_size is {vocab_size} "
+                           f"({checkpoint}): use the model's tokenizer")
+
+
 def encode_prompt(tokenizer: Any, prompt: Prompt) -> list[int]:
     """Ids of one prompt: a string is encoded with bos (if the tokenizer has one) and no eos; a list of
     `{"role", "content"}` messages goes through the chat format with the assistant generation prompt."""

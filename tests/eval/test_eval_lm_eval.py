@@ -17,6 +17,7 @@ from eval_reference import continuation_logprob, continuation_score, token_logpr
 from gen_tiny import ByteChatTokenizer, tiny_model  # noqa: E402
 from qattune.errors import QattuneError  # noqa: E402
 from qattune.eval import lm_eval_model, run_lm_eval  # noqa: E402
+from qattune.eval.lm_eval_tasks import _collect  # noqa: E402
 from qattune.generation import generate  # noqa: E402
 
 MC_DOCS = [
@@ -147,6 +148,8 @@ def test_local_multiple_choice_and_perplexity_tasks_through_simple_evaluate(mode
         normed = [s / len((" " + c).encode()) for s, c in zip(scores, doc["choices"])]
         correct += max(range(len(scores)), key=scores.__getitem__) == doc["answer"]
         correct_norm += max(range(len(normed)), key=normed.__getitem__) == doc["answer"]
+    assert set(results.metrics) == {"qt_mc", "qt_ppl"}
+    assert set(results.metrics["qt_mc"]) == {"acc", "acc_norm"}  # no sample_len, name or alias
     assert results.metrics["qt_mc"]["acc"] == pytest.approx(correct / len(MC_DOCS))
     assert results.metrics["qt_mc"]["acc_norm"] == pytest.approx(correct_norm / len(MC_DOCS))
     assert results.higher_is_better["qt_mc"] == {"acc": True, "acc_norm": True}
@@ -200,3 +203,20 @@ def test_hub_task_offline_says_it_needs_network(model, tokenizer, tmp_path, monk
     assert "\n" not in message
     assert message.startswith("lm-eval tasks qt_remote need data from the network that is not cached")
     assert message.endswith("use a local task dir (dataset_path: json + data_files)")
+
+
+def test_results_keep_only_metrics_and_their_directions():
+    """lm-eval 0.4.x puts bookkeeping numbers (sample_len) beside the `metric,filter` entries."""
+    raw = {"results": {"qt_gen": {"name": "qt_gen", "alias": "qt_gen", "sample_len": 3,
+                                  "exact_match,strict-match": 0.5, "exact_match_stderr,strict-match": 0.25,
+                                  "exact_match,none": 0.75, "exact_match_stderr,none": "N/A"},
+                       "qt_ppl": {"alias": "qt_ppl", "sample_len": 2, "bits_per_byte,none": 1.5,
+                                  "word_perplexity,none": 9.0, "word_perplexity_stderr,none": "N/A"}},
+           "higher_is_better": {"qt_gen": {"exact_match": True},
+                                "qt_ppl": {"bits_per_byte": False, "word_perplexity": False}}}
+    results = _collect(raw)
+    assert results.flat() == {"qt_gen/exact_match,strict-match": 0.5, "qt_gen/exact_match": 0.75,
+                              "qt_ppl/bits_per_byte": 1.5, "qt_ppl/word_perplexity": 9.0}
+    assert results.stderr == {"qt_gen": {"exact_match,strict-match": 0.25}}
+    assert results.flat_higher_is_better() == {"qt_gen/exact_match,strict-match": True, "qt_gen/exact_match": True,
+                                               "qt_ppl/bits_per_byte": False, "qt_ppl/word_perplexity": False}

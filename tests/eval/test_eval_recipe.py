@@ -1,0 +1,146 @@
+"""The eval recipe through the CLI: a float and a PTQ checkpoint on a local lm-eval task and perplexity,
+checked against direct computation; the checks that run before any model loads; partial results."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+pytest.importorskip("lm_eval")
+
+from eval_reference import continuation_logprob  # noqa: E402
+from recipe_cli import BYTES, error_line, run_recipe, write_checkpoint  # noqa: E402
+from qattune.checkpoint import load_model  # noqa: E402
+from qattune.eval import load_texts, perplexity  # noqa: E402
+from qattune.tokenizers import byte_tokenizer  # noqa: E402
+
+MC_DOCS = [
+    {"question": "2 + 2", "choices": ["4", "five", "22"], "answer": 0},
+    {"question": "colour of the sky", "choices": ["green", "blue"], "answer": 1},
+    {"question": "capital of France", "choices": ["Lyon", "Paris", "Nice"], "answer": 1},
+    {"question": "opposite of up", "choices": ["down", "sideways"], "answer": 0},
+]
+TASK = """task: qt_recipe_mc
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "Question: {{{{question}}}}\\nAnswer:"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: answer
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+"""
+TEXTS = [{"text": "def f(x):\n    return x * 2\n"}, {"text": "The quick brown fox jumps over the lazy dog."}]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval_recipe")
+    write_checkpoint(root / "float")
+    write_checkpoint(root / "ptq", scheme="8da4w")
+    (root / "tasks").mkdir()
+    (root / "mc.jsonl").write_text("".join(json.dumps(d) + "\n" for d in MC_DOCS))
+    (root / "tasks" / "qt_recipe_mc.yaml").write_text(TASK.format(data=root / "mc.jsonl"))
+    (root / "texts.jsonl").write_text("".join(json.dumps(d) + "\n" for d in TEXTS))
+    return root
+
+
+def common(root, out="out"):
+    """Options of every run: the byte tokenizer, local texts, 32-token windows, no chart."""
+    return [f"output_dir={root / out}", BYTES, f"perplexity.source={root / 'texts.jsonl'}",
+            "perplexity.max_seq_len=32", "plot=false"]
+
+
+def hand_accuracy(model, tokenizer):
+    """qt_recipe_mc's acc by direct computation: the choice with the largest log-probability after bos."""
+    correct = 0
+    for doc in MC_DOCS:
+        context = [tokenizer.bos_id, *tokenizer.encode(f"Question: {doc['question']}\nAnswer:", False, False)]
+        scores = [continuation_logprob(model, context, tokenizer.encode(" " + c, False, False)) for c in doc["choices"]]
+        correct += max(range(len(scores)), key=scores.__getitem__) == doc["answer"]
+    return correct / len(MC_DOCS)
+
+
+def test_eval_runs_a_local_task_and_perplexity_on_each_checkpoint(setup):
+    root = setup
+    checkpoints = f"checkpoints={{bf16: {root / 'float'}, ptq: {root / 'ptq'}}}"  # replaces checkpoint_dir
+    run_recipe("eval", "--config", "eval", *common(root), checkpoints, "tasks=[qt_recipe_mc]",
+               f"task_dirs=[{root / 'tasks'}]")
+    results = json.loads((root / "out" / "eval_results.json").read_text())
+    assert list(results["checkpoints"]) == ["bf16", "ptq"]
+    assert results["higher_is_better"] == {"perplexity": False, "bits_per_byte": False, "nll_per_token": False,
+                                           "byte_perplexity": False, "qt_recipe_mc/acc": True}
+    tokenizer = byte_tokenizer()
+    texts = load_texts(str(root / "texts.jsonl"))
+    for name, folder in (("bf16", "float"), ("ptq", "ptq")):
+        model = load_model(root / folder)
+        got = results["checkpoints"][name]
+        with torch.no_grad():
+            expected = perplexity(model, tokenizer, texts, max_seq_len=32)
+        assert got["perplexity"] == pytest.approx(expected.perplexity, rel=1e-6)
+        assert got["qt_recipe_mc/acc"] == pytest.approx(hand_accuracy(model, tokenizer))
+    assert results["checkpoints"]["bf16"]["perplexity"] != results["checkpoints"]["ptq"]["perplexity"]
+
+
+def test_a_bad_second_checkpoint_is_found_before_any_model_loads(setup):
+    root = setup
+    line = error_line("eval", "--config", "eval", *common(root, "bad"),
+                      f"checkpoints={{a: {root / 'float'}, b: {root / 'missing'}}}")
+    assert line == f"checkpoints.b: checkpoint not found: {root / 'missing'}"
+    assert not (root / "bad" / "eval_results.json").exists()
+
+
+def test_a_failure_part_way_keeps_the_results_before_it(setup, tmp_path):
+    root = setup
+    shutil.copytree(root / "float", tmp_path / "wrong")  # its config no longer fits its tensors
+    config = json.loads((tmp_path / "wrong" / "config.json").read_text())
+    config["intermediate_size"] = 96
+    (tmp_path / "wrong" / "config.json").write_text(json.dumps(config))
+    line = error_line("eval", "--config", "eval", *common(root, "partial"),
+                      f"checkpoints={{a: {root / 'float'}, b: {tmp_path / 'wrong'}}}")
+    assert line.startswith(f"b: {tmp_path / 'wrong'}: tensor 'model.layers.0.mlp.gate_proj.weight'")
+    assert line.endswith(f"(the results of a are in {root / 'partial' / 'eval_results.json'})")
+    kept = json.loads((root / "partial" / "eval_results.json").read_text())
+    assert list(kept["checkpoints"]) == ["a"] and kept["checkpoints"]["a"]["perplexity"] > 1
+
+
+def test_an_unknown_task_is_found_before_any_model_loads(setup):
+    root = setup
+    proc = run_recipe("eval", "--config", "eval", *common(root, "task"), f"checkpoint_dir={root / 'float'}",
+                      "tasks=[qt_recipe_mcc]", f"task_dirs=[{root / 'tasks'}]", returncode=2)
+    assert "Evaluating" not in proc.stdout
+    assert f"task dirs {root / 'tasks'}); did you mean 'qt_recipe_mc'?" in proc.stderr
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["perplexity.source=python_docs", "perplexity.split=test"],
+     "perplexity.split=test: python_docs split must be 'train' or 'validation', got 'test'"),
+    (["perplexity.max_documents=0"], "perplexity.max_documents=0 must be a whole number >= 1 (or null: every document)"),
+    (["perplexity.max_seq_len=512"],
+     "perplexity windows of max_seq_len=512 tokens are longer than the model's max_seq_len=256: set "
+     "perplexity.max_seq_len to at most 256 (null: the model's own) (checkpoint model)"),
+])
+def test_perplexity_options_are_checked_before_any_model_loads(setup, overrides, message):
+    line = error_line("eval", "--config", "eval", *common(setup, "options"), f"checkpoint_dir={setup / 'float'}",
+                      *overrides)
+    assert line == message
+
+
+def test_a_tokenizer_larger_than_the_vocabulary_is_refused(setup, tmp_path):
+    write_checkpoint(tmp_path / "small", vocab_size=200)
+    line = error_line("eval", "--config", "eval", *common(setup, "vocab"), f"checkpoint_dir={tmp_path / 'small'}")
+    assert line == (f"checkpoint_dir: tokenizer ids reach 259 but the model's vocab_size is 200 ({tmp_path / 'small'}): "
+                    "use the model's tokenizer")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_cuda_without_a_gpu_is_one_line(setup):
+    line = error_line("eval", "--config", "eval", *common(setup, "cuda"), f"checkpoint_dir={setup / 'float'}",
+                      "device=cuda")
+    assert line == "device 'cuda' was requested but no CUDA GPU is visible; set device=cpu"
