@@ -17,9 +17,10 @@ from qattune.quant import PTQQuantizer, save_quantized
 BYTES = "tokenizer={_component_: qattune.tokenizers.byte_tokenizer}"  # vocab 260
 
 
-def write_checkpoint(directory: Path, vocab_size: int = 260, seed: int = 0, scheme: Optional[str] = None) -> Transformer:
+def write_checkpoint(directory: Path, vocab_size: int = 260, seed: int = 0, scheme: Optional[str] = None,
+                     **options) -> Transformer:
     """A 2-layer width-64 Llama (max_seq_len 256, seeded random weights) as a Hugging Face folder, or with
-    `scheme` as a PTQ `quantize` output; the model written (converted, for a scheme)."""
+    `scheme` (and quantizer `options`) as a PTQ `quantize` output; the model written (converted, for a scheme)."""
     torch.manual_seed(seed)
     model = llama(vocab_size, 2, 4, 2, 64, 192, 256).eval()
     adapter = get_adapter("llama")
@@ -27,7 +28,7 @@ def write_checkpoint(directory: Path, vocab_size: int = 260, seed: int = 0, sche
         directory.mkdir(parents=True)
         write_hf_checkpoint(model.state_dict(), model.config, adapter, directory, 1 << 30)
         return model
-    PTQQuantizer(scheme).convert(model)
+    PTQQuantizer(scheme, **options).convert(model)
     save_quantized(model, directory, hf_config=adapter.config_to_hf(model.config, torch.float32))
     return model
 
