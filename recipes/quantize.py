@@ -2,15 +2,19 @@
 
     qattune run quantize --config quantization checkpointer.checkpoint_dir=out/step_1000
 
-The checkpoint (Hugging Face folder, Meta, GGUF, or a qattune training output `step_N`) is loaded through
-`checkpointer`; `quantizer.convert` replaces its layers by packed quantized ones. A QAT run's learned
-ranges (`extra_state.safetensors`) are loaded into a range-learning `prepare` first, so `convert` uses
-them. The scheme must be the one the checkpoint was trained with (`qattune_training.json` says which).
-PTQ with GPTQ rounding: a float checkpoint, `quantizer.range_learning: true` and `quantizer.rounding_init:
-gptq` (and `quantizer.awq_scaling: true` to scale the blocks' channels first, AWQ), calibrated on
-`dataset` (e.g. the fine-tune's training split) through `tokenizer`.
-Writes `output_dir/quantized/`: model.safetensors + quantization_config.json (qattune's eval and
-generate load it), config.json and tokenizer files, and for q4_0/q8_0 `model-<scheme>.gguf`.
+The checkpoint (Hugging Face folder, Meta, GGUF with `checkpointer=qattune.checkpoint.GGUFCheckpointer`,
+or a qattune training output `step_N`) is loaded through `checkpointer`; `quantizer.convert` replaces its
+layers by packed quantized ones. A QAT run's learned ranges (`extra_state.safetensors`) are loaded into a
+range-learning `prepare` first, so `convert` uses them. The quantizer options must be those the checkpoint
+was trained with (`qattune_training.json`): scheme, group size, activation/embedding/output quantization
+and include/exclude filters; a difference is refused before any weight is read, with the overrides that
+fix it in this config's spelling. PTQ with GPTQ rounding: a float checkpoint, `quantizer.range_learning:
+true` and `quantizer.rounding_init: gptq` (and `quantizer.awq_scaling: true` to scale the blocks' channels
+first, AWQ), calibrated on `dataset` (e.g. the fine-tune's training split) through `tokenizer`.
+Writes `output_dir/quantized/`: model.safetensors (a head tied to the embedding stored once) +
+quantization_config.json (qattune's eval and generate load it), config.json (with a `quantization_config`
+that makes transformers refuse the folder instead of loading random weights) and tokenizer files, and for
+q4_0/q8_0 `model-<scheme>.gguf`.
 """
 
 from typing import Literal, Optional
@@ -52,8 +56,77 @@ def _float_bytes(model) -> int:
     return sum(unique.values())
 
 
-def _check_input(source, quantizer) -> Optional[dict]:
-    """Refuse a quantized checkpoint or one trained with another scheme; the training info, if any."""
+TRAINED_OPTIONS = ("scheme", "group_size", "quantize_activations", "quantize_embedding", "quantize_output",
+                   "include", "exclude", "output_head_pattern")
+
+
+def _yaml(value) -> str:
+    """A value as an override spells it (null, true, 32, [a, b])."""
+    if value is None or isinstance(value, bool):
+        return {None: "null", True: "true", False: "false"}[value]
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(repr(str(v)) for v in value) + "]"
+    return str(value)
+
+
+def _differences(trained: dict, ours: dict) -> list[str]:
+    """The quantizer options (TRAINED_OPTIONS) the training run recorded with another value than ours."""
+    def same(a, b) -> bool:
+        return (list(a) if isinstance(a, (list, tuple)) else a) == (list(b) if isinstance(b, (list, tuple)) else b)
+
+    return [key for key in TRAINED_OPTIONS if key in trained and not same(trained[key], ours.get(key))]
+
+
+def _spelling(quantizer_cfg, key: str) -> tuple[str, bool]:
+    """The config's name for quantizer option `key` (torchtune's for a torchtune quantizer), and whether
+    the component fixes it (a torchtune quantizer class fixes its scheme)."""
+    from qattune.config.aliases import torchtune_alias
+
+    alias = torchtune_alias(str(quantizer_cfg.get("_component_", "")))
+    if alias is None:
+        return key, False
+    return alias.spelling(key), key in alias.fixed
+
+
+def _needed(trained: dict, differences: list[str], quantizer_cfg) -> list[str]:
+    """The differing options to set: all but those the config leaves out and the trained scheme's
+    defaults give (they follow once the scheme is set)."""
+    from qattune.quant.schemes import resolve_scheme_config
+
+    defaults = resolve_scheme_config(trained["scheme"]).to_dict()
+    return [key for key in differences if key in ("scheme", "group_size")
+            or _spelling(quantizer_cfg, key)[0] in quantizer_cfg or trained[key] != defaults.get(key)]
+
+
+def _override(quantizer_cfg, key: str, value) -> str:
+    """The override setting quantizer option `key` to `value` in this config ('+' for a key it lacks, '~'
+    to drop one for null); '' when it need not (null and absent)."""
+    name, _ = _spelling(quantizer_cfg, key)
+    present = name in quantizer_cfg
+    if value is None:
+        return f"~quantizer.{name}" if present else ""
+    return f"{'' if present else '+'}quantizer.{name}={_yaml(value)}"
+
+
+def _mismatch_message(source, trained: dict, differences: list[str], quantizer_cfg) -> str:
+    from qattune.training.session import TRAINING_INFO_FILE
+
+    group = f" with group size {trained.get('group_size')}" if trained.get("group_size") else ""
+    others = "".join(f", {key}={_yaml(trained[key])}" for key in differences if key not in ("scheme", "group_size"))
+    needed = _needed(trained, differences, quantizer_cfg)
+    if "scheme" in needed and _spelling(quantizer_cfg, "scheme")[1]:
+        options = ", ".join(f"{key}: {_yaml(trained[key])}" for key in needed if trained[key] is not None)
+        advice = (f"{quantizer_cfg['_component_']} always quantizes with another scheme: use "
+                  f"quantizer='{{_component_: qattune.quant.QATQuantizer, {options}}}'")
+    else:
+        overrides = " ".join(o for o in (_override(quantizer_cfg, key, trained[key]) for key in needed) if o)
+        advice = f"quantize with the same options: {overrides}"
+    return f"{source} was trained with scheme {trained['scheme']!r}{group}{others} ({TRAINING_INFO_FILE}); {advice}"
+
+
+def _check_input(source, quantizer, quantizer_cfg) -> Optional[dict]:
+    """Refuse a quantized checkpoint, or one trained with other quantizer options (scheme, group size,
+    embedding/output/activation quantization, include/exclude filters); the training info, if any."""
     import json
 
     from qattune.errors import QattuneError
@@ -72,14 +145,33 @@ def _check_input(source, quantizer) -> Optional[dict]:
     ours = getattr(quantizer, "config", None)
     if trained is None or ours is None or "scheme" not in trained:
         return trained
-    if (trained["scheme"], trained.get("group_size")) != (ours.scheme, ours.group_size):
-        group = f" with group size {trained.get('group_size')}" if trained.get("group_size") else ""
-        raise QattuneError(
-            f"{source} was trained with scheme {trained['scheme']!r}{group} ({TRAINING_INFO_FILE}); quantize with "
-            f"the same scheme: quantizer.scheme={trained['scheme']}"
-            + (f" quantizer.group_size={trained['group_size']}" if trained.get("group_size") else "")
-        )
+    differences = _differences(trained, ours.to_dict())
+    if differences:
+        raise QattuneError(_mismatch_message(source, trained, differences, quantizer_cfg))
     return trained
+
+
+def _checkpointer(cfg):
+    """The checkpointer; a .gguf file given to a folder checkpointer is one line naming the GGUF one."""
+    from pathlib import Path
+
+    from qattune.config import instantiate
+    from qattune.errors import QattuneError
+
+    path = Path(str(cfg.checkpointer.get("checkpoint_dir", ""))).expanduser()
+    try:
+        return instantiate(cfg.checkpointer)
+    except QattuneError:
+        if path.suffix == ".gguf" and path.is_file():
+            raise QattuneError(f"checkpointer.checkpoint_dir={path} is a GGUF file: read it with "
+                               "checkpointer=qattune.checkpoint.GGUFCheckpointer") from None
+        raise
+
+
+def _tied_layers(model) -> dict[str, str]:
+    """`{"output": "tok_embeddings"}` when the float model's head is its token embedding."""
+    tied = getattr(model, "weights_tied", None)
+    return {"output": "tok_embeddings"} if tied is not None and tied() else {}
 
 
 def _apply_learned_ranges(model, quantizer, extra_state_path, device) -> None:
@@ -162,37 +254,38 @@ def _print_layers(report) -> None:
 def recipe(cfg) -> None:
     from pathlib import Path
 
-    import torch
-
     from qattune.checkpoint import build_model_from_checkpoint, check_gguf_scheme, export_gguf, gguf_tokenizer_metadata
+    from qattune.checkpoint import writable_directory
     from qattune.checkpoint.atomic import atomic_directory
-    from qattune.checkpoint.hf import write_json
     from qattune.config import instantiate
     from qattune.quant import save_quantized
     from qattune.quant.serialization import WEIGHTS_FILE
+    from qattune.training.distributed import parse_device
     from qattune.training.precision import resolve_dtype
     from qattune.training.session import EXTRA_STATE_FILE
 
+    device = parse_device(cfg.device or "cpu")
+    dtype = resolve_dtype(cfg.dtype, device)
     quantizer = instantiate(cfg.quantizer)
     scheme = getattr(getattr(quantizer, "config", None), "scheme", None)
     want_gguf = cfg.gguf if cfg.gguf is not None else scheme in ("q4_0", "q8_0")
     if want_gguf:
         check_gguf_scheme(str(scheme))
-    checkpointer = instantiate(cfg.checkpointer)
+    checkpointer = _checkpointer(cfg)
     source = checkpointer.checkpoint_dir
-    _check_input(source, quantizer)
+    _check_input(source, quantizer, cfg.quantizer)
+    out = writable_directory(cfg.output_dir) / QUANTIZED_DIR
     config, adapter = checkpointer.config, checkpointer.adapter
     gguf_tokenizer = None
     if want_gguf:  # before any weight is read: a tokenizer GGUF cannot hold fails here
         gguf_source = _tokenizer_gguf_file(cfg, checkpointer)
         tokenizer = instantiate(cfg.tokenizer) if cfg.tokenizer is not None and gguf_source is None else None
         gguf_tokenizer = gguf_tokenizer_metadata(tokenizer, config.vocab_size, gguf_source)
-    device = cfg.device or "cpu"
-    dtype = resolve_dtype(cfg.dtype, torch.device(device))
     builder = (lambda: instantiate(cfg.model)) if cfg.model is not None else None
     model = build_model_from_checkpoint(checkpointer, builder, device=device, dtype=dtype)
     model.eval()
     float_bytes = _float_bytes(model)
+    tied = _tied_layers(model)
     extra_state = source / EXTRA_STATE_FILE if source.is_dir() else None
     if extra_state is not None and extra_state.is_file():
         print(f"Loading learned quantization ranges from {extra_state}")
@@ -203,12 +296,10 @@ def recipe(cfg) -> None:
     if getattr(quantizer, "report", None) is not None:
         _print_layers(quantizer.report)
 
-    out = Path(cfg.output_dir) / QUANTIZED_DIR
     gguf_name = f"model-{scheme}.gguf"
     with atomic_directory(out) as tmp:
-        save_quantized(model, tmp)
         base = getattr(checkpointer, "hf_config", None) if checkpointer.format == "hf" else None
-        write_json(tmp / "config.json", adapter.config_to_hf(config, dtype, base))
+        save_quantized(model, tmp, hf_config=adapter.config_to_hf(config, dtype, base), tied_layers=tied)
         _write_tokenizer_files(cfg, checkpointer, tmp)
         if want_gguf:
             export_gguf(model, config, adapter, tmp / gguf_name, gguf_tokenizer, cfg.gguf_float_type,

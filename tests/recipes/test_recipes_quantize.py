@@ -44,13 +44,17 @@ def one_error_line(proc: subprocess.CompletedProcess) -> str:
     return lines[0]
 
 
-def quantized_model(directory: Path) -> Transformer:
-    """The saved quantized model, loaded as eval/generate would, on the dequantize path (no kernels)."""
-    model = load_model(directory)
+def without_kernels(model):
+    """`model` with its quantized Linear layers on the dequantize path (exactly the fake-quant numerics)."""
     for module in model.modules():
         if isinstance(module, QuantizedLinear):
             module.use_kernels = False
     return model
+
+
+def quantized_model(directory: Path) -> Transformer:
+    """The saved quantized model, loaded as eval/generate would, on the dequantize path (no kernels)."""
+    return without_kernels(load_model(directory))
 
 
 @pytest.fixture(scope="module")
@@ -99,20 +103,54 @@ def test_sizes_printed_are_the_files(qat_quantized):
     assert float(after.group(1)) == pytest.approx(quantized / 1e6, abs=0.006)
     assert float(after.group(2)) == pytest.approx(source / quantized, abs=0.006)
     assert "layers.1.mlp.down_proj" in stdout and "int4_sym" in stdout  # the per-layer report
-    assert json.loads((out / "quantized" / "config.json").read_text())["num_hidden_layers"] == 2
+    hf_config = json.loads((out / "quantized" / "config.json").read_text())
+    assert hf_config["num_hidden_layers"] == 2
+    assert hf_config["quantization_config"] == {  # transformers refuses a null quant_method
+        "quant_method": None, "format": "qattune.quantized/2", "scheme": "8da4w", "group_size": 32,
+        "load_with": "qattune (qattune run generate|eval checkpoint_dir=<this folder>): packed tensors described "
+                     "in quantization_config.json, which transformers cannot load"}
     assert not (out / "quantized" / "model-8da4w.gguf").exists()
 
 
-@pytest.mark.parametrize("override, trained", [
-    (["quantizer.scheme=4w", "quantizer.group_size=128"], "'8da4w' with group size 32"),
-    (["quantizer.group_size=64"], "'8da4w' with group size 32"),
+TRAINED = "was trained with scheme '8da4w' with group size 32"
+
+
+@pytest.mark.parametrize("override, message", [
+    (["quantizer.scheme=4w", "quantizer.group_size=128"],
+     f"{TRAINED}, quantize_activations=true (qattune_training.json); quantize with the same options: "
+     "quantizer.scheme=8da4w quantizer.group_size=32"),
+    (["quantizer.group_size=64"],
+     f"{TRAINED} (qattune_training.json); quantize with the same options: quantizer.group_size=32"),
+    (["+quantizer.quantize_embedding=true"],
+     f"{TRAINED}, quantize_embedding=false (qattune_training.json); quantize with the same options: "
+     "quantizer.quantize_embedding=false"),
+    (["+quantizer.quantize_output=false"],
+     f"{TRAINED}, quantize_output=true (qattune_training.json); quantize with the same options: "
+     "quantizer.quantize_output=true"),
+    (["+quantizer.exclude=[output]"],
+     f"{TRAINED}, exclude=[] (qattune_training.json); quantize with the same options: quantizer.exclude=[]"),
+    (["quantizer={_component_: torchtune.training.quantization.Int8DynActInt4WeightQATQuantizer, groupsize: 256}"],
+     f"{TRAINED} (qattune_training.json); quantize with the same options: quantizer.groupsize=32"),
+    (["quantizer={_component_: torchtune.training.quantization.Int4WeightOnlyQATQuantizer, groupsize: 32}"],
+     f"{TRAINED}, quantize_activations=true (qattune_training.json); "
+     "torchtune.training.quantization.Int4WeightOnlyQATQuantizer always quantizes with another scheme: use "
+     "quantizer='{_component_: qattune.quant.QATQuantizer, scheme: 8da4w}'"),
 ])
-def test_scheme_mismatch_names_the_trained_scheme(qat_quantized, override, trained):
+def test_options_other_than_the_trained_ones_are_refused(qat_quantized, tmp_path, override, message):
     out, _ = qat_quantized
-    proc = run_cli("quantize", "--config", "tiny/quantize", f"output_dir={out}", f"checkpoint_dir={out / 'step_4'}",
+    proc = run_cli("quantize", "--config", "tiny/quantize", f"output_dir={tmp_path}", f"checkpoint_dir={out / 'step_4'}",
                    *override, ok=False)
-    line = one_error_line(proc)
-    assert f"was trained with scheme {trained}" in line and "quantizer.scheme=8da4w" in line
+    assert one_error_line(proc) == f"error: {out / 'step_4'} {message}"
+    assert not (tmp_path / "quantized").exists()
+
+
+def test_the_suggested_torchtune_override_quantizes(qat_quantized, tmp_path):
+    out, _ = qat_quantized
+    run_cli("quantize", "--config", "tiny/quantize", f"output_dir={tmp_path}", f"checkpoint_dir={out / 'step_4'}",
+            "quantizer={_component_: torchtune.training.quantization.Int8DynActInt4WeightQATQuantizer, groupsize: 256}",
+            "quantizer.groupsize=32")
+    with torch.no_grad():
+        assert torch.equal(quantized_model(tmp_path / "quantized")(TOKENS), quantized_model(out / "quantized")(TOKENS))
 
 
 def test_quantized_checkpoint_as_input_is_refused(qat_quantized, tmp_path):
@@ -120,6 +158,20 @@ def test_quantized_checkpoint_as_input_is_refused(qat_quantized, tmp_path):
     proc = run_cli("quantize", "--config", "tiny/quantize", f"output_dir={tmp_path}",
                    f"checkpoint_dir={out / 'quantized'}", ok=False)
     assert "is already a quantized checkpoint" in one_error_line(proc)
+
+
+def test_a_gguf_file_for_the_folder_checkpointer_names_the_gguf_one(tmp_path):
+    write_tokenizer_gguf(tmp_path / "model.gguf")
+    proc = run_cli("quantize", "--config", "tiny/quantize", f"output_dir={tmp_path}",
+                   f"checkpoint_dir={tmp_path / 'model.gguf'}", ok=False)
+    assert one_error_line(proc) == (f"error: checkpointer.checkpoint_dir={tmp_path / 'model.gguf'} is a GGUF file: "
+                                    "read it with checkpointer=qattune.checkpoint.GGUFCheckpointer")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_cuda_without_a_gpu_is_one_line(tmp_path):
+    proc = run_cli("quantize", "--config", "tiny/quantize", f"output_dir={tmp_path}", "device=cuda", ok=False)
+    assert one_error_line(proc) == "error: device 'cuda' was requested but no CUDA GPU is visible; set device=cpu"
 
 
 def test_gguf_for_a_scheme_gguf_cannot_hold_is_refused(tmp_path):
@@ -206,13 +258,31 @@ def test_q4_0_gguf_reads_back_with_the_same_weights_and_logits(tmp_path, float_c
     with torch.no_grad():
         torch.testing.assert_close(reimported(TOKENS), converted(TOKENS), rtol=1e-5, atol=1e-5)
     # the saved quantized model is PTQ of the float one: same as converting it here
-    model = copy.deepcopy(model)
-    PTQQuantizer("q4_0").convert(model)
-    for module in model.modules():
-        if isinstance(module, QuantizedLinear):
-            module.use_kernels = False
+    model = without_kernels(PTQQuantizer("q4_0").convert(copy.deepcopy(model)))
     with torch.no_grad():
         torch.testing.assert_close(converted(TOKENS), model.eval()(TOKENS), rtol=0, atol=0)
+
+
+def test_a_tied_head_is_stored_once(tmp_path):
+    """q8_0 quantizes the embedding and the tied head alike: model.safetensors holds them once, and the
+    loaded model's head reads the embedding's very tensors."""
+    torch.manual_seed(0)
+    model = llama(260, 2, 4, 2, 64, 192, 256, tie_embeddings=True)
+    source = tmp_path / "tied"
+    source.mkdir()
+    write_hf_checkpoint(model.state_dict(), model.config, get_adapter("llama"), source, 1 << 30)
+    run_cli("quantize", "--config", "tiny/quantize", f"output_dir={tmp_path}", f"checkpoint_dir={source}",
+            "quantizer._component_=qattune.quant.PTQQuantizer", "quantizer.scheme=q8_0", "~quantizer.group_size",
+            "gguf=false")
+    out = tmp_path / "quantized"
+    assert read_quantization_config(out)["tied_tensors"] == {"output.weight_packed": "tok_embeddings.weight_packed",
+                                                              "output.weight_scale": "tok_embeddings.weight_scale"}
+    assert not any(key.startswith("output.") for key in load_file(str(out / "model.safetensors")))
+    loaded = quantized_model(out)
+    assert loaded.output.weight_packed.data_ptr() == loaded.tok_embeddings.weight_packed.data_ptr()
+    PTQQuantizer("q8_0").convert(model)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(TOKENS), without_kernels(model).eval()(TOKENS), rtol=0, atol=0)
 
 
 def test_gguf_with_a_tokenizer_gguf_cannot_hold_is_refused_before_loading(tmp_path, float_checkpoint):
