@@ -56,99 +56,29 @@ def _float_bytes(model) -> int:
     return sum(unique.values())
 
 
-TRAINED_OPTIONS = ("scheme", "group_size", "quantize_activations", "quantize_embedding", "quantize_output",
-                   "include", "exclude", "output_head_pattern")
-
-
-def _yaml(value) -> str:
-    """A value as an override spells it (null, true, 32, [a, b])."""
-    if value is None or isinstance(value, bool):
-        return {None: "null", True: "true", False: "false"}[value]
-    if isinstance(value, (list, tuple)):
-        return "[" + ",".join(repr(str(v)) for v in value) + "]"
-    return str(value)
-
-
-def _differences(trained: dict, ours: dict) -> list[str]:
-    """The quantizer options (TRAINED_OPTIONS) the training run recorded with another value than ours."""
-    def same(a, b) -> bool:
-        return (list(a) if isinstance(a, (list, tuple)) else a) == (list(b) if isinstance(b, (list, tuple)) else b)
-
-    return [key for key in TRAINED_OPTIONS if key in trained and not same(trained[key], ours.get(key))]
-
-
-def _spelling(quantizer_cfg, key: str) -> tuple[str, bool]:
-    """The config's name for quantizer option `key` (torchtune's for a torchtune quantizer), and whether
-    the component fixes it (a torchtune quantizer class fixes its scheme)."""
-    from qattune.config.aliases import torchtune_alias
-
-    alias = torchtune_alias(str(quantizer_cfg.get("_component_", "")))
-    if alias is None:
-        return key, False
-    return alias.spelling(key), key in alias.fixed
-
-
-def _needed(trained: dict, differences: list[str], quantizer_cfg) -> list[str]:
-    """The differing options to set: all but those the config leaves out and the trained scheme's
-    defaults give (they follow once the scheme is set)."""
-    from qattune.quant.schemes import resolve_scheme_config
-
-    defaults = resolve_scheme_config(trained["scheme"]).to_dict()
-    return [key for key in differences if key in ("scheme", "group_size")
-            or _spelling(quantizer_cfg, key)[0] in quantizer_cfg or trained[key] != defaults.get(key)]
-
-
-def _override(quantizer_cfg, key: str, value) -> str:
-    """The override setting quantizer option `key` to `value` in this config ('+' for a key it lacks, '~'
-    to drop one for null); '' when it need not (null and absent)."""
-    name, _ = _spelling(quantizer_cfg, key)
-    present = name in quantizer_cfg
-    if value is None:
-        return f"~quantizer.{name}" if present else ""
-    return f"{'' if present else '+'}quantizer.{name}={_yaml(value)}"
-
-
-def _mismatch_message(source, trained: dict, differences: list[str], quantizer_cfg) -> str:
-    from qattune.training.session import TRAINING_INFO_FILE
-
-    group = f" with group size {trained.get('group_size')}" if trained.get("group_size") else ""
-    others = "".join(f", {key}={_yaml(trained[key])}" for key in differences if key not in ("scheme", "group_size"))
-    needed = _needed(trained, differences, quantizer_cfg)
-    if "scheme" in needed and _spelling(quantizer_cfg, "scheme")[1]:
-        options = ", ".join(f"{key}: {_yaml(trained[key])}" for key in needed if trained[key] is not None)
-        advice = (f"{quantizer_cfg['_component_']} always quantizes with another scheme: use "
-                  f"quantizer='{{_component_: qattune.quant.QATQuantizer, {options}}}'")
-    else:
-        overrides = " ".join(o for o in (_override(quantizer_cfg, key, trained[key]) for key in needed) if o)
-        advice = f"quantize with the same options: {overrides}"
-    return f"{source} was trained with scheme {trained['scheme']!r}{group}{others} ({TRAINING_INFO_FILE}); {advice}"
-
-
-def _check_input(source, quantizer, quantizer_cfg) -> Optional[dict]:
+def _check_input(source, quantizer, quantizer_cfg) -> None:
     """Refuse a quantized checkpoint, or one trained with other quantizer options (scheme, group size,
-    embedding/output/activation quantization, include/exclude filters); the training info, if any."""
+    embedding/output/activation quantization, include/exclude filters)."""
     import json
 
     from qattune.errors import QattuneError
     from qattune.quant.serialization import CONFIG_FILE
+    from qattune.quant.trained_options import differing_options, mismatch_message
     from qattune.training.session import TRAINING_INFO_FILE
 
     if not source.is_dir():
-        return None
+        return
     if (source / CONFIG_FILE).is_file():
         raise QattuneError(f"{source} is already a quantized checkpoint ({CONFIG_FILE}); quantize the float "
                            "checkpoint it came from (a training output_dir/step_N or a float model folder)")
     info_path = source / TRAINING_INFO_FILE
-    if not info_path.is_file():
-        return None
-    trained = json.loads(info_path.read_text()).get("quantizer")
+    trained = json.loads(info_path.read_text()).get("quantizer") if info_path.is_file() else None
     ours = getattr(quantizer, "config", None)
     if trained is None or ours is None or "scheme" not in trained:
-        return trained
-    differences = _differences(trained, ours.to_dict())
+        return
+    differences = differing_options(trained, ours.to_dict())
     if differences:
-        raise QattuneError(_mismatch_message(source, trained, differences, quantizer_cfg))
-    return trained
+        raise QattuneError(mismatch_message(str(source), TRAINING_INFO_FILE, trained, differences, quantizer_cfg))
 
 
 def _checkpointer(cfg):

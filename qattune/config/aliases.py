@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping
 
 from qattune.errors import QattuneError
 
@@ -234,16 +234,3 @@ def component_argument(node: Mapping[str, Any], name: str, default: Any = None) 
     if alias is not None and alias.target is not None:
         kwargs = alias.translate(kwargs)
     return kwargs.get(name, default)
-
-
-def quantizer_overrides(component: str, scheme: str, group_size: Optional[int], key: str = "quantizer") -> str:
-    """Command-line overrides that make the quantizer at `key` (a `component` node) use `scheme` and
-    `group_size`, spelt as that component takes them (a torchtune quantizer's class fixes its scheme)."""
-    alias = torchtune_alias(component)
-    if alias is None or alias.target is None:
-        group = f" ++{key}.group_size={group_size}" if group_size else ""
-        return f"{key}.scheme={scheme}{group}"
-    if alias.fixed.get("scheme") == scheme:
-        return f"++{key}.{alias.spelling('group_size')}={group_size}"
-    group = f", group_size: {group_size}" if group_size else ""
-    return f"'{key}={{{COMPONENT_KEY}: {alias.target}, scheme: {scheme}{group}}}'"

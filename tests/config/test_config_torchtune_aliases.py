@@ -5,15 +5,13 @@ arguments qattune accepts only with the value that means what it does (refused o
 import base64
 import inspect
 import json
-import shlex
 
 import pytest
 import torch
 from omegaconf import OmegaConf
 
 from qattune.config import instantiate
-from qattune.config.aliases import component_argument, quantizer_overrides, torchtune_alias
-from qattune.config.overrides import apply_override
+from qattune.config.aliases import component_argument, torchtune_alias
 from qattune.errors import QattuneError
 from qattune.models import LoRALinear
 from qattune.quant import PTQQuantizer, QATQuantizer
@@ -268,27 +266,3 @@ def test_llama2_tokenizer_accepts_only_the_template_qattune_applies():
         "prompt_template=null: qattune applies no torchtune prompt template: a conversation is laid out in the "
         "tokenizer's own chat format (qattune/tokenizers/chat_format.py), as torchtune's llama2_tokenizer does with "
         "prompt_template: torchtune.models.llama2.Llama2ChatTemplate; remove prompt_template")
-
-
-# ---------------------------------------------------------------- 5. scheme overrides spelt for the quantizer
-
-def _overridden(yaml: str, overrides: str):
-    """The quantizer `yaml` builds once `overrides`, as typed in a shell, are applied."""
-    cfg = OmegaConf.create(yaml)
-    for text in shlex.split(overrides):
-        apply_override(cfg, text)
-    return instantiate(cfg.quantizer)
-
-
-@pytest.mark.parametrize("component, scheme, group_size, expected", [
-    (f"{QUANTIZERS}.Int8DynActInt4WeightQuantizer", "8da4w", 32, "++quantizer.groupsize=32"),
-    (f"{QUANTIZERS}.Int8DynActInt4WeightQuantizer", "4w", 128,
-     "'quantizer={_component_: qattune.quant.PTQQuantizer, scheme: 4w, group_size: 128}'"),
-    ("qattune.quant.PTQQuantizer", "8da4w", 32, "quantizer.scheme=8da4w ++quantizer.group_size=32"),
-])
-def test_quantizer_overrides_work_on_the_quantizer_as_spelt(component, scheme, group_size, expected):
-    overrides = quantizer_overrides(component, scheme, group_size)
-    assert overrides == expected
-    yaml = QUANTIZER_YAML.format(component=component) + ("  scheme: 4w\n" if component.startswith("qattune") else "")
-    quantizer = _overridden(yaml, overrides)
-    assert (quantizer.config.scheme, quantizer.config.group_size) == (scheme, group_size)

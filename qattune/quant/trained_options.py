@@ -1,0 +1,71 @@
+"""The quantizer options a QAT run trained with against those `quantize` is given: which differ, and
+the overrides that make them agree, spelt as the user's config spells its quantizer (a torchtune
+quantizer's `groupsize`, the `+` for a key the config lacks, `~` for one that must become null)."""
+
+from __future__ import annotations
+
+from qattune.config.aliases import torchtune_alias
+from qattune.quant.schemes import resolve_scheme_config
+
+TRAINED_OPTIONS = ("scheme", "group_size", "quantize_activations", "quantize_embedding", "quantize_output",
+                   "include", "exclude", "output_head_pattern")
+
+
+def _yaml(value) -> str:
+    """A value as an override spells it (null, true, 32, [a, b])."""
+    if value is None or isinstance(value, bool):
+        return {None: "null", True: "true", False: "false"}[value]
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(repr(str(v)) for v in value) + "]"
+    return str(value)
+
+
+def differing_options(trained: dict, ours: dict) -> list[str]:
+    """The quantizer options (TRAINED_OPTIONS) the training run recorded with another value than ours."""
+    def same(a, b) -> bool:
+        return (list(a) if isinstance(a, (list, tuple)) else a) == (list(b) if isinstance(b, (list, tuple)) else b)
+
+    return [key for key in TRAINED_OPTIONS if key in trained and not same(trained[key], ours.get(key))]
+
+
+def _spelling(quantizer_cfg, key: str) -> tuple[str, bool]:
+    """The config's name for quantizer option `key` (torchtune's for a torchtune quantizer), and whether
+    the component fixes it (a torchtune quantizer class fixes its scheme)."""
+    alias = torchtune_alias(str(quantizer_cfg.get("_component_", "")))
+    if alias is None:
+        return key, False
+    return alias.spelling(key), key in alias.fixed
+
+
+def _needed(trained: dict, differences: list[str], quantizer_cfg) -> list[str]:
+    """The differing options to set: all but those the config leaves out and the trained scheme's
+    defaults give (they follow once the scheme is set)."""
+    defaults = resolve_scheme_config(trained["scheme"]).to_dict()
+    return [key for key in differences if key in ("scheme", "group_size")
+            or _spelling(quantizer_cfg, key)[0] in quantizer_cfg or trained[key] != defaults.get(key)]
+
+
+def _override(quantizer_cfg, key: str, value) -> str:
+    """The override setting quantizer option `key` to `value` in this config ('+' for a key it lacks, '~'
+    to drop one for null); '' when it need not (null and absent)."""
+    name, _ = _spelling(quantizer_cfg, key)
+    present = name in quantizer_cfg
+    if value is None:
+        return f"~quantizer.{name}" if present else ""
+    return f"{'' if present else '+'}quantizer.{name}={_yaml(value)}"
+
+
+def mismatch_message(source: str, record: str, trained: dict, differences: list[str], quantizer_cfg) -> str:
+    """One line: what checkpoint `source` was trained with (by its training `record` file), and the
+    overrides that make `quantizer_cfg` (the config's quantizer node) agree."""
+    group = f" with group size {trained.get('group_size')}" if trained.get("group_size") else ""
+    others = "".join(f", {key}={_yaml(trained[key])}" for key in differences if key not in ("scheme", "group_size"))
+    needed = _needed(trained, differences, quantizer_cfg)
+    if "scheme" in needed and _spelling(quantizer_cfg, "scheme")[1]:
+        options = ", ".join(f"{key}: {_yaml(trained[key])}" for key in needed if trained[key] is not None)
+        advice = (f"{quantizer_cfg['_component_']} always quantizes with another scheme: use "
+                  f"quantizer='{{_component_: qattune.quant.QATQuantizer, {options}}}'")
+    else:
+        overrides = " ".join(o for o in (_override(quantizer_cfg, key, trained[key]) for key in needed) if o)
+        advice = f"quantize with the same options: {overrides}"
+    return f"{source} was trained with scheme {trained['scheme']!r}{group}{others} ({record}); {advice}"
