@@ -57,7 +57,7 @@ def _checkpoints(cfg) -> dict[str, str]:
 
 def _model_configs(cfg, checkpoints: dict[str, str], tokenizer) -> dict:
     """Each checkpoint's model config, after checking it looks loadable and fits the tokenizer."""
-    from qattune.checkpoint.auto import checkpoint_config
+    from qattune.checkpoint import checkpoint_config
     from qattune.errors import QattuneError
     from qattune.generation import check_tokenizer_fits
 

@@ -65,7 +65,7 @@ def _check_sampling(cfg) -> None:
 
 def recipe(cfg) -> None:
     from qattune.checkpoint import load_model
-    from qattune.checkpoint.auto import checkpoint_config
+    from qattune.checkpoint import checkpoint_config
     from qattune.config import instantiate
     from qattune.errors import QattuneError
     from qattune.generation import check_tokenizer_fits, generate_text

@@ -7,6 +7,8 @@ from typing import Any, Literal, Optional
 
 from torch.utils.data import Dataset
 
+from qattune.errors import QattuneError
+
 from .builder import finish_dataset, resolve_max_seq_len
 from .text_completion import text_samples
 
@@ -24,7 +26,7 @@ def python_docs_rows(split: Literal["train", "validation"] = "train") -> list[di
     from pydoc_data.topics import topics
 
     if split not in ("train", "validation"):
-        raise ValueError(f"python_docs split must be 'train' or 'validation', got {split!r}")
+        raise QattuneError(f"python_docs split must be 'train' or 'validation', got {split!r}")
     want_validation = split == "validation"
     return [
         {"topic": name, "text": topics[name]}

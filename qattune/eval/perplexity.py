@@ -198,7 +198,7 @@ def _python_docs(split: str) -> list[str]:
 
     try:
         return [row["text"] for row in python_docs_rows(split)]  # type: ignore[arg-type]
-    except ValueError as err:
+    except QattuneError as err:
         raise QattuneError(f"perplexity.split={split}: {err}") from None
 
 
