@@ -3,24 +3,35 @@
     qattune run generate --config generation checkpoint_dir=out/quantized prompt="What is a generator?"
     qattune run generate --config generation checkpoint_dir=out/quantized prompts='[Hello, What is 2+2?]'
 
-`checkpoint_dir` is a Hugging Face folder, a training `step_N`, a `quantize` output, or a .gguf file.
-`prompt` is one text; `prompts`, when set, replaces it: several texts decode together in one batch. With
-`chat: true` each text is a user message sent through the tokenizer's chat format. Greedy by default
+`checkpoint_dir` is a Hugging Face folder, a training `step_N`, a `quantize` output, or a .gguf file; or,
+as in torchtune's generation configs, `checkpointer` (with an optional `model` builder) reads a float
+checkpoint instead (exactly one of the two ways). `prompt` is one text, or torchtune's chat prompt
+`{system: ..., user: ...}` (system may be null; it replaces `system_prompt`); `prompts`, when set,
+replaces it: several texts decode together in one batch. With `chat: true` each text is a user message
+sent through the tokenizer's chat format. Greedy by default
 (`temperature: 0`, which ignores `top_k` and `top_p`); `temperature` > 0 samples, with `top_k`, `top_p`.
 `dtype` is the compute dtype, for quantized checkpoints too (their packed codes and scales stay as stored).
 The device, the sampling options and the tokenizer (against the model's vocabulary) are checked before
 the model loads.
 """
 
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
 from qattune.config import Component, RecipeConfig, recipe_main
+from qattune.config.schema import Unsupported
+
+KV_CACHE = "qattune always decodes with a KV cache (the same tokens, faster); remove enable_kv_cache"
+QUANTIZER = ("generate loads real quantized models: convert the checkpoint with `qattune run quantize`, then set "
+             "checkpoint_dir to its output_dir/quantized and remove quantizer")
+PROMPT_KEYS = ("system", "user")
 
 
 class Config(RecipeConfig):
-    checkpoint_dir: str
+    checkpoint_dir: Optional[str] = None  # or torchtune's checkpointer (+ model), not both
+    checkpointer: Optional[Component] = None  # reads a float checkpoint (torchtune's generation configs)
+    model: Optional[Component] = None  # the builder checkpointer loads into; default: the checkpoint's config
     tokenizer: Component
-    prompt: Optional[str] = None
+    prompt: Optional[Union[str, dict]] = None  # a text, or torchtune's {system: ..., user: ...}
     prompts: Optional[list[str]] = None  # when set, replaces prompt
     chat: bool = True
     system_prompt: Optional[str] = None
@@ -34,19 +45,50 @@ class Config(RecipeConfig):
     keep_dequantized: bool = True  # quantized layers without a kernel keep their dequantized weight (speed)
     compile: bool = False  # torch.compile the decode step
     cuda_graph: bool = False  # CUDA: replay the decode step from a CUDA graph (small batches decode faster)
+    enable_kv_cache: Unsupported(KV_CACHE, accept=(True,)) = True  # torchtune's; qattune always uses one
+    quantizer: Unsupported(QUANTIZER, accept=(None,)) = None  # torchtune's; null only
+    output_dir: Optional[str] = None  # torchtune's generation configs set it; generate writes no file
 
 
-def _texts(cfg) -> list[str]:
-    """The texts to generate from: `prompts` when set (it replaces `prompt`), else `prompt`."""
+def _chat_prompt(cfg) -> Optional[dict]:
+    """torchtune's `prompt: {system, user}`, checked; None when prompt is a text or `prompts` replaces it."""
+    from collections.abc import Mapping
+
+    from qattune.config.suggest import did_you_mean
     from qattune.errors import QattuneError
 
-    key, texts = ("prompts", list(cfg.prompts)) if cfg.prompts is not None else ("prompt", [cfg.prompt])
+    if cfg.prompts is not None or not isinstance(cfg.prompt, Mapping):
+        return None
+    prompt = dict(cfg.prompt)
+    for key, value in prompt.items():
+        if key not in PROMPT_KEYS:
+            raise QattuneError(f"prompt.{key}: unknown key; torchtune's chat prompt is {{system: ..., user: ...}}."
+                               f"{did_you_mean(key, PROMPT_KEYS)}")
+        if value is not None and not isinstance(value, str):
+            raise QattuneError(f"prompt.{key}: expected a text, got {value!r}")
+    if not cfg.chat:
+        raise QattuneError("prompt={system, user} is a chat prompt: set chat=true, or give prompt as a text")
+    if prompt.get("system") is not None and cfg.system_prompt is not None:
+        raise QattuneError("prompt.system and system_prompt both set the system message; keep one")
+    return prompt
+
+
+def _texts(cfg, chat_prompt: Optional[dict]) -> list[str]:
+    """The texts to generate from: `prompts` when set (it replaces `prompt`), else `prompt` (its `user`)."""
+    from qattune.errors import QattuneError
+
+    if cfg.prompts is not None:
+        key, texts = "prompts", list(cfg.prompts)
+    elif chat_prompt is not None:
+        key, texts = "prompt.user", [chat_prompt.get("user") or ""]
+    else:
+        key, texts = "prompt", [cfg.prompt]
     texts = [text for text in texts if text is not None]
     if not texts:
         raise QattuneError("nothing to generate from: set prompt=\"...\" or prompts=[...]")
     for index, text in enumerate(texts):
         if not text:
-            where = f"prompts[{index}]" if key == "prompts" else "prompt"
+            where = f"prompts[{index}]" if key == "prompts" else key
             raise QattuneError(f"{where} is empty; give a text to generate from")
     return texts
 
@@ -64,26 +106,30 @@ def _check_sampling(cfg) -> None:
 
 
 def recipe(cfg) -> None:
-    from qattune.checkpoint import load_model
-    from qattune.checkpoint import checkpoint_config
+    from qattune.checkpoint.auto import checkpoint_config, checkpoint_source, load_model
     from qattune.config import instantiate
     from qattune.errors import QattuneError
     from qattune.generation import check_tokenizer_fits, generate_text
     from qattune.training.distributed import parse_device
     from qattune.training.precision import resolve_dtype
 
-    texts = _texts(cfg)
+    chat_prompt = _chat_prompt(cfg)
+    texts = _texts(cfg, chat_prompt)
     _check_sampling(cfg)
     device = parse_device(cfg.device or "cpu")
     if cfg.cuda_graph and device.type != "cuda":
         raise QattuneError(f"cuda_graph=true replays CUDA graphs; device={device} has none (set device=cuda, "
                            "or cuda_graph=false)")
+    source = checkpoint_source(cfg.checkpoint_dir, cfg.checkpointer, cfg.model)
+    if source is None:
+        raise QattuneError("nothing to load: set checkpoint_dir=PATH, or torchtune's checkpointer (and model)")
     tokenizer = instantiate(cfg.tokenizer)
-    check_tokenizer_fits(tokenizer, checkpoint_config(cfg.checkpoint_dir).vocab_size, cfg.checkpoint_dir)
-    model = load_model(cfg.checkpoint_dir, device=device, dtype=resolve_dtype(cfg.dtype, device),
+    check_tokenizer_fits(tokenizer, checkpoint_config(source).vocab_size, str(source))
+    model = load_model(source, device=device, dtype=resolve_dtype(cfg.dtype, device),
                        keep_dequantized=cfg.keep_dequantized)
     if cfg.chat:
-        system = [{"role": "system", "content": cfg.system_prompt}] if cfg.system_prompt else []
+        system_prompt = (chat_prompt or {}).get("system") or cfg.system_prompt
+        system = [{"role": "system", "content": system_prompt}] if system_prompt else []
         prompts = [system + [{"role": "user", "content": text}] for text in texts]
     else:
         prompts = texts
