@@ -5,13 +5,17 @@
 
 Each checkpoint (Hugging Face folder, training `step_N`, `quantize` output, or .gguf) gets the built-in
 perplexity on `perplexity.source` and the lm-eval `tasks` (names, or tasks in local `task_dirs`, so it
-runs offline). `checkpoints`, when set, replaces `checkpoint_dir` (evaluated alone as "model"). With
+runs offline). `checkpoints`, when set, replaces `checkpoint_dir` (evaluated alone as "model"); as in
+torchtune's eleuther_evaluation config, `checkpointer` (with an optional `model` builder) may read one
+float checkpoint instead of `checkpoint_dir` (exactly one of the two ways; not with `checkpoints`). With
 several checkpoints it prints one table and, given `bf16` and `ptq` entries, the share of the PTQ
 degradation each other checkpoint recovered; it writes `output_dir/eval_results.json` and a bar chart
 `output_dir/eval_comparison.png`. `perplexity.per_document: true` adds each document's perplexity
 (`document_<n>/perplexity`, n counted from 1) to all three: which texts lose most, and where QAT wins
 back the least. Every checkpoint runs in the compute `dtype` (a quantized one keeps its packed codes and
-scales as stored), so a comparison is like with like.
+scales as stored), so a comparison is like with like. lm-eval tasks see at most `max_seq_length` tokens
+(torchtune's name for lm-eval's max_length; default the model's max_seq_len, at most 2048) and draw their
+few-shot examples and samples from `seed`, the same for every checkpoint.
 Before any model loads, every checkpoint, the tokenizer against each model's vocabulary, the tasks and
 the perplexity options are checked. eval_results.json is written again after each checkpoint, so an
 evaluation that fails part-way keeps the results of the checkpoints before it (the error says so).
@@ -20,6 +24,11 @@ evaluation that fails part-way keeps the results of the checkpoints before it (t
 from typing import Literal, Optional
 
 from qattune.config import Component, RecipeConfig, recipe_main
+from qattune.config.schema import Unsupported
+
+KV_CACHE = "lm-eval's generation tasks always decode with a KV cache here (the same tokens, faster); remove enable_kv_cache"
+QUANTIZER = ("eval loads real quantized models: convert the checkpoint with `qattune run quantize`, then set "
+             "checkpoint_dir to its output_dir/quantized and remove quantizer")
 
 
 class Config(RecipeConfig):
@@ -27,6 +36,8 @@ class Config(RecipeConfig):
     tokenizer: Component
     checkpoint_dir: Optional[str] = None  # one checkpoint, named "model"
     checkpoints: Optional[dict] = None  # several: {name: path}, replacing checkpoint_dir; "bf16", "ptq" are references
+    checkpointer: Optional[Component] = None  # torchtune's way to name the one float checkpoint, "model"
+    model: Optional[Component] = None  # the builder checkpointer loads into; default: the checkpoint's config
     # {source, split, column, max_documents, max_seq_len, stride, per_document}; null: skip
     perplexity: Optional[dict] = None
     tasks: list[str] = []
@@ -34,42 +45,65 @@ class Config(RecipeConfig):
     limit: Optional[float] = None
     num_fewshot: Optional[int] = None
     batch_size: int = 8
+    max_seq_length: Optional[int] = None  # lm-eval tasks' longest model input; default: the model's, at most 2048
+    seed: int = 0  # lm-eval's Python, NumPy, torch and few-shot seeds, the same for every checkpoint
     device: Optional[str] = None  # default cpu
     dtype: Literal["fp32", "float32", "bf16", "bfloat16"] = "fp32"
     keep_dequantized: bool = True  # quantized layers without a kernel keep their dequantized weight (speed)
     plot: bool = True
+    enable_kv_cache: Unsupported(KV_CACHE, accept=(True,)) = True  # torchtune's; qattune always uses one
+    quantizer: Unsupported(QUANTIZER, accept=(None,)) = None  # torchtune's; null only
 
 
 PERPLEXITY_KEYS = ("source", "split", "column", "max_documents", "max_seq_len", "stride", "per_document")
 RESULTS_FILE = "eval_results.json"
 
 
-def _checkpoints(cfg) -> dict[str, str]:
-    """`{name: path}`: `checkpoints` when set (it replaces `checkpoint_dir`), else `{"model": checkpoint_dir}`."""
+def _checkpoints(cfg) -> dict:
+    """`{name: source}`: `checkpoints` when set (it replaces `checkpoint_dir`), else `{"model": checkpoint_dir}`
+    or `{"model": what checkpointer (+ model) reads}`."""
+    from qattune.checkpoint.auto import checkpoint_source
     from qattune.errors import QattuneError
 
     if cfg.checkpoints:
+        if cfg.checkpointer is not None or cfg.model is not None:
+            raise QattuneError("checkpoints names every checkpoint to compare; model + checkpointer cannot add one: "
+                               "add its folder to checkpoints and remove them (~checkpointer ~model)")
         return {str(name): str(path) for name, path in cfg.checkpoints.items()}
-    if cfg.checkpoint_dir:
-        return {"model": str(cfg.checkpoint_dir)}
-    raise QattuneError("nothing to evaluate: set checkpoint_dir=PATH or checkpoints={name: path, ...}")
+    source = checkpoint_source(cfg.checkpoint_dir or None, cfg.checkpointer, cfg.model)
+    if source is None:
+        raise QattuneError("nothing to evaluate: set checkpoint_dir=PATH, checkpoints={name: path, ...} or "
+                           "torchtune's checkpointer (and model)")
+    return {"model": source}
 
 
-def _model_configs(cfg, checkpoints: dict[str, str], tokenizer) -> dict:
-    """Each checkpoint's model config, after checking it looks loadable and fits the tokenizer."""
-    from qattune.checkpoint import checkpoint_config
+def _model_configs(cfg, checkpoints: dict, tokenizer) -> dict:
+    """Each checkpoint's model config, after checking it looks loadable, fits the tokenizer and takes
+    inputs of `max_seq_length` tokens."""
+    from qattune.checkpoint.auto import checkpoint_config
     from qattune.errors import QattuneError
     from qattune.generation import check_tokenizer_fits
 
     configs = {}
     for name, path in checkpoints.items():
-        key = f"checkpoints.{name}" if cfg.checkpoints else "checkpoint_dir"
+        key = f"checkpoints.{name}" if cfg.checkpoints else "checkpointer" if cfg.checkpointer else "checkpoint_dir"
         try:
             configs[name] = checkpoint_config(path)
-            check_tokenizer_fits(tokenizer, configs[name].vocab_size, path)
+            check_tokenizer_fits(tokenizer, configs[name].vocab_size, str(path))
         except QattuneError as err:
             raise QattuneError(f"{key}: {err}") from None
+        _check_max_seq_length(cfg.max_seq_length, configs[name].max_seq_len, name)
     return configs
+
+
+def _check_max_seq_length(length: Optional[int], model_limit: int, name: str) -> None:
+    """One line if lm-eval inputs of `length` tokens would not fit the model (or `length` < 1)."""
+    from qattune.errors import QattuneError
+
+    if length is not None and not 1 <= length <= model_limit:
+        raise QattuneError(f"max_seq_length={length}: lm-eval inputs must be 1 to the model's max_seq_len={model_limit} "
+                           f"tokens (checkpoint {name}); set max_seq_length to at most {model_limit} (null: the "
+                           "model's own, at most 2048)")
 
 
 def _perplexity_setup(cfg, configs: dict) -> Optional[dict]:
@@ -109,16 +143,26 @@ def _evaluate(cfg, model, tokenizer, ppl: Optional[dict], task_manager) -> tuple
         if ppl["per_document"]:
             metrics.update(result.per_document_metrics())
     if cfg.tasks:
-        lm = lm_eval_model(model, tokenizer, batch_size=cfg.batch_size)
+        lm = lm_eval_model(model, tokenizer, batch_size=cfg.batch_size, max_length=cfg.max_seq_length)
         task_results = run_lm_eval(lm, list(cfg.tasks), list(cfg.task_dirs), num_fewshot=cfg.num_fewshot,
-                                   limit=cfg.limit, task_manager=task_manager)
+                                   limit=cfg.limit, random_seed=cfg.seed, task_manager=task_manager)
         metrics.update(task_results.flat())
         directions.update(task_results.flat_higher_is_better())
     return metrics, directions
 
 
+def _warn_unused_max_seq_length(cfg) -> None:
+    """`max_seq_length` sizes lm-eval inputs only: say so when there are no tasks to apply it to."""
+    import sys
+
+    if cfg.max_seq_length is not None and not cfg.tasks:
+        print(f"warning: max_seq_length={cfg.max_seq_length} applies to lm-eval tasks, and none are listed; "
+              "perplexity windows are perplexity.max_seq_len", file=sys.stderr)
+
+
 def recipe(cfg) -> None:
-    from qattune.checkpoint import load_model, writable_directory
+    from qattune.checkpoint import writable_directory
+    from qattune.checkpoint.auto import load_model
     from qattune.config import instantiate
     from qattune.errors import QattuneError
     from qattune.eval import check_tasks, compare_checkpoints, plot_comparison
@@ -128,6 +172,7 @@ def recipe(cfg) -> None:
     device = parse_device(cfg.device or "cpu")
     dtype = resolve_dtype(cfg.dtype, device)
     checkpoints = _checkpoints(cfg)
+    _warn_unused_max_seq_length(cfg)
     out = writable_directory(cfg.output_dir)
     tokenizer = instantiate(cfg.tokenizer)
     ppl = _perplexity_setup(cfg, _model_configs(cfg, checkpoints, tokenizer))
