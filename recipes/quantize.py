@@ -37,6 +37,7 @@ class Config(RecipeConfig):
     gguf_float_type: Literal["f32", "f16", "bf16"] = "f16"  # tensors GGUF keeps in float (not norms)
     dataset: Optional[Component("tokenizer")] = None  # calibration text for quantizer.rounding_init=gptq
     batch_size: int = 2  # calibration batch size (quantizer.gptq_batches batches are read)
+    seed: Optional[int] = None  # torch.manual_seed(seed) before the model loads and calibrates; null: unseeded
 
 
 def _megabytes(n: int) -> str:
@@ -184,6 +185,8 @@ def _print_layers(report) -> None:
 def recipe(cfg) -> None:
     from pathlib import Path
 
+    import torch
+
     from qattune.checkpoint import build_model_from_checkpoint, check_gguf_scheme, export_gguf, gguf_tokenizer_metadata
     from qattune.checkpoint import writable_directory
     from qattune.checkpoint.atomic import atomic_directory
@@ -196,6 +199,8 @@ def recipe(cfg) -> None:
 
     device = parse_device(cfg.device or "cpu")
     dtype = resolve_dtype(cfg.dtype, device)
+    if cfg.seed is not None:
+        torch.manual_seed(cfg.seed)
     quantizer = instantiate(cfg.quantizer)
     scheme = getattr(getattr(quantizer, "config", None), "scheme", None)
     want_gguf = cfg.gguf if cfg.gguf is not None else scheme in ("q4_0", "q8_0")
