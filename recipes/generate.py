@@ -6,10 +6,10 @@
 `checkpoint_dir` is a Hugging Face folder, a training `step_N`, a `quantize` output, or a .gguf file; or,
 as in torchtune's generation configs, `checkpointer` (with an optional `model` builder) reads a float
 checkpoint instead (exactly one of the two ways). `prompt` is one text, or torchtune's chat prompt
-`{system: ..., user: ...}` (system may be null; it replaces `system_prompt`); `prompts`, when set,
-replaces it: several texts decode together in one batch. With `chat: true` each text is a user message
-sent through the tokenizer's chat format. Greedy by default
-(`temperature: 0`, which ignores `top_k` and `top_p`); `temperature` > 0 samples, with `top_k`, `top_p`.
+`{system: ..., user: ...}` (system may be null, or set instead by `system_prompt`, not by both);
+`prompts`, when set, replaces it: several texts decode together in one batch. With `chat: true` each
+text is a user message sent through the tokenizer's chat format. Greedy by default (`temperature: 0`,
+which ignores `top_k` and `top_p`); `temperature` > 0 samples, with `top_k`, `top_p`.
 `dtype` is the compute dtype, for quantized checkpoints too (their packed codes and scales stay as stored).
 The device, the sampling options and the tokenizer (against the model's vocabulary) are checked before
 the model loads.
