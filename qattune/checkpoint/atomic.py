@@ -22,6 +22,16 @@ def _fsync_tree(root: Path) -> None:
                 os.fsync(f.fileno())
 
 
+def readable_as_umask_allows(root: str | os.PathLike) -> None:
+    """Give every file under `root` the permissions the umask allows (safetensors writes its files
+    0600, so another user or a serving container could not read the weights)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in Path(root).rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            os.chmod(path, 0o666 & ~umask)
+
+
 @contextmanager
 def atomic_directory(final: str | os.PathLike) -> Iterator[Path]:
     """Yield a fresh temporary directory beside `final`; on success it becomes `final` in one rename."""
@@ -33,6 +43,7 @@ def atomic_directory(final: str | os.PathLike) -> Iterator[Path]:
     try:
         yield tmp
         _fsync_tree(tmp)
+        readable_as_umask_allows(tmp)
         if final.exists():
             old = final.parent / f".{final.name}.old-{tag}"
             os.replace(final, old)

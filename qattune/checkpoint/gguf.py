@@ -152,4 +152,11 @@ class GGUFCheckpointer(Checkpointer):
         return {t.name: self._dequantize(t) for t in self.reader.tensors}
 
     def _write(self, state_dict: dict[str, torch.Tensor], config: TransformerConfig, out_dir: Path) -> None:
+        """The Hugging Face layout, with the GGUF's tokenizer (when it has one) as tokenizer.json, so other
+        tools load the folder."""
+        from qattune.tokenizers import write_hf_tokenizer_files
+        from qattune.tokenizers.gguf_bpe import read_tokenizer_metadata
+
         write_hf_checkpoint(state_dict, config, self.adapter, out_dir, self.max_shard_bytes)
+        if "tokenizer.ggml.tokens" in read_tokenizer_metadata(str(self.path)):
+            write_hf_tokenizer_files(str(self.path), str(out_dir))

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import glob
 import os
 import re
 import shutil
-from typing import Any, Optional
+import uuid
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -39,27 +41,46 @@ def latest_checkpoint(output_dir: str) -> Optional[str]:
     return None
 
 
+def _leftovers(path: str) -> list[str]:
+    """Hidden folders an interrupted save of `path` may have left beside it (see `atomic_directory`)."""
+    parent, name = (glob.escape(part) for part in os.path.split(path))
+    return [found for kind in ("tmp", "old") for found in glob.glob(os.path.join(parent, f".{name}.{kind}-*"))]
+
+
 def begin_checkpoint(final_dir: str) -> str:
-    """Make an empty `final_dir.tmp` to write a checkpoint into; `commit_checkpoint` publishes it."""
+    """Make an empty `final_dir.tmp` to write a checkpoint into; `commit_checkpoint` publishes it. What an
+    interrupted earlier save of the same step left behind is removed first."""
     tmp_dir = final_dir + ".tmp"
-    shutil.rmtree(tmp_dir, ignore_errors=True)
+    for stale in [tmp_dir, *_leftovers(tmp_dir), *_leftovers(final_dir)]:
+        shutil.rmtree(stale, ignore_errors=True)
     os.makedirs(tmp_dir)
     return tmp_dir
 
 
 def commit_checkpoint(tmp_dir: str, final_dir: str) -> None:
-    """Rename the finished `tmp_dir` to `final_dir` (replacing an older one of the same name), so a
-    crash mid-save leaves only a `.tmp` folder, never a checkpoint that looks complete."""
-    if os.path.isdir(final_dir):
-        shutil.rmtree(final_dir)
+    """Rename the finished `tmp_dir` to `final_dir`, so a crash mid-save leaves only a `.tmp` folder, never
+    a checkpoint that looks complete. An older `final_dir` is renamed aside first and deleted only once
+    the new one is in place, so a crash at any point keeps one complete checkpoint of that step."""
+    from qattune.checkpoint.atomic import readable_as_umask_allows
+
+    readable_as_umask_allows(tmp_dir)
+    if not os.path.isdir(final_dir):
+        os.replace(tmp_dir, final_dir)
+        return
+    parent, name = os.path.split(final_dir)
+    old = os.path.join(parent, f".{name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    os.replace(final_dir, old)
     os.replace(tmp_dir, final_dir)
+    shutil.rmtree(old, ignore_errors=True)
 
 
-def prune_step_dirs(output_dir: str, keep_last_n: int) -> list[str]:
-    """Delete all but the newest `keep_last_n` checkpoints; returns the deleted paths."""
+def prune_step_dirs(output_dir: str, keep_last_n: int,
+                    prunable: Callable[[int], bool] = lambda step: True) -> list[str]:
+    """Delete all but the newest `keep_last_n` of the checkpoints whose step is `prunable` (a run prunes
+    only its own line of checkpoints, never another run's in the same folder); returns the deleted paths."""
     if keep_last_n < 1:
         raise QattuneError(f"keep_last_n_checkpoints must be at least 1, got {keep_last_n}")
-    doomed = [path for _, path in list_step_dirs(output_dir)[:-keep_last_n]]
+    doomed = [path for step, path in list_step_dirs(output_dir) if prunable(step)][:-keep_last_n]
     for path in doomed:
         shutil.rmtree(path)
     return doomed

@@ -87,6 +87,27 @@ class TrainingConfig(RecipeConfig):
     progress_bar: bool = True
 
 
+_AT_LEAST_ONE = ("batch_size", "batch_size_val", "epochs", "gradient_accumulation_steps", "max_steps_per_epoch",
+                 "save_every_n_steps", "keep_last_n_checkpoints", "run_val_every_n_steps", "max_val_batches",
+                 "log_every_n_steps")
+
+
+def _check_numbers(cfg: Any) -> None:
+    """Counts that must be at least 1 (when set), a positive clip norm, and validation with data to
+    validate on: one line naming the key, before anything is built."""
+    for key in _AT_LEAST_ONE:
+        value = cfg.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise QattuneError(f"{key}={value}: must be a whole number of at least 1 (or null where it may be unset)")
+    clip = cfg.get("clip_grad_norm")
+    if clip is not None and not clip > 0:
+        raise QattuneError(f"clip_grad_norm={clip}: must be positive (a negative norm would flip the gradients); "
+                           "null turns clipping off")
+    if cfg.get("run_val_every_n_steps") and cfg.get("dataset_val") is None:
+        raise QattuneError("run_val_every_n_steps is set but there is no dataset_val to validate on; set dataset_val "
+                           "or run_val_every_n_steps=null")
+
+
 def _refuse_quantized(checkpointer: Any) -> None:
     from qattune.checkpoint import is_quantized_checkpoint
 
@@ -127,6 +148,15 @@ def _check_fits_model(dataset: Any, model: nn.Module, key: str) -> None:
         )
 
 
+def _warn_fake_quant_never_on(step_hooks: Sequence[Any], total_steps: int) -> None:
+    """`fake_quant_after_n_steps` at or past the run's end trains in float throughout: say so."""
+    for hook in step_hooks:
+        after = getattr(hook, "after_n_steps", None)
+        if after is not None and after >= total_steps:
+            log.warning("fake_quant_after_n_steps=%d but the run has %d steps: fake quantization never turns on, "
+                        "so this is float training; lower fake_quant_after_n_steps", after, total_steps)
+
+
 def _accepts(fn: Callable, name: str) -> bool:
     try:
         params = inspect.signature(fn).parameters
@@ -153,6 +183,7 @@ class TrainingSession:
         from qattune.checkpoint import writable_directory
 
         self.cfg = cfg
+        _check_numbers(cfg)
         self.output_dir = str(writable_directory(cfg.output_dir))
         if cfg.get("log_level"):
             logging.basicConfig(level=str(cfg.log_level).upper())
@@ -177,6 +208,8 @@ class TrainingSession:
         self.rank0_loads = self.dist.is_distributed and load_on_rank0_only
         self.load_device = self._load_device()
         self.model_builder = model_builder or (lambda: instantiate(cfg.model))
+        # error messages name the config's model, not this lambda
+        self.model_builder.__module__, self.model_builder.__qualname__ = "", f"{cfg.model.get('_component_')} (model)"
         self.model = self._build_model(self.model_builder, weights_from_resume)
         for key, dataset in (("dataset", self.train_dataset), ("dataset_val", self.val_dataset)):
             _check_fits_model(dataset, self.model, key)
@@ -198,6 +231,11 @@ class TrainingSession:
 
         resume = self.cfg.get("resume_from_checkpoint", False)
         if not resume:
+            earlier = list_step_dirs(self.output_dir)
+            if earlier and self.dist.is_main:
+                log.warning("output_dir %s already holds checkpoints up to step_%d from an earlier run: this run "
+                            "writes beside them (keep_last_n_checkpoints prunes only its own); set "
+                            "resume_from_checkpoint=true to continue that run instead", self.output_dir, earlier[-1][0])
             return None
         if isinstance(resume, str):
             if not Path(resume, "recipe_state.pt").is_file():
@@ -379,15 +417,7 @@ class TrainingSession:
         accumulation = cfg.get("gradient_accumulation_steps", 1)
         total_steps = num_training_steps(len(train_loader), accumulation, cfg.get("epochs", 1),
                                          cfg.get("max_steps_per_epoch"))
-        lr_scheduler = None
-        if cfg.get("lr_scheduler") is not None:
-            extra = {}
-            from qattune.config.instantiate import partial
-
-            factory = partial(cfg.lr_scheduler)
-            if _accepts(factory.func, "num_training_steps") and "num_training_steps" not in cfg.lr_scheduler:
-                extra["num_training_steps"] = total_steps
-            lr_scheduler = factory(optimizer, **extra)
+        lr_scheduler = self._lr_scheduler(optimizer, total_steps)
         loss_fn = loss_fn if loss_fn is not None else (instantiate(cfg.loss) if cfg.get("loss") else CrossEntropyLoss())
         self.trainer = Trainer(
             self.model, optimizer, loss_fn, train_loader,
@@ -413,9 +443,41 @@ class TrainingSession:
             profiler=instantiate(cfg.profiler) if cfg.get("profiler") is not None else None,
             log_peak_memory_stats=cfg.get("log_peak_memory_stats", True),
         )
+        _warn_fake_quant_never_on(step_hooks, self.trainer.total_steps)
         if self.resume_dir is not None:
             self.trainer.load_checkpoint(self.resume_dir)
+            self._warn_optimizer_settings_restored(optimizer)
         return self.trainer
+
+    def _lr_scheduler(self, optimizer: torch.optim.Optimizer, total_steps: int) -> Optional[Any]:
+        """The config's schedule over `optimizer`, told the run's length (`num_training_steps`, or torch's
+        `total_steps`) unless the config sets it; a schedule stepped on a validation metric is refused."""
+        from qattune.config.instantiate import partial
+
+        spec = self.cfg.get("lr_scheduler")
+        if spec is None:
+            return None
+        factory = partial(spec)
+        if isinstance(factory.func, type) and issubclass(factory.func, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            raise QattuneError(f"lr_scheduler {spec['_component_']} steps on a validation metric; qattune steps the "
+                               "schedule once per optimizer step: use a step schedule, e.g. "
+                               "qattune.training.get_cosine_schedule_with_warmup")
+        extra = {}
+        for length in ("num_training_steps", "total_steps"):
+            if _accepts(factory.func, length) and length not in spec and "epochs" not in spec:
+                extra[length] = total_steps
+        return factory(optimizer, **extra)
+
+    def _warn_optimizer_settings_restored(self, optimizer: torch.optim.Optimizer) -> None:
+        """A resumed optimizer keeps the checkpoint's hyperparameters; say so when the config asks for another
+        learning rate (torchtune behaves the same, silently)."""
+        wanted = (self.cfg.get("optimizer") or {}).get("lr")
+        group = optimizer.param_groups[0]
+        restored = group.get("initial_lr", group.get("lr"))
+        if wanted is not None and restored is not None and float(wanted) != float(restored) and self.dist.is_main:
+            log.warning("optimizer.lr=%s differs from the resumed checkpoint's %s: a resumed run keeps the "
+                        "checkpoint's optimizer and schedule state; to change them, start a new run from the "
+                        "checkpoint's weights (checkpointer.checkpoint_dir=%s)", wanted, restored, self.resume_dir)
 
     # ----- saving -------------------------------------------------------------------------------
     def float_state_dict(self) -> dict[str, torch.Tensor]:
@@ -447,7 +509,9 @@ class TrainingSession:
             write(out)
 
     def _write_model_files(self, state_dict: dict[str, torch.Tensor], out: Path) -> None:
-        """The plain model through the checkpointer (or as a fresh HF folder), and the state beyond it."""
+        """The plain model in the Hugging Face layout, whatever layout it was read from (through the
+        checkpointer when it writes that layout, keeping the source's config fields and tokenizer files),
+        and the state beyond it."""
         from safetensors.torch import save_file
 
         from qattune.checkpoint.hf import write_hf_checkpoint
@@ -455,11 +519,12 @@ class TrainingSession:
 
         base = {k: v for k, v in state_dict.items() if k in self.base_keys}
         extra = {k: v.contiguous().cpu() for k, v in state_dict.items() if k not in self.base_keys}
-        if self.checkpointer is not None:
+        if self.checkpointer is not None and self.checkpointer.format in ("hf", "gguf"):
             self.checkpointer.save(base, out)
-        else:
+        else:  # a fresh model, or a Meta checkpoint (resume and quantize read the HF layout)
             out.mkdir(parents=True, exist_ok=True)
-            write_hf_checkpoint(base, self.model_config(), get_adapter("llama"), out, max_shard_bytes=5 << 30)
+            adapter = self.checkpointer.adapter if self.checkpointer is not None else get_adapter("llama")
+            write_hf_checkpoint(base, self.model_config(), adapter, out, max_shard_bytes=5 << 30)
         if extra:
             save_file(extra, str(out / EXTRA_STATE_FILE))
 

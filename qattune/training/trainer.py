@@ -134,6 +134,8 @@ class Trainer:
         self.global_step = 0
         self.epoch = 0
         self.last_saved_step: Optional[int] = None
+        self.saved_steps: set[int] = set()
+        self.resumed_from_step: Optional[int] = None
 
     # ----- schedule -----------------------------------------------------------------------------
     @property
@@ -238,6 +240,8 @@ class Trainer:
             "data": self.train_loader.state_dict(),
             "rng": all_gather_object(rng_state()),
             "world_size": world_size(),
+            "gradient_accumulation_steps": self.grad_accum,
+            "optimizer_class": type(self.optimizer).__name__,
         }
 
     def save_checkpoint(self) -> Optional[str]:
@@ -252,25 +256,36 @@ class Trainer:
         if self.save_model is not None:
             self.save_model(tmp_dir, self.global_step)
         state = self.recipe_state()
+        self.saved_steps.add(self.global_step)
         if self.is_main:
             ckpt.save_recipe_state(tmp_dir, state)
             ckpt.commit_checkpoint(tmp_dir, final_dir)
             if self.keep_last_n_checkpoints is not None:
-                ckpt.prune_step_dirs(self.output_dir, self.keep_last_n_checkpoints)
+                ckpt.prune_step_dirs(self.output_dir, self.keep_last_n_checkpoints, self._own_checkpoint)
         barrier()
         self.last_saved_step = self.global_step
         return final_dir
+
+    def _own_checkpoint(self, step: int) -> bool:
+        """Whether `step_{step}` belongs to this run's line: saved by it, or at or before the step it
+        resumed from (a longer earlier run's later checkpoints in the same folder are not its own)."""
+        resumed = self.resumed_from_step
+        return step in self.saved_steps or (resumed is not None and step <= resumed)
 
     def load_checkpoint(self, checkpoint_dir: str) -> None:
         """Restore optimizer, LR schedule, step, epoch, data position and RNG from `checkpoint_dir`
         (the recipe loads the model weights first). Call after everything else is built."""
         state = ckpt.load_recipe_state(checkpoint_dir)
-        if state["world_size"] != world_size():
+        self._check_resumable(checkpoint_dir, state)
+        try:
+            load_full_optimizer_state_dict(self.model, self.optimizer, state["optimizer"])
+        except (KeyError, ValueError, RuntimeError) as err:
+            reason = f"{type(err).__name__}: {str(err).splitlines()[0]}" if str(err) else type(err).__name__
             raise QattuneError(
-                f"checkpoint '{checkpoint_dir}' was written by {state['world_size']} process(es), this run has "
-                f"{world_size()}; resume with the same --nproc_per_node"
-            )
-        load_full_optimizer_state_dict(self.model, self.optimizer, state["optimizer"])
+                f"checkpoint '{checkpoint_dir}': its optimizer state does not fit this run's "
+                f"{type(self.optimizer).__name__} ({reason}); resume with the optimizer (and parameter groups) "
+                "the run was started with"
+            ) from None
         if self.lr_scheduler is not None and state["lr_scheduler"] is not None:
             self.lr_scheduler.load_state_dict(state["lr_scheduler"])
         self.train_loader.load_state_dict(state["data"])
@@ -278,7 +293,19 @@ class Trainer:
         self.epoch = int(state["epoch"])
         rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
         set_rng_state(state["rng"][rank])
-        self.last_saved_step = self.global_step
+        self.last_saved_step = self.resumed_from_step = self.global_step
+
+    def _check_resumable(self, checkpoint_dir: str, state: dict[str, Any]) -> None:
+        """Refuse a checkpoint written with another process count, accumulation or optimizer class."""
+        for key, ours, advice in (
+            ("world_size", world_size(), "the same --nproc_per_node"),
+            ("gradient_accumulation_steps", self.grad_accum, "the same gradient_accumulation_steps"),
+            ("optimizer_class", type(self.optimizer).__name__, "the same optimizer"),
+        ):
+            theirs = state.get(key, ours)  # older checkpoints did not record every key
+            if theirs != ours:
+                raise QattuneError(f"checkpoint '{checkpoint_dir}' was written with {key}={theirs}, this run has "
+                                   f"{key}={ours}; resume with {advice}")
 
     # ----- the loop -----------------------------------------------------------------------------
     def _log(self, metrics: Mapping[str, float]) -> None:

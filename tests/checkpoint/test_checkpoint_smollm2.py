@@ -99,3 +99,15 @@ def test_kv_cache_matches_full_forward_on_the_real_model(smollm2):
         finally:
             model.remove_caches()
     assert torch.allclose(torch.cat(steps, dim=1), full, atol=1e-4)
+
+
+def test_saved_as_hf_with_the_gguf_tokenizer_beside_the_weights(smollm2, tmp_path):
+    """A fine-tune of a GGUF model is written in the HF layout with tokenizer.json, so other tools load it."""
+    import json
+
+    model, tokenizer, checkpointer = smollm2
+    out = checkpointer.save(model.state_dict(), tmp_path / "step_1")
+    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= {p.name for p in out.iterdir()}
+    vocab = json.loads((out / "tokenizer.json").read_text())["model"]["vocab"]
+    (hello,) = tokenizer.encode("Hello", add_bos=False, add_eos=False)
+    assert len(vocab) == 49152 and vocab["Hello"] == hello

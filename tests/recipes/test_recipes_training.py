@@ -143,11 +143,48 @@ def test_relative_output_dir_keeps_each_checkpoint_whole(qat_run, tmp_path):
 
 def test_data_longer_than_the_model_is_refused_before_training(tmp_path):
     proc = run_cli("full_finetune", "--config", "tiny/full", f"output_dir={tmp_path}", "dataset.max_seq_len=512",
-                   "~dataset_val", returncode=2)
+                   "~dataset_val", "run_val_every_n_steps=null", returncode=2)
     assert proc.stderr.strip().splitlines()[-1] == (
         "error: dataset has sequences of up to 512 tokens, longer than the model's max_seq_len=256: set "
         "dataset.max_seq_len to at most 256, or raise the model's if it handles longer inputs")
     assert not (tmp_path / "logs").exists()
+
+
+def test_a_meta_checkpoint_trains_into_hf_layout_that_resumes(qat_run, tmp_path):
+    from qattune.checkpoint import HFCheckpointer
+    from qattune.models import get_adapter
+
+    source = HFCheckpointer(str(qat_run / "step_8"))
+    state_dict, _ = source.load()
+    adapter = get_adapter("llama")
+    meta = tmp_path / "meta"
+    meta.mkdir()
+    torch.save(adapter.to_meta(state_dict, source.config), meta / "consolidated.00.pth")
+    (meta / "params.json").write_text(json.dumps(adapter.config_to_meta(source.config)))
+    start = [f"checkpointer={{_component_: qattune.checkpoint.MetaCheckpointer, checkpoint_dir: {meta}, "
+             "model_type: llama}"]
+    small = [o for o in SMALL if not o.startswith(("max_steps", "save_every"))] + ["save_every_n_steps=1"]
+    run_cli("full_finetune", "--config", "tiny/full", f"output_dir={tmp_path / 'out'}", "max_steps_per_epoch=2",
+            *start, *small)
+    assert {"config.json", "model.safetensors", "recipe_state.pt"} <= {p.name for p in (tmp_path / "out" / "step_1").iterdir()}
+    shutil.rmtree(tmp_path / "out" / "step_2")
+    run_cli("full_finetune", "--config", "tiny/full", f"output_dir={tmp_path / 'out'}", "max_steps_per_epoch=2",
+            "resume_from_checkpoint=true", *start, *small)
+    assert (tmp_path / "out" / "step_2" / "model.safetensors").is_file()
+
+
+def test_torch_schedules_are_told_the_run_length_and_metric_schedules_refused(tmp_path):
+    small = [o for o in SMALL if not o.startswith(("max_steps", "save_every"))]
+    one_cycle = ["lr_scheduler={_component_: torch.optim.lr_scheduler.OneCycleLR, max_lr: 0.01}", "max_steps_per_epoch=3"]
+    run_cli("full_finetune", "--config", "tiny/full", f"output_dir={tmp_path / 'one'}", *one_cycle, *small)
+    lrs = [r["lr"] for r in metrics(tmp_path / "one")]
+    # told total_steps=3, the cycle ends at its floor, max_lr / 25 / 1e4, on the run's last step
+    assert len(lrs) == 3 and lrs[-1] == pytest.approx(0.01 / 25 / 1e4) and max(lrs) <= 0.01
+    proc = run_cli("full_finetune", "--config", "tiny/full", f"output_dir={tmp_path / 'plateau'}",
+                   "lr_scheduler={_component_: torch.optim.lr_scheduler.ReduceLROnPlateau}", *small, returncode=2)
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "error: lr_scheduler torch.optim.lr_scheduler.ReduceLROnPlateau steps on a validation metric; qattune steps "
+        "the schedule once per optimizer step: use a step schedule, e.g. qattune.training.get_cosine_schedule_with_warmup")
 
 
 GPTQ_START = ["+quantizer.range_learning=true", "+quantizer.rounding_init=gptq", "+quantizer.gptq_batches=2",

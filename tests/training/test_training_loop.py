@@ -151,3 +151,47 @@ def test_log_peak_memory_stats_false_leaves_memory_out_of_the_metrics(tmp_path):
     records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     assert [r["step"] for r in records] == [1, 2]
     assert not any(key.startswith(("peak_", "memory_")) for record in records for key in record)
+
+
+def test_pruning_keeps_another_runs_checkpoints(tmp_path):
+    """keep_last_n_checkpoints prunes this run's line only: a longer earlier run's step_12 in the same
+    folder survives, and a run resumed from step_4 prunes step_2 and step_4 but not step_12."""
+    (tmp_path / "step_12").mkdir()  # an earlier, longer run's checkpoint
+    trainer = build_trainer(learnable_dataset(16), batch_size=2, output_dir=str(tmp_path), save_every_n_steps=2,
+                            keep_last_n_checkpoints=1, max_steps_per_epoch=4)
+    trainer.fit()
+    assert sorted(os.listdir(tmp_path)) == ["step_12", "step_4"]
+    (tmp_path / "step_2").mkdir()
+    resumed = build_trainer(learnable_dataset(16), batch_size=2, output_dir=str(tmp_path), save_every_n_steps=2,
+                            keep_last_n_checkpoints=1, max_steps_per_epoch=8)
+    resumed.load_checkpoint(str(tmp_path / "step_4"))
+    resumed.fit()
+    assert sorted(os.listdir(tmp_path)) == ["step_12", "step_8"]
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"accum": 2}, "was written with gradient_accumulation_steps=1, this run has gradient_accumulation_steps=2; "
+                   "resume with the same gradient_accumulation_steps"),
+    ({"optimizer": "SGD"}, "was written with optimizer_class=AdamW, this run has optimizer_class=SGD; resume with the "
+                           "same optimizer"),
+])
+def test_resume_with_other_accumulation_or_optimizer_is_one_clear_line(tmp_path, change, message):
+    build_trainer(learnable_dataset(16), batch_size=2, output_dir=str(tmp_path), save_every_n_steps=2,
+                  max_steps_per_epoch=2).fit()
+    trainer = build_trainer(learnable_dataset(16), batch_size=2, accum=change.get("accum", 1))
+    if "optimizer" in change:
+        trainer.optimizer = torch.optim.SGD(trainer.model.parameters(), lr=0.1)
+    with pytest.raises(QattuneError) as err:
+        trainer.load_checkpoint(str(tmp_path / "step_2"))
+    assert str(err.value) == f"checkpoint '{tmp_path / 'step_2'}' {message}"
+
+
+def test_optimizer_state_that_does_not_fit_is_one_clear_line(tmp_path):
+    build_trainer(learnable_dataset(16), batch_size=2, output_dir=str(tmp_path), max_steps_per_epoch=2).fit()
+    trainer = build_trainer(learnable_dataset(16), batch_size=2)
+    trainer.optimizer.add_param_group({"params": [torch.nn.Parameter(torch.zeros(3))]})
+    with pytest.raises(QattuneError) as err:
+        trainer.load_checkpoint(str(tmp_path / "step_2"))
+    assert str(err.value).startswith(f"checkpoint '{tmp_path / 'step_2'}': its optimizer state does not fit this "
+                                     "run's AdamW (ValueError: ")
+    assert str(err.value).endswith("resume with the optimizer (and parameter groups) the run was started with")

@@ -319,3 +319,54 @@ def test_torchtune_options_qattune_cannot_honour_are_each_one_line():
         "collate_fn=my.collate is not supported: batches go through qattune.data.padded_collate (padded and packed "
         "data alike); remove the key",
     ]
+
+
+def test_checkpoint_commit_replaces_a_step_whole_and_publishes_readable_files(tmp_path, monkeypatch):
+    from qattune.training import checkpoint_dirs as ckpt
+
+    final = str(tmp_path / "step_4")
+    os.makedirs(final)
+    (tmp_path / "step_4" / "old.txt").write_text("old")
+    (tmp_path / ".step_4.tmp.tmp-1-dead").mkdir()  # what a save killed mid-write leaves behind
+    tmp = ckpt.begin_checkpoint(final)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_4", "step_4.tmp"]
+    weights = tmp_path / "step_4.tmp" / "model.safetensors"
+    weights.write_text("new")
+    os.chmod(weights, 0o600)  # as safetensors writes its files
+    old_umask = os.umask(0o022)
+    renames = []
+    real_replace = os.replace
+
+    def recording_replace(source, target):
+        renames.append((os.path.basename(source), os.path.basename(target)))
+        real_replace(source, target)
+
+    monkeypatch.setattr(ckpt.os, "replace", recording_replace)
+    try:
+        ckpt.commit_checkpoint(tmp, final)
+    finally:
+        os.umask(old_umask)
+    # the old step is moved aside before the new one takes its name: no moment without a complete step_4
+    assert renames[0][0] == "step_4" and renames[0][1].startswith(".step_4.old-") and renames[1] == ("step_4.tmp", "step_4")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_4"]
+    assert [p.name for p in (tmp_path / "step_4").iterdir()] == ["model.safetensors"]
+    assert oct((tmp_path / "step_4" / "model.safetensors").stat().st_mode & 0o777) == "0o644"
+
+
+def test_config_numbers_are_checked_before_anything_is_built():
+    from qattune.training.session import _check_numbers
+
+    def refusal(**cfg):
+        with pytest.raises(QattuneError) as err:
+            _check_numbers(cfg)
+        return str(err.value)
+
+    assert refusal(clip_grad_norm=-1.0) == ("clip_grad_norm=-1.0: must be positive (a negative norm would flip the "
+                                            "gradients); null turns clipping off")
+    for key in ("log_every_n_steps", "gradient_accumulation_steps", "max_steps_per_epoch", "max_val_batches"):
+        assert refusal(**{key: 0}) == f"{key}=0: must be a whole number of at least 1 (or null where it may be unset)"
+    assert refusal(run_val_every_n_steps=2, dataset_val=None) == (
+        "run_val_every_n_steps is set but there is no dataset_val to validate on; set dataset_val or "
+        "run_val_every_n_steps=null")
+    _check_numbers({"clip_grad_norm": 1.0, "max_steps_per_epoch": None, "run_val_every_n_steps": 2,
+                    "dataset_val": {"_component_": "x"}})
