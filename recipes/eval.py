@@ -23,8 +23,7 @@ evaluation that fails part-way keeps the results of the checkpoints before it (t
 
 from typing import Literal, Optional
 
-from qattune.config import Component, RecipeConfig, recipe_main
-from qattune.config.schema import Unsupported
+from qattune.config import Component, RecipeConfig, Unsupported, recipe_main
 
 KV_CACHE = "lm-eval's generation tasks always decode with a KV cache here (the same tokens, faster); remove enable_kv_cache"
 QUANTIZER = ("eval loads real quantized models: convert the checkpoint with `qattune run quantize`, then set "
@@ -62,7 +61,7 @@ RESULTS_FILE = "eval_results.json"
 def _checkpoints(cfg) -> dict:
     """`{name: source}`: `checkpoints` when set (it replaces `checkpoint_dir`), else `{"model": checkpoint_dir}`
     or `{"model": what checkpointer (+ model) reads}`."""
-    from qattune.checkpoint.auto import checkpoint_source
+    from qattune.checkpoint import checkpoint_source
     from qattune.errors import QattuneError
 
     if cfg.checkpoints:
@@ -80,7 +79,7 @@ def _checkpoints(cfg) -> dict:
 def _model_configs(cfg, checkpoints: dict, tokenizer) -> dict:
     """Each checkpoint's model config, after checking it looks loadable, fits the tokenizer and takes
     inputs of `max_seq_length` tokens."""
-    from qattune.checkpoint.auto import checkpoint_config
+    from qattune.checkpoint import checkpoint_config
     from qattune.errors import QattuneError
     from qattune.generation import check_tokenizer_fits
 
@@ -162,7 +161,7 @@ def _warn_unused_max_seq_length(cfg) -> None:
 
 def recipe(cfg) -> None:
     from qattune.checkpoint import writable_directory
-    from qattune.checkpoint.auto import load_model
+    from qattune.checkpoint import load_model
     from qattune.config import instantiate
     from qattune.errors import QattuneError
     from qattune.eval import check_tasks, compare_checkpoints, plot_comparison

@@ -17,8 +17,7 @@ the model loads.
 
 from typing import Literal, Optional, Union
 
-from qattune.config import Component, RecipeConfig, recipe_main
-from qattune.config.schema import Unsupported
+from qattune.config import Component, RecipeConfig, Unsupported, recipe_main
 
 KV_CACHE = "qattune always decodes with a KV cache (the same tokens, faster); remove enable_kv_cache"
 QUANTIZER = ("generate loads real quantized models: convert the checkpoint with `qattune run quantize`, then set "
@@ -106,7 +105,7 @@ def _check_sampling(cfg) -> None:
 
 
 def recipe(cfg) -> None:
-    from qattune.checkpoint.auto import checkpoint_config, checkpoint_source, load_model
+    from qattune.checkpoint import checkpoint_config, checkpoint_source, load_model
     from qattune.config import instantiate
     from qattune.errors import QattuneError
     from qattune.generation import check_tokenizer_fits, generate_text

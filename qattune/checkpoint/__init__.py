@@ -1,7 +1,8 @@
 """qattune.checkpoint: read and write Hugging Face, Meta and GGUF checkpoints; build models from them."""
 
 from qattune.checkpoint.atomic import atomic_directory, writable_directory
-from qattune.checkpoint.auto import checkpoint_config, is_quantized_checkpoint, load_model
+from qattune.checkpoint.auto import (CheckpointerSource, checkpoint_config, checkpoint_source, is_quantized_checkpoint,
+                                     load_model)
 from qattune.checkpoint.base import Checkpointer, expected_shapes
 from qattune.checkpoint.gguf import GGUFCheckpointer, smollm2_135m_gguf_path
 from qattune.checkpoint.gguf_export import check_gguf_scheme, export_gguf, gguf_tensor_sources, gguf_tokenizer_metadata
@@ -19,7 +20,9 @@ __all__ = [
     "HFCheckpointer",
     "MetaCheckpointer",
     "atomic_directory",
+    "CheckpointerSource",
     "checkpoint_config",
+    "checkpoint_source",
     "writable_directory",
     "build_model_from_checkpoint",
     "check_model_matches",

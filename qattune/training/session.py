@@ -19,8 +19,7 @@ from typing import Any, Callable, Literal, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from qattune.config import Component, RecipeConfig, instantiate
-from qattune.config.schema import Unsupported
+from qattune.config import Component, RecipeConfig, Unsupported, instantiate
 from qattune.errors import QattuneError
 from qattune.training.hooks import RoundingAtStep
 
