@@ -175,11 +175,10 @@ class TrainingSession:
         weights (on CPU) and the others hold the model on the meta device until it is sharded (see
         `_prepare_for_training`); `load_on_rank0_only=False` loads them on every rank, for a recipe
         that needs real weights everywhere before sharding (quantizing the base for real, as QLoRA does)."""
+        from qattune.checkpoint import writable_directory
         from qattune.training.distributed import init_distributed
         from qattune.training.host_allocator import keep_freed_host_memory
         from qattune.training.precision import resolve_dtype
-
-        from qattune.checkpoint import writable_directory
 
         self.cfg = cfg
         _check_numbers(cfg)
