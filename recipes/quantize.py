@@ -167,8 +167,9 @@ def _write_tokenizer_files(cfg, checkpointer, out) -> None:
                 shutil.copy2(source / name, out / name)
     gguf_file = _tokenizer_gguf_file(cfg, checkpointer)
     path = (cfg.tokenizer or {}).get("path")
-    if gguf_file is not None and not (out / "tokenizer.json").is_file():
-        write_hf_tokenizer_files(str(gguf_file), str(out))
+    if gguf_file is not None:  # written as tokenizer.json, never copied whole (it holds the weights too)
+        if not (out / "tokenizer.json").is_file():
+            write_hf_tokenizer_files(str(gguf_file), str(out))
     elif path is not None and Path(path).is_file() and not (out / Path(path).name).exists():
         shutil.copy2(path, out / Path(path).name)
 

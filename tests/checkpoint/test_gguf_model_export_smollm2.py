@@ -2,11 +2,14 @@
 export of the full model; the GGUF file, imported again, computes the saved quantized model's logits."""
 
 import importlib.util
+from pathlib import Path
+from types import SimpleNamespace
 
 import gguf
 import pytest
 import torch
 
+import qattune
 from qattune.checkpoint import GGUFCheckpointer, HFCheckpointer, build_model_from_checkpoint, smollm2_135m_gguf_path
 from qattune.checkpoint.gguf_export import bpe_tokenizer_metadata, gguf_file_tokenizer_metadata
 from qattune.checkpoint.auto import load_model
@@ -19,17 +22,32 @@ pytestmark = [
 ]
 
 
-def run_recipe(overrides: list[str]) -> None:
-    from pathlib import Path
+RECIPE_FILE = Path(qattune.__file__).parent.parent / "recipes" / "quantize.py"
 
-    import qattune
-    from qattune.config.recipe_main import load_and_validate
 
-    recipe_file = Path(qattune.__file__).parent.parent / "recipes" / "quantize.py"
-    spec = importlib.util.spec_from_file_location("quantize_recipe", recipe_file)
+def quantize_recipe():
+    spec = importlib.util.spec_from_file_location("quantize_recipe", RECIPE_FILE)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    module.recipe(load_and_validate("quantization", overrides, recipe_file))
+    return module
+
+
+def run_recipe(overrides: list[str]) -> None:
+    from qattune.config.recipe_main import load_and_validate
+
+    quantize_recipe().recipe(load_and_validate("quantization", overrides, RECIPE_FILE))
+
+
+def test_a_gguf_tokenizer_is_written_as_tokenizer_json_never_copied_whole(tmp_path):
+    """A source folder that has tokenizer.json already (a fine-tune of the GGUF model) gets it copied; the
+    tokenizer's GGUF, which holds the weights too, is not copied beside it."""
+    source, out = tmp_path / "step_24", tmp_path / "quantized"
+    source.mkdir()
+    out.mkdir()
+    (source / "tokenizer.json").write_text("{}")
+    cfg = SimpleNamespace(tokenizer={"path": smollm2_135m_gguf_path()})
+    quantize_recipe()._write_tokenizer_files(cfg, SimpleNamespace(checkpoint_dir=source, format="hf"), out)
+    assert [p.name for p in out.iterdir()] == ["tokenizer.json"]
 
 
 def test_smollm2_ptq_q4_0_gguf_reimports_to_the_same_logits(tmp_path, capsys):
