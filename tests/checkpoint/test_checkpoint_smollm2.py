@@ -102,7 +102,8 @@ def test_kv_cache_matches_full_forward_on_the_real_model(smollm2):
 
 
 def test_saved_as_hf_with_the_gguf_tokenizer_beside_the_weights(smollm2, tmp_path):
-    """A fine-tune of a GGUF model is written in the HF layout with tokenizer.json, so other tools load it."""
+    """A fine-tune of a GGUF model is written in the HF layout with tokenizer.json and the GGUF's token ids,
+    so other tools load it."""
     import json
 
     model, tokenizer, checkpointer = smollm2
@@ -111,3 +112,7 @@ def test_saved_as_hf_with_the_gguf_tokenizer_beside_the_weights(smollm2, tmp_pat
     vocab = json.loads((out / "tokenizer.json").read_text())["model"]["vocab"]
     (hello,) = tokenizer.encode("Hello", add_bos=False, add_eos=False)
     assert len(vocab) == 49152 and vocab["Hello"] == hello
+    config = json.loads((out / "config.json").read_text())
+    # the GGUF's own ids; the pad id in particular, which LlamaConfig's defaults lack
+    assert [config[f"{name}_token_id"] for name in ("bos", "eos", "pad")] == [1, 2, 2]
+    assert config["eos_token_id"] == tokenizer.eos_id
