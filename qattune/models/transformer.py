@@ -207,6 +207,10 @@ class TransformerBlock(nn.Module):
         return h + self.mlp(self.mlp_norm(h))
 
 
+INIT_STD = 0.02
+"""Standard deviation of fresh weights (`init_weights`, and a tied embedding), as Hugging Face's initializer_range."""
+
+
 class Transformer(nn.Module):
     """Token embedding, `num_layers` blocks, final RMSNorm, output head."""
 
@@ -218,6 +222,9 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(config.embed_dim, config.norm_eps)
         self.output = nn.Linear(config.embed_dim, config.vocab_size, bias=False)
         if config.tie_embeddings:
+            # nn.Embedding's N(0, 1) would make the head's first logits about sqrt(embed_dim) times too large
+            # (a from-scratch loss of 58 instead of ln(vocab)); a checkpoint's weights replace it anyway
+            nn.init.normal_(self.tok_embeddings.weight, mean=0.0, std=INIT_STD)
             self.tie_weights()
 
     # --- tied embeddings -------------------------------------------------------------------------------
@@ -249,7 +256,7 @@ class Transformer(nn.Module):
 
     # --- initialisation --------------------------------------------------------------------------------
     @torch.no_grad()
-    def init_weights(self, std: float = 0.02) -> None:
+    def init_weights(self, std: float = INIT_STD) -> None:
         """Fresh weights (training from scratch, or after `to_empty` without a checkpoint)."""
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):

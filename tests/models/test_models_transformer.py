@@ -98,6 +98,18 @@ def test_tied_head_is_one_parameter_and_survives_to_empty_and_assign_loading():
         assert torch.equal(fresh.eval()(tokens), model(tokens))
 
 
+def test_a_fresh_tied_model_starts_near_a_uniform_guess():
+    """A tied head starts from the same small weights as init_weights (N(0, 0.02)), not nn.Embedding's
+    N(0, 1): a from-scratch cross entropy near ln(vocab), not about ten times it."""
+    torch.manual_seed(0)
+    model = llama(260, 2, 4, 2, 64, 192, 256, tie_embeddings=True)
+    assert model.tok_embeddings.weight.std().item() == pytest.approx(0.02, rel=0.05)
+    tokens = torch.randint(0, 260, (4, 32))
+    with torch.no_grad():
+        loss = torch.nn.functional.cross_entropy(model(tokens)[:, :-1].flatten(0, 1), tokens[:, 1:].flatten())
+    assert abs(loss.item() - math.log(260)) < 0.1
+
+
 def test_meta_built_model_can_be_initialised_from_scratch():
     with torch.device("meta"):
         model = llama(96, 2, 4, 2, 64, 96, 64, tie_embeddings=True, qkv_bias=True)
