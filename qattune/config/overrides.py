@@ -101,11 +101,20 @@ def _delete(cfg: DictConfig, key: str) -> None:
     del parent[int(leaf) if isinstance(parent, ListConfig) else leaf]
 
 
+def _is_component_argument(cfg: DictConfig, key: str) -> bool:
+    """Whether `key` names an argument of a `_component_` node (as `optimizer.betas`): setting one the config
+    leaves out needs no `+`, as in torchtune; validation checks it against the component's signature."""
+    parent, _, name = key.rpartition(".")
+    node = _select(cfg, parent) if parent else _MISSING
+    return isinstance(node, DictConfig) and COMPONENT_KEY in node and name not in (COMPONENT_KEY, "_partial_")
+
+
 def apply_override(cfg: DictConfig, text: str, known_keys: Collection[str] | None = None) -> None:
     """Apply one override string to `cfg` in place.
 
     `known_keys` are keys the recipe reads (None: no recipe is known): `key=value` may set one even when
-    the config leaves it out (the recipe's default applies otherwise), without the `+` that adding needs.
+    the config leaves it out (the recipe's default applies otherwise), without the `+` that adding needs;
+    so may an argument of a `_component_` node (validation checks it against the component's signature).
     """
     override = _parse(text)
     key = override.key_or_group
@@ -120,7 +129,8 @@ def apply_override(cfg: DictConfig, text: str, known_keys: Collection[str] | Non
         raise QattuneError(
             f"cannot add '{key}' ({text}): the key already exists; write {key}=... to change it or ++{text[1:]} to force"
         )
-    if not override.is_add() and not override.is_force_add() and existing is _MISSING and key not in (known_keys or ()):
+    adding = existing is _MISSING and key not in (known_keys or ()) and not _is_component_argument(cfg, key)
+    if not override.is_add() and not override.is_force_add() and adding:
         raise _no_such_key(cfg, key, text, known_keys)
     if isinstance(existing, DictConfig) and COMPONENT_KEY in existing and isinstance(value, str):
         key, value = f"{key}.{COMPONENT_KEY}", value

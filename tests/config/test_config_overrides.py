@@ -34,6 +34,7 @@ def _cfg():
         ("++brand_new=x", "brand_new", "x"),
         ("model=qattune.models.smollm2_135m", "model._component_", "qattune.models.smollm2_135m"),
         ("required=5", "required", 5),
+        ("optimizer.betas=[0.8,0.9]", "optimizer.betas", [0.8, 0.9]),  # a component's argument: no + needed
     ],
 )
 def test_override_forms(override, key, expected):
