@@ -62,7 +62,22 @@ class MetaCheckpointer(Checkpointer):
         self._tensors: Optional[dict[str, torch.Tensor]] = None
 
     def _detect_model_type(self) -> str:
-        return "llama"  # params.json does not say; Meta's format is the Llama family's
+        """params.json does not name the family: Llama 3.2 1B/3B are the tied Llama 3 checkpoints.
+
+        Their params.json says `use_scaled_rope` and means factor 32, where Llama 3.1 means 8.
+        """
+        params = read_json(self.checkpoint_dir / "params.json", "a Meta checkpoint")
+        if params.get("use_scaled_rope") and "rope_scaling_factor" not in params and self._tied_embeddings():
+            return "llama3_2"
+        return "llama"
+
+    def _tied_embeddings(self) -> bool:
+        tensors = self._read_tensors()  # memory-mapped: only the embedding and head are touched here
+        embedding = tensors.get("tok_embeddings.weight")
+        if embedding is None:
+            raise QattuneError(f"{self.describe()}: tensor 'tok_embeddings.weight' is missing")
+        head = tensors.get("output.weight")
+        return head is None or (head.shape == embedding.shape and torch.equal(head, embedding))
 
     def weight_files(self) -> list[Path]:
         names = self.checkpoint_files or sorted(p.name for p in self.checkpoint_dir.glob("consolidated.*.pth"))
@@ -88,13 +103,9 @@ class MetaCheckpointer(Checkpointer):
 
     def _read_config(self) -> TransformerConfig:
         params = read_json(self.checkpoint_dir / "params.json", "a Meta checkpoint")
-        tensors = self._read_tensors()  # memory-mapped: only the embedding and head are touched here
-        embedding = tensors.get("tok_embeddings.weight")
-        if embedding is None:
-            raise QattuneError(f"{self.describe()}: tensor 'tok_embeddings.weight' is missing")
-        head = tensors.get("output.weight")
-        tied = head is None or (head.shape == embedding.shape and torch.equal(head, embedding))
-        return self.adapter.config_from_meta(params, embedding.shape[0], tied, str(self.checkpoint_dir / "params.json"))
+        tied = self._tied_embeddings()
+        vocab_size = self._read_tensors()["tok_embeddings.weight"].shape[0]
+        return self.adapter.config_from_meta(params, vocab_size, tied, str(self.checkpoint_dir / "params.json"))
 
     def load(self) -> tuple[dict[str, torch.Tensor], dict]:
         try:

@@ -339,8 +339,8 @@ class StateDictAdapter:
                 default.low_freq_factor, default.high_freq_factor, default.original_max_seq_len
             ):
                 raise QattuneError("the Meta format only holds RoPE scaling with low/high 1/4 and 8192; save as HF")
-            if config.rope_scaling_factor != self.meta_rope_scaling_factor:
-                params["rope_scaling_factor"] = config.rope_scaling_factor
+            # Explicit even when it is the family's default: params.json alone cannot tell 3.1 from 3.2.
+            params["rope_scaling_factor"] = config.rope_scaling_factor
         return params
 
     # --- GGUF metadata ---------------------------------------------------------------------------------

@@ -197,6 +197,31 @@ def test_meta_tied_model_writes_the_head_and_reads_back_tied(tmp_path):
     assert model.weights_tied() and torch.equal(model.tok_embeddings.weight, state_dict["tok_embeddings.weight"])
 
 
+@pytest.mark.parametrize("tied, factor", [(True, 32.0), (False, 8.0)])
+def test_meta_scaled_rope_factor_is_32_for_tied_llama3_2_and_8_otherwise(tmp_path, tied, factor):
+    """Meta's 3.1 and 3.2 params.json both say only use_scaled_rope; the tie tells 3.2 (factor 32) apart."""
+    state_dict, _ = HFCheckpointer(str(_tiny_hf_dir(tmp_path, tied))).load()
+    config = HFCheckpointer(str(tmp_path / "hf")).config
+    meta = get_adapter("llama").to_meta(state_dict, config)
+    (tmp_path / "meta").mkdir()
+    torch.save(meta, tmp_path / "meta" / "consolidated.00.pth")
+    params = {**get_adapter("llama").config_to_meta(config), "rope_theta": 500000.0, "use_scaled_rope": True}
+    (tmp_path / "meta" / "params.json").write_text(json.dumps(params))
+    ckpt = MetaCheckpointer(str(tmp_path / "meta"))  # no model_type: detected
+    assert ckpt.config.rope_scaling_factor == factor and ckpt.config.tie_embeddings == tied
+    assert ckpt.config.intermediate_dim == 96
+    loaded, _ = ckpt.load()
+    assert all(torch.equal(loaded[k], state_dict[k]) for k in state_dict)
+    # what qattune writes names the factor, so it reads back the same whatever the family default
+    written = ckpt.adapter.config_to_meta(ckpt.config)
+    assert written["rope_scaling_factor"] == factor and written["use_scaled_rope"] is True
+
+
+def _tiny_hf_dir(tmp_path, tied):
+    write_hf_dir(tmp_path / "hf", hf_tensors(head=not tied), config={**HF_CONFIG, "tie_word_embeddings": tied})
+    return tmp_path / "hf"
+
+
 def test_meta_model_parallel_shards_are_joined(tmp_path):
     state_dict, _ = _tiny_qattune_state_dict()
     adapter = get_adapter("llama3")
