@@ -6,6 +6,8 @@ tokenizer_config.json beside vocab.json; without either, Qwen2.5's 22 standard o
 vocabulary (<|endoftext|> = len(vocab), as in the released files: 151643). Added tokens that are not
 special (<tool_call>, <|fim_prefix|>, ...) are cut out of any text and kept when decoding, as in
 Hugging Face. eos is tokenizer_config.json's eos_token when present, else <|endoftext|>; bos is None.
+Text is NFC-normalized first, as Qwen's tokenizer.json says (its `normalizer`; read from the file) and
+as Hugging Face's slow Qwen2Tokenizer always does for vocab.json + merges.txt.
 Chat: ChatML with Qwen's default system prompt when the conversation has none.
 """
 
@@ -20,7 +22,7 @@ from qattune.errors import QattuneError
 from .byte_level import QWEN2_PATTERN, byte_level_ranks, parse_merge
 from .chat_format import ChatMLFormat
 from .files import require_file
-from .tiktoken_base import TiktokenTokenizer
+from .tiktoken_base import UNICODE_FORMS, TiktokenTokenizer
 
 QWEN2_5_DEFAULT_SYSTEM_PROMPT = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
 # Qwen2.5's added tokens in id order, with Hugging Face's `special` flag.
@@ -49,17 +51,32 @@ def _pattern_of(pre_tokenizer: Optional[dict]) -> str:
     return QWEN2_PATTERN
 
 
-def _from_tokenizer_json(file: Path) -> tuple[dict[str, int], list, list[tuple[str, int, bool]], str]:
+def _normalization_of(normalizer: Optional[dict], file: Path) -> Optional[str]:
+    """The Unicode form of a tokenizer.json normalizer (None: none); other normalizers are refused."""
+    steps = (normalizer or {}).get("normalizers", [normalizer] if normalizer else [])
+    forms = [step.get("type") for step in steps]
+    if not forms:
+        return None
+    if len(forms) == 1 and forms[0] in UNICODE_FORMS:
+        return forms[0]
+    raise QattuneError(f"{file}: normalizer {forms} is not supported; qwen2_5_tokenizer reads one of {UNICODE_FORMS}")
+
+
+_Files = tuple[dict[str, int], list, list[tuple[str, int, bool]], str, Optional[str]]
+
+
+def _from_tokenizer_json(file: Path) -> _Files:
     data = _read_json(file)
     model = data.get("model") if isinstance(data, dict) else None
     if not isinstance(model, dict) or model.get("type", "BPE") != "BPE" or "vocab" not in model:
         raise QattuneError(f"{file} has no byte-level BPE model (model.type {model.get('type') if isinstance(model, dict) else None!r}); "
                            "qwen2_5_tokenizer needs a Qwen/GPT-2 style tokenizer.json")
     added = [(t["content"], int(t["id"]), bool(t.get("special", True))) for t in data.get("added_tokens", [])]
-    return model["vocab"], model.get("merges", []), added, _pattern_of(data.get("pre_tokenizer"))
+    normalization = _normalization_of(data.get("normalizer"), file)
+    return model["vocab"], model.get("merges", []), added, _pattern_of(data.get("pre_tokenizer")), normalization
 
 
-def _from_vocab_and_merges(vocab_file: Path, merges_file: Path) -> tuple[dict[str, int], list, list[tuple[str, int, bool]], str]:
+def _from_vocab_and_merges(vocab_file: Path, merges_file: Path) -> _Files:
     vocab = _read_json(vocab_file)
     if not isinstance(vocab, dict):
         raise QattuneError(f"{vocab_file} is not a vocab.json (a JSON object of token -> id)")
@@ -70,7 +87,7 @@ def _from_vocab_and_merges(vocab_file: Path, merges_file: Path) -> tuple[dict[st
         added = [(t["content"], int(i), bool(t.get("special", True))) for i, t in decoder["added_tokens_decoder"].items()]
     else:
         added = [(t, len(vocab) + i, special) for i, (t, special) in enumerate(QWEN2_5_ADDED_TOKENS)]
-    return vocab, merges, added, QWEN2_PATTERN
+    return vocab, merges, added, QWEN2_PATTERN, "NFC"
 
 
 def qwen2_5_tokenizer(path: str, merges_file: Optional[str] = None, max_seq_len: Optional[int] = None,
@@ -89,9 +106,9 @@ def qwen2_5_tokenizer(path: str, merges_file: Optional[str] = None, max_seq_len:
             file = file / "vocab.json"
     require_file(str(file), "Qwen tokenizer file")
     if merges_file is None:
-        vocab, merges, added, pattern = _from_tokenizer_json(file)
+        vocab, merges, added, pattern, normalization = _from_tokenizer_json(file)
     else:
-        vocab, merges, added, pattern = _from_vocab_and_merges(file, Path(merges_file).expanduser())
+        vocab, merges, added, pattern, normalization = _from_vocab_and_merges(file, Path(merges_file).expanduser())
 
     special = {content: token_id for content, token_id, _ in added}
     ordinary = {t: i for t, i in vocab.items() if t not in special}
@@ -118,4 +135,5 @@ def qwen2_5_tokenizer(path: str, merges_file: Optional[str] = None, max_seq_len:
         stop_tokens=[special["<|im_end|>"], special["<|endoftext|>"]],
         chat_format=ChatMLFormat(default_system_prompt),
         max_seq_len=max_seq_len,
+        normalization=normalization,
     )

@@ -2,7 +2,8 @@
 
 tiktoken does the regex pre-tokenization and the merges in Rust. This class adds what tiktoken lacks:
 special tokens as ids (never parsed from user text unless asked), "added" tokens that are always cut
-out of the text (Hugging Face added tokens that are not special, e.g. Qwen's <tool_call>), ids with no
+out of the text (Hugging Face added tokens that are not special, e.g. Qwen's <tool_call>), Unicode
+normalization of the text (Hugging Face's NFC/NFD/NFKC/NFKD normalizers: Qwen's is NFC), ids with no
 token (skipped when decoding), and two inputs that make tiktoken's Rust code panic:
 - a byte with no token of its own (SmolLM2's vocabulary lacks 21 rare bytes): such bytes are dropped,
   as Hugging Face's BPE drops characters it has no token for;
@@ -13,6 +14,7 @@ token (skipped when decoding), and two inputs that make tiktoken's Rust code pan
 from __future__ import annotations
 
 import re
+import unicodedata
 from typing import Collection, Iterable, Mapping, Optional, Sequence
 
 import tiktoken
@@ -24,6 +26,7 @@ from .chat_format import ChatFormat
 
 MAX_WHITESPACE_RUN = 25_000
 _LONG_WHITESPACE = re.compile(r"\s{%d,}" % MAX_WHITESPACE_RUN)
+UNICODE_FORMS = ("NFC", "NFD", "NFKC", "NFKD")
 
 
 class TiktokenTokenizer(Tokenizer):
@@ -31,7 +34,8 @@ class TiktokenTokenizer(Tokenizer):
 
     `mergeable_ranks` maps token bytes to ids (ranks); `special_tokens` maps the text of every special
     and added token to its id; `added_tokens` names those among them that are cut out of any text and
-    kept by `decode(skip_special_tokens=True)`.
+    kept by `decode(skip_special_tokens=True)`. `normalization` (one of UNICODE_FORMS) is applied to
+    the text between special and added tokens before pre-tokenization.
     """
 
     def __init__(
@@ -48,8 +52,12 @@ class TiktokenTokenizer(Tokenizer):
         added_tokens: Collection[str] = (),
         chat_format: Optional[ChatFormat] = None,
         max_seq_len: Optional[int] = None,
+        normalization: Optional[str] = None,
     ):
         self.name = name
+        if normalization not in (None, *UNICODE_FORMS):
+            raise QattuneError(f"{name}: Unicode normalization {normalization!r} is not one of {UNICODE_FORMS}")
+        self.normalization = normalization
         self.special_tokens = dict(special_tokens)
         clash = set(self.special_tokens.values()) & set(mergeable_ranks.values())
         if clash:
@@ -79,6 +87,8 @@ class TiktokenTokenizer(Tokenizer):
     # ------------------------------------------------------------------ encoding
 
     def _encode_text(self, text: str, continuation: bool = False) -> list[int]:
+        if self.normalization:
+            text = unicodedata.normalize(self.normalization, text)
         if not self._added:
             return self._encode_ordinary(text)
         ids: list[int] = []

@@ -73,19 +73,20 @@ def sp_model(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def qwen_dir(tmp_path_factory) -> Path:
-    """A Qwen2.5-style tokenizer.json (Split(Qwen regex) + ByteLevel, 22 added tokens after the vocab),
+    """A Qwen2.5-style tokenizer.json (NFC, Split(Qwen regex) + ByteLevel, 22 added tokens after the vocab),
     plus the same vocabulary as vocab.json + merges.txt, trained here with Hugging Face `tokenizers`."""
     tokenizers = pytest.importorskip("tokenizers")
-    from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, trainers
+    from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, trainers
 
     tok = tokenizers.Tokenizer(models.BPE())
+    tok.normalizer = normalizers.NFC()  # as in Qwen2.5's released tokenizer.json
     tok.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Split(Regex(QWEN2_REGEX), behavior="isolated"),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=1500, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                   show_progress=False)
-    tok.train_from_iterator(pydoc_paragraphs(600, 50), trainer)
+    tok.train_from_iterator(pydoc_paragraphs(600, 50) + ["café naïve résumé Å"] * 50, trainer)
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in QWEN2_5_ADDED])
     tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in QWEN2_5_ADDED_NOT_SPECIAL])
     folder = tmp_path_factory.mktemp("qwen")

@@ -40,6 +40,16 @@ def test_ids_equal_hf(qwen, hf):
         assert qwen.decode(qwen.encode(text, False, False, allowed_special="all"), skip_special_tokens=False) == text
 
 
+def test_text_is_nfc_normalized_as_in_hf(qwen, hf, qwen_dir):
+    """Decomposed accents and compatibility characters encode as their NFC form, from either file layout."""
+    from_merges = qwen2_5_tokenizer(str(qwen_dir / "split" / "vocab.json"), str(qwen_dir / "split" / "merges.txt"))
+    for text in ["cafe\u0301 re\u0301sume\u0301", "\u212b vs A\u030a", "nai\u0308ve <tool_call>e\u0301"]:
+        expected = hf.encode(text, add_special_tokens=False).ids
+        assert qwen.encode(text, False, False, allowed_special="all") == expected, text
+        assert from_merges.encode(text, False, False, allowed_special="all") == expected, text
+    assert qwen.encode("cafe\u0301", False, False) == qwen.encode("caf\u00e9", False, False)
+
+
 def test_special_and_added_tokens(qwen, hf):
     vocab_size = hf.get_vocab_size(with_added_tokens=False)
     assert [qwen.special_id(t) for t in QWEN2_5_ADDED + QWEN2_5_ADDED_NOT_SPECIAL] == \
@@ -132,4 +142,9 @@ def test_bad_files(tmp_path, qwen_dir):
     data["added_tokens"] = [t for t in data["added_tokens"] if t["content"] != "<|im_end|>"]
     (tmp_path / "tokenizer.json").write_text(json.dumps(data))
     with pytest.raises(QattuneError, match=r"lacks Qwen's special token <\|im_end\|>"):
+        qwen2_5_tokenizer(str(tmp_path / "tokenizer.json"))
+    data = json.loads((qwen_dir / "tokenizer.json").read_text())
+    data["normalizer"] = {"type": "Sequence", "normalizers": [{"type": "NFC"}, {"type": "Lowercase"}]}
+    (tmp_path / "tokenizer.json").write_text(json.dumps(data))
+    with pytest.raises(QattuneError, match=r"normalizer \['NFC', 'Lowercase'\] is not supported; qwen2_5_tokenizer reads one of"):
         qwen2_5_tokenizer(str(tmp_path / "tokenizer.json"))
