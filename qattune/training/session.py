@@ -522,9 +522,20 @@ class TrainingSession:
         else:  # a fresh model, or a Meta checkpoint (resume and quantize read the HF layout)
             out.mkdir(parents=True, exist_ok=True)
             adapter = self.checkpointer.adapter if self.checkpointer is not None else get_adapter("llama")
-            write_hf_checkpoint(base, self.model_config(), adapter, out, max_shard_bytes=5 << 30)
+            source = self.checkpointer.checkpoint_dir if self.checkpointer is not None else None
+            write_hf_checkpoint(base, self.model_config(), adapter, out, max_shard_bytes=5 << 30,
+                                base_config=self._token_ids(), source_dir=source)
         if extra:
             save_file(extra, str(out / EXTRA_STATE_FILE))
+
+    def _token_ids(self) -> dict[str, Any]:
+        """config.json's token ids from the run's tokenizer, for a model whose source has no config.json
+        (transformers' LlamaConfig defaults, bos 1 and eos 2, are ordinary tokens of Llama 3)."""
+        tokenizer = self.tokenizer
+        stops = list(getattr(tokenizer, "stop_tokens", None) or [tokenizer.eos_id])
+        ids = {"bos_token_id": tokenizer.bos_id, "eos_token_id": stops if len(stops) > 1 else stops[0],
+               "pad_token_id": getattr(tokenizer, "pad_id", None)}
+        return {key: value for key, value in ids.items() if value is not None}
 
     def model_config(self):
         """The model's TransformerConfig (for saving a model that came from no checkpoint)."""

@@ -161,12 +161,22 @@ def test_a_meta_checkpoint_trains_into_hf_layout_that_resumes(qat_run, tmp_path)
     meta.mkdir()
     torch.save(adapter.to_meta(state_dict, source.config), meta / "consolidated.00.pth")
     (meta / "params.json").write_text(json.dumps(adapter.config_to_meta(source.config)))
+    (meta / "tokenizer.model").write_bytes(b"the source's tokenizer")
     start = [f"checkpointer={{_component_: qattune.checkpoint.MetaCheckpointer, checkpoint_dir: {meta}, "
              "model_type: llama}"]
     small = [o for o in SMALL if not o.startswith(("max_steps", "save_every"))] + ["save_every_n_steps=1"]
     run_cli("full_finetune", "--config", "tiny/full", f"output_dir={tmp_path / 'out'}", "max_steps_per_epoch=2",
             *start, *small)
-    assert {"config.json", "model.safetensors", "recipe_state.pt"} <= {p.name for p in (tmp_path / "out" / "step_1").iterdir()}
+    step_1 = tmp_path / "out" / "step_1"
+    assert {"config.json", "model.safetensors", "recipe_state.pt"} <= {p.name for p in step_1.iterdir()}
+    # other tools get the source's tokenizer and the run tokenizer's ids, not LlamaConfig's defaults
+    assert (step_1 / "tokenizer.model").read_bytes() == b"the source's tokenizer"
+    from qattune.tokenizers import byte_tokenizer
+
+    tokenizer = byte_tokenizer()
+    config = json.loads((step_1 / "config.json").read_text())
+    assert (config["bos_token_id"], config["eos_token_id"], config["pad_token_id"]) == (
+        tokenizer.bos_id, tokenizer.stop_tokens, tokenizer.pad_id) == (256, [256, 258], 259)
     shutil.rmtree(tmp_path / "out" / "step_2")
     run_cli("full_finetune", "--config", "tiny/full", f"output_dir={tmp_path / 'out'}", "max_steps_per_epoch=2",
             "resume_from_checkpoint=true", *start, *small)
