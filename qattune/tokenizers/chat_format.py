@@ -99,21 +99,21 @@ class Llama2ChatFormat:
     def segments(self, messages: list[dict[str, str]], add_generation_prompt: bool) -> list[Segment]:
         system = None
         if messages and messages[0]["role"] == "system":
-            system, messages = messages[0]["content"].strip(), messages[1:]
+            system, messages = messages[0]["content"], messages[1:]
         out: list[Segment] = []
         for index, message in enumerate(messages):
-            role, content = message["role"], message["content"].strip()
+            role, content = message["role"], message["content"]
             if role == "system":
                 raise QattuneError(f"Llama 2 chat: a system message may only be the first message (found one at {index + 1})")
             if role == "user":
-                if system is not None:
+                if system is not None:  # folded in first, then the whole is stripped (Meta's code, HF's template)
                     content, system = f"<<SYS>>\n{system}\n<</SYS>>\n\n{content}", None
-                out += [Segment(self.bos, special=True), Segment(f"[INST] {content} [/INST]")]
+                out += [Segment(self.bos, special=True), Segment(f"[INST] {content.strip()} [/INST]")]
             else:
                 if not out:
                     raise QattuneError("Llama 2 chat: the conversation must start with a user message "
                                        "(after an optional system message), not an assistant one")
-                out += [Segment(f" {content} ", assistant=True), Segment(self.eos, special=True, assistant=True)]
+                out += [Segment(f" {content.strip()} ", assistant=True), Segment(self.eos, special=True, assistant=True)]
         if system is not None:
             raise QattuneError("Llama 2 chat: a system message must be followed by a user message")
         return out

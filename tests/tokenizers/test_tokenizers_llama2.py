@@ -45,12 +45,13 @@ MESSAGES = [
 
 def meta_llama2_reference(sp, system: str, turns: list[tuple[str, str]]) -> tuple[list[int], list[bool]]:
     """Meta's llama/generation.py chat encoding: per (user, answer) pair,
-    bos + encode(f"[INST] {user} [/INST] {answer} ") + eos; the first user message carries the system block."""
+    bos + encode(f"[INST] {user} [/INST] {answer} ") + eos; the first user message carries the system block,
+    and the user text is stripped only after the system block is folded in."""
     ids, mask = [], []
     for index, (user, answer) in enumerate(turns):
-        user = user.strip()
         if index == 0:
             user = f"<<SYS>>\n{system}\n<</SYS>>\n\n{user}"
+        user = user.strip()
         prompt = sp.encode(f"[INST] {user} [/INST]")
         whole = sp.encode(f"[INST] {user} [/INST] {answer.strip()} ")
         assert whole[: len(prompt)] == prompt  # the answer starts on a token boundary
@@ -75,6 +76,14 @@ def test_chat_layout_matches_meta(llama2, sp):
     prompt, prompt_mask = llama2.tokenize_messages(messages[:4], add_generation_prompt=True)
     assert ids[: len(prompt)] == prompt and not any(prompt_mask[-3:])
     assert llama2.render_chat(messages[:4], add_generation_prompt=True).endswith("[INST] And a tuple? [/INST]")
+
+
+def test_system_and_user_whitespace_is_kept_inside_the_system_block(llama2, sp):
+    """Only the folded first message is stripped, as in Meta's code and HF's template."""
+    messages = [{"role": "system", "content": " Be nice.\n"}, {"role": "user", "content": "  Hi"},
+                {"role": "assistant", "content": "Hello."}]
+    assert llama2.render_chat(messages) == "<s>[INST] <<SYS>>\n Be nice.\n\n<</SYS>>\n\n  Hi [/INST] Hello. </s>"
+    assert llama2.tokenize_messages(messages)[0] == meta_llama2_reference(sp, " Be nice.\n", [("  Hi", "Hello.")])[0]
 
 
 def test_chat_errors(llama2):
