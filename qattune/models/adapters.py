@@ -143,6 +143,9 @@ class StateDictAdapter:
             )
         for theirs in to_qattune:
             if theirs not in state_dict and not (theirs == head_output and config.tie_embeddings):
+                if theirs.endswith(".bias") and not any(k.endswith(".bias") for k in state_dict):
+                    raise QattuneError(f"{source}: tensor '{theirs}' is missing: the checkpoint has no attention "
+                                       f"biases, which {self.family} models have; check model_type")
                 raise QattuneError(f"{source}: tensor '{theirs}' is missing; the checkpoint is incomplete")
         out = {to_qattune[k]: v for k, v in state_dict.items() if k in to_qattune}
         if config.tie_embeddings:

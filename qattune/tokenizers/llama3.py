@@ -42,6 +42,9 @@ def load_tiktoken_ranks(path: str) -> dict[bytes, int]:
     """Read a tiktoken ranks file (`<base64 token> <rank>` per line) into token bytes -> rank."""
     file = require_file(path, "tiktoken ranks file")
     data = file.read_bytes()
+    if data.lstrip()[:1] == b"{":
+        raise QattuneError(f"{path} is a JSON file, not a tiktoken ranks file; Llama 3's is tokenizer.model "
+                           "(in Hugging Face folders: original/tokenizer.model)")
     try:
         text = data.decode("ascii")
     except UnicodeDecodeError:

@@ -110,6 +110,13 @@ def test_missing_tensor_is_named(tmp_path):
     )
 
 
+def test_a_model_type_with_biases_on_a_checkpoint_without_is_named(tmp_path):
+    write(tmp_path)  # a Llama checkpoint: no q/k/v biases
+    assert message(lambda: HFCheckpointer(str(tmp_path), model_type="qwen2_5").load()) == (
+        f"{tmp_path}: tensor 'model.layers.0.self_attn.q_proj.bias' is missing: the checkpoint has no attention "
+        "biases, which qwen2 models have; check model_type")
+
+
 def test_unexpected_tensor_is_named(tmp_path):
     state = tensors()
     state["model.layers.1.mlp.up_proj.weight"] = torch.zeros(48, 32)

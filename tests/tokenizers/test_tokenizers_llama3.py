@@ -170,3 +170,7 @@ def test_bad_files(tmp_path, small_ranks, sp_model):
         llama3_tokenizer(str(sp_model))
     with pytest.raises(QattuneError, match="is a directory"):
         llama3_tokenizer(str(tmp_path))
+    (tmp_path / "tokenizer.json").write_text('{"model": {"type": "BPE", "vocab": {"é": 0}}}', encoding="utf-8")
+    with pytest.raises(QattuneError, match=r"tokenizer.json is a JSON file, not a tiktoken ranks file; Llama 3's is "
+                                           r"tokenizer.model \(in Hugging Face folders: original/tokenizer.model\)$"):
+        llama3_tokenizer(str(tmp_path / "tokenizer.json"))
