@@ -68,22 +68,21 @@ def recipe(cfg) -> None:
         apply_lora(session.model, **lora)
         if session.resume_dir is not None:
             load_peft_adapter(session.model, Path(session.resume_dir) / ADAPTER_DIR)
-        # FSDP shards the trained model: saving merges the adapters on an unsharded replica on rank 0.
-        replica = copy.deepcopy(session.model).to("meta") if session.dist.is_distributed else None
+        # FSDP shards the trained model: before each save every rank helps gather it into an unsharded
+        # replica on rank 0, which the merged model and the adapter are written from.
+        trained = session.model
+        if session.dist.is_distributed:
+            trained = copy.deepcopy(session.model).to("meta")
 
-        def merged_weights():
-            if replica is None:
-                return merged_state_dict(session.model)
-            full = session.float_state_dict()  # collective: every rank takes part
-            if not session.dist.is_main:
-                return {}
-            replica.load_state_dict(full, assign=True)
-            return merged_state_dict(replica)
+            def gather_replica():
+                full = session.float_state_dict()  # collective: every rank takes part
+                if session.dist.is_main:
+                    trained.load_state_dict(full, assign=True)
 
-        session.state_dict_fn = merged_weights
+            session.before_save.append(gather_replica)
+        session.state_dict_fn = lambda: merged_state_dict(trained) if session.dist.is_main else {}
         session.save_model_weights = not cfg.save_adapter_weights_only
-        session.extra_writers.append(
-            lambda out: write_peft_adapter(replica if replica is not None else session.model, out / ADAPTER_DIR))
+        session.extra_writers.append(lambda out: write_peft_adapter(trained, out / ADAPTER_DIR))
         session.extra_info["lora"] = lora
         session.build_trainer(step_hooks=hooks)
         session.train()

@@ -213,10 +213,11 @@ class TrainingSession:
             _check_fits_model(dataset, self.model, key)
         self.base_keys = frozenset(self.model.state_dict())
         self.trainer = None
-        # What a recipe customises about saving: the state dict to write (and whether to write the model at
-        # all), extra facts for the training info file, extra files written inside each checkpoint folder
-        # (by rank 0), and extra tensor files whose contents every rank helps gather (file name -> state,
-        # or None to skip).
+        # What a recipe customises about saving: collectives every rank runs first, the state dict to write
+        # (and whether to write the model at all), extra facts for the training info file, extra files
+        # written inside each checkpoint folder (by rank 0), and extra tensor files whose contents every
+        # rank helps gather (file name -> state, or None to skip).
+        self.before_save: list[Callable[[], None]] = []
         self.state_dict_fn: Callable[[], dict[str, torch.Tensor]] = self.float_state_dict
         self.save_model_weights = True
         self.extra_info: dict[str, Any] = {}
@@ -491,6 +492,8 @@ class TrainingSession:
 
         from qattune.quant.serialization import untie_shared_tensors
 
+        for collective in self.before_save:
+            collective()
         state_dict = self.state_dict_fn() if self.save_model_weights else None
         tensor_files = {name: state() for name, state in self.extra_tensor_files.items()}
         if not self.dist.is_main:
