@@ -44,6 +44,10 @@ def recipe(cfg) -> None:
         base_quantizer_cfg = {"_component_": "qattune.quant.PTQQuantizer", "scheme": "nf4"}  # torchtune's qlora_*
     if cfg.quantizer is not None and base_quantizer_cfg is not None:
         raise QattuneError("set either quantizer (QAT of the frozen base) or base_quantizer (QLoRA), not both")
+    quantizer = instantiate(cfg.quantizer) if cfg.quantizer is not None else None
+    if getattr(getattr(quantizer, "config", None), "range_learning", False):  # (GPTQ rounding needs it too)
+        raise QattuneError("quantizer.range_learning=true trains the base model's quantization, which qat_lora keeps "
+                           "frozen (only the adapters train): remove it, or train the whole model with qat_distributed")
     lora = {}
 
     def base_builder():
@@ -56,8 +60,7 @@ def recipe(cfg) -> None:
                               load_on_rank0_only=base_quantizer_cfg is None)
     try:
         hooks = []
-        if cfg.quantizer is not None:
-            quantizer = instantiate(cfg.quantizer)
+        if quantizer is not None:
             quantizer.prepare(session.model)
             session.record_quantizer(quantizer)
             hooks.append(FakeQuantAfterNSteps(quantizer, session.model, cfg.fake_quant_after_n_steps))

@@ -76,6 +76,11 @@ def build_teacher(session: Any, loss_fn: Any, checkpoint_dir: Optional[str],
     """The frozen float teacher a distillation loss needs (None for other losses): loaded from
     `checkpoint_dir` when given, else a copy of the student's starting model."""
     if not getattr(loss_fn, "needs_teacher", False):
+        named = [key for key, on in (("teacher_checkpoint_dir", checkpoint_dir is not None),
+                                     ("teacher_snapshot=fake_quant_start", snapshot == "fake_quant_start")) if on]
+        if named:
+            raise QattuneError(f"{named[0]} names a distillation teacher, but the loss is not one: set "
+                               "loss._component_=qattune.training.DistillationLoss, or remove it")
         return None
     if checkpoint_dir is None:
         return session.frozen_copy()

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qattune.data.labels import IGNORE_INDEX
+from qattune.errors import QattuneError
 
 
 class CrossEntropyLoss(nn.Module):
@@ -46,7 +47,9 @@ class DistillationLoss(nn.Module):
     def __init__(self, kd_weight: float = 0.5, temperature: float = 1.0, ignore_index: int = IGNORE_INDEX) -> None:
         super().__init__()
         if not 0.0 <= kd_weight <= 1.0:
-            raise ValueError(f"kd_weight must be in [0, 1], got {kd_weight}")
+            raise QattuneError(f"loss.kd_weight must be in [0, 1] (the teacher's share of the loss), got {kd_weight}")
+        if not temperature > 0:
+            raise QattuneError(f"loss.temperature must be > 0 (1: the distributions as they are), got {temperature}")
         self.kd_weight = kd_weight
         self.temperature = temperature
         self.ignore_index = ignore_index

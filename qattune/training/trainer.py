@@ -99,6 +99,9 @@ class Trainer:
             )
         if teacher_model is not None and not getattr(loss_fn, "needs_teacher", False):
             raise QattuneError("a teacher model was given but the loss ignores it; use qattune.training.DistillationLoss")
+        if teacher_model is None and getattr(loss_fn, "needs_teacher", False):
+            raise QattuneError(f"loss {type(loss_fn).__name__} distills from a teacher, which only the qat_distributed "
+                               "recipe builds: run that recipe, or use qattune.training.CrossEntropyLoss")
         if gradient_accumulation_steps < 1 or epochs < 1:
             raise QattuneError("gradient_accumulation_steps and epochs must be at least 1")
         if save_every_n_steps and output_dir is None:

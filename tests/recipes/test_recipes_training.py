@@ -462,3 +462,14 @@ def test_teacher_from_another_checkpoint(distill_run, qat_run, tmp_path):
                                "tiny/qat_full", f"output_dir={tmp_path / 'bad'}", *kd, *extra, *SMALL],
                               capture_output=True, text=True, timeout=600)
         assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].endswith(message), proc.stderr[-500:]
+
+
+@pytest.mark.parametrize("gptq", [[], ["+quantizer.rounding_init=gptq"]], ids=["range_learning", "gptq"])
+def test_qat_lora_refuses_training_the_frozen_base_quantization(tmp_path, gptq):
+    """The scales and roundings belong to the frozen base: qat_lora would ignore them (it did, silently)."""
+    proc = run_cli("qat_lora", "--config", "tiny/qat_lora", f"output_dir={tmp_path / 'out'}",
+                   "+quantizer.range_learning=true", *gptq, returncode=2)
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "error: quantizer.range_learning=true trains the base model's quantization, which qat_lora keeps frozen "
+        "(only the adapters train): remove it, or train the whole model with qat_distributed")
+    assert not (tmp_path / "out").exists()

@@ -4,6 +4,7 @@ and a packed batch through a model (attention stays inside each document)."""
 import importlib.util
 import json
 import math
+import re
 import os
 
 import pytest
@@ -64,6 +65,25 @@ def test_distillation_loss_mixes_ce_and_kl():
     assert DistillationLoss(kd_weight=1.0)(logits, labels, logits).item() == pytest.approx(0.0, abs=1e-4)
     # no teacher logits (a snapshot teacher not yet taken): the whole cross entropy, whatever kd_weight
     assert DistillationLoss(kd_weight=0.9)(logits, labels).item() == pytest.approx(ce.item(), rel=1e-6)
+
+
+def test_distillation_settings_and_a_missing_teacher_are_refused():
+    from qattune.training.distillation import build_teacher
+
+    for kwargs, message in [({"kd_weight": 2}, "loss.kd_weight must be in [0, 1] (the teacher's share of the loss), got 2"),
+                            ({"temperature": 0}, "loss.temperature must be > 0 (1: the distributions as they are), got 0"),
+                            ({"temperature": -1.0}, "loss.temperature must be > 0")]:
+        with pytest.raises(QattuneError, match=re.escape(message)):
+            DistillationLoss(**kwargs)
+    with pytest.raises(QattuneError, match="^loss DistillationLoss distills from a teacher, which only the qat_distributed "
+                                           "recipe builds: run that recipe, or use qattune.training.CrossEntropyLoss$"):
+        build_trainer(learnable_dataset(4), batch_size=4, epochs=1, lr=1e-2, save_model=None, loss_fn=DistillationLoss())
+    for args, key in [(("/some/run", "start"), "teacher_checkpoint_dir"),
+                      ((None, "fake_quant_start"), "teacher_snapshot=fake_quant_start")]:
+        with pytest.raises(QattuneError, match=f"^{key} names a distillation teacher, but the loss is not one: set "
+                                               "loss._component_=qattune.training.DistillationLoss, or remove it$"):
+            build_teacher(None, CrossEntropyLoss(), *args)
+    assert build_teacher(None, CrossEntropyLoss(), None, "start") is None
 
 
 def test_distillation_trains_towards_the_teacher():
