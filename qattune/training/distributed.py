@@ -139,4 +139,8 @@ def load_full_optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Opti
     if not dist.is_initialized():
         optimizer.load_state_dict(state)
         return
+    if not state.get("state"):  # a stateless optimizer (SGD without momentum): torch's loader asserts on it
+        for group, saved in zip(optimizer.param_groups, state["param_groups"], strict=True):
+            group.update({key: value for key, value in saved.items() if key != "params"})
+        return
     set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))

@@ -106,6 +106,20 @@ def test_two_processes_match_one_with_the_same_global_batch(qat_run, tmp_path, r
     assert two[4:] == pytest.approx(one[4:], abs=3e-3)
 
 
+def test_two_processes_resume_a_stateless_optimizer(tmp_path):
+    """SGD without momentum saves no per-parameter state; torch's sharded loader asserted on it."""
+    sgd = ["optimizer={_component_: torch.optim.SGD, lr: 0.5}", "max_steps_per_epoch=4", "batch_size=2"]
+    small = [o for o in SMALL if not o.startswith(("batch_size", "max_steps"))]
+    run_cli("full_finetune", "--config", "tiny/full", f"output_dir={tmp_path / 'straight'}", *sgd, *small, nproc=2)
+    (tmp_path / "resumed").mkdir()
+    shutil.copytree(tmp_path / "straight" / "step_2", tmp_path / "resumed" / "step_2")
+    run_cli("full_finetune", "--config", "tiny/full", f"output_dir={tmp_path / 'resumed'}", "resume_from_checkpoint=true",
+            *sgd, *small, nproc=2)
+    straight = metrics(tmp_path / "straight")
+    assert [(r["step"], r["loss"], r["lr"]) for r in metrics(tmp_path / "resumed")] == [
+        (r["step"], r["loss"], r["lr"]) for r in straight[2:]]
+
+
 @pytest.mark.parametrize("scheme", [[], ["quantizer.scheme=q4_0", "~quantizer.group_size"]], ids=["8da4w", "q4_0"])
 def test_two_processes_start_from_a_checkpoint_only_rank0_reads(qat_run, tmp_path, scheme):
     """Sharded loading: rank 0 loads the checkpoint, the other rank builds on meta and receives its
