@@ -108,6 +108,19 @@ def all_gather_object(obj: Any) -> list[Any]:
     return gathered
 
 
+def raise_rank0_error(error: Optional[QattuneError]) -> None:
+    """Raise `error` (this rank's, or None) on every rank once rank 0's is known: a step only rank 0 takes
+    (reading the checkpoint) fails with its one line everywhere, instead of the other ranks dying with a
+    traceback in the next collective. Collective: every rank calls it."""
+    if dist.is_initialized():
+        shared = [str(error) if error is not None else None]
+        dist.broadcast_object_list(shared, src=0)
+        if error is None and shared[0] is not None:
+            error = QattuneError(shared[0])
+    if error is not None:
+        raise error
+
+
 def gather_full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The model's full, unsharded state dict on CPU at rank 0 ({} on other ranks); call on all ranks."""
     if not dist.is_initialized():

@@ -259,10 +259,18 @@ class TrainingSession:
         """The model with its starting weights (the resumed ones, or the checkpointer's) in the
         training dtype, on `load_device`."""
         from qattune.checkpoint import HFCheckpointer
+        from qattune.training.distributed import raise_rank0_error
 
+        checkpointer = self.checkpointer
         if self.resume_dir is not None and weights_from_resume:
-            return self._load(builder, HFCheckpointer(self.resume_dir))
-        return self._load(builder, self.checkpointer)
+            checkpointer = HFCheckpointer(self.resume_dir)
+        model, error = None, None
+        try:
+            model = self._load(builder, checkpointer)
+        except QattuneError as err:  # under torchrun only rank 0 reads: every rank learns of its mistake
+            error = err
+        raise_rank0_error(error)
+        return model
 
     def _load(self, builder: Callable[[], nn.Module], checkpointer: Any) -> nn.Module:
         """`builder`'s model with `checkpointer`'s weights (None: freshly initialised) on `load_device`;

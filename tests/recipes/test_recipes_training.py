@@ -106,6 +106,19 @@ def test_two_processes_match_one_with_the_same_global_batch(qat_run, tmp_path, r
     assert two[4:] == pytest.approx(one[4:], abs=3e-3)
 
 
+def test_a_checkpoint_only_rank0_reads_fails_in_one_line_under_torchrun(qat_run, tmp_path):
+    """Rank 0 reads the weights; its mistake reaches the other rank before the sharding collective, so it
+    stops quietly instead of with a traceback from the broken connection."""
+    start = ["checkpointer={_component_: qattune.checkpoint.HFCheckpointer, "
+             f"checkpoint_dir: {qat_run / 'step_4'}}}", "model.num_layers=3"]
+    proc = run_cli("qat_distributed", "--config", "tiny/qat_full", f"output_dir={tmp_path}", *start, *SMALL,
+                   nproc=2, returncode=2)
+    assert "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert errors == [f"error: model qattune.models.llama (model) has tensor 'layers.2.attn_norm.weight' that "
+                      f"checkpoint {qat_run / 'step_4'} lacks"], proc.stderr[-2000:]
+
+
 def test_two_processes_resume_a_stateless_optimizer(tmp_path):
     """SGD without momentum saves no per-parameter state; torch's sharded loader asserted on it."""
     sgd = ["optimizer={_component_: torch.optim.SGD, lr: 0.5}", "max_steps_per_epoch=4", "batch_size=2"]
