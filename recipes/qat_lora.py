@@ -9,7 +9,8 @@ quantization error the served model will have) or quantized for real by `base_qu
 scheme nf4, to save memory; a `qlora_*` model builder, as torchtune's, implies it); then the adapters
 are added. Each checkpoint holds the merged float model in the Hugging Face layout and the adapter alone,
 PEFT-compatible, in `adapter/` (`save_adapter_weights_only: true`: the adapter alone, as torchtune does;
-`quantize` needs the merged model).
+`quantize` needs the merged model). A QAT run's merged model is quantized with the scheme it trained
+for; a QLoRA run's (nf4 is only the base's training-memory format) with any scheme.
 """
 
 from typing import Optional
@@ -67,7 +68,7 @@ def recipe(cfg) -> None:
         elif base_quantizer_cfg is not None:
             base_quantizer = instantiate(base_quantizer_cfg)
             base_quantizer.convert(session.model)
-            session.record_quantizer(base_quantizer)
+            session.record_quantizer(base_quantizer, key="base_quantizer")
         apply_lora(session.model, **lora)
         if session.resume_dir is not None:
             load_peft_adapter(session.model, Path(session.resume_dir) / ADAPTER_DIR)
@@ -85,7 +86,11 @@ def recipe(cfg) -> None:
             session.before_save.append(gather_replica)
         session.state_dict_fn = lambda: merged_state_dict(trained) if session.dist.is_main else {}
         session.save_model_weights = not cfg.save_adapter_weights_only
-        session.extra_writers.append(lambda out: write_peft_adapter(trained, out / ADAPTER_DIR))
+        # PEFT's AutoPeftModel loads the base from here (a Hugging Face folder; other sources have none)
+        source = session.checkpointer
+        base_path = str(Path(source.checkpoint_dir).absolute()) if getattr(source, "format", None) == "hf" else None
+        session.extra_writers.append(
+            lambda out: write_peft_adapter(trained, out / ADAPTER_DIR, base_model_name_or_path=base_path))
         session.extra_info["lora"] = lora
         session.build_trainer(step_hooks=hooks)
         session.train()

@@ -69,6 +69,9 @@ def _check_input(source, quantizer, quantizer_cfg) -> None:
 
     if not source.is_dir():
         return
+    if not (source / "config.json").is_file() and (source / "adapter" / "adapter_config.json").is_file():
+        raise QattuneError(f"{source} holds only a LoRA adapter (qat_lora's save_adapter_weights_only: true); "
+                           "quantize needs the merged model, which qat_lora writes with save_adapter_weights_only=false")
     if (source / CONFIG_FILE).is_file():
         raise QattuneError(f"{source} is already a quantized checkpoint ({CONFIG_FILE}); quantize the float "
                            "checkpoint it came from (a training output_dir/step_N or a float model folder)")

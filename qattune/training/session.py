@@ -186,6 +186,8 @@ class TrainingSession:
         if cfg.get("log_level"):
             logging.basicConfig(level=str(cfg.log_level).upper())
         self.dist = init_distributed(cfg.get("device"))
+        if not self.dist.is_main:  # every rank would print the same warnings
+            logging.getLogger("qattune").setLevel(logging.ERROR)
         self.device = self.dist.device
         self.dtype = resolve_dtype(cfg.get("dtype", "bf16"), self.device)
         if self.device.type == "cpu":
@@ -284,11 +286,13 @@ class TrainingSession:
             model = builder()
         return model.to(dtype=self.dtype)
 
-    def record_quantizer(self, quantizer: Any) -> None:
-        """Note the quantizer's scheme and options in every checkpoint, so `quantize` can check them."""
+    def record_quantizer(self, quantizer: Any, key: str = "quantizer") -> None:
+        """Note the quantizer's scheme and options in every checkpoint, so `quantize` can check them
+        (under `key`: QLoRA's `base_quantizer` is a training-memory format, which `quantize` does not hold
+        the float merged model to)."""
         config = getattr(quantizer, "config", None)
         described = config.to_dict() if hasattr(config, "to_dict") else {"component": type(quantizer).__name__}
-        self.extra_info["quantizer"] = described
+        self.extra_info[key] = described
         if self.dist.is_main and getattr(quantizer, "report", None) is not None:
             print(quantizer.report)
 

@@ -120,14 +120,18 @@ def test_a_checkpoint_only_rank0_reads_fails_in_one_line_under_torchrun(qat_run,
 
 
 def test_two_processes_resume_a_stateless_optimizer(tmp_path):
-    """SGD without momentum saves no per-parameter state; torch's sharded loader asserted on it."""
-    sgd = ["optimizer={_component_: torch.optim.SGD, lr: 0.5}", "max_steps_per_epoch=4", "batch_size=2"]
+    """SGD without momentum saves no per-parameter state; torch's sharded loader asserted on it.
+    Warnings come once, not once per rank."""
+    sgd = ["optimizer={_component_: torch.optim.SGD, lr: 0.5}", "max_steps_per_epoch=4", "batch_size=2",
+           "fake_quant_after_n_steps=100"]  # float throughout, so the resumed losses are exact
     small = [o for o in SMALL if not o.startswith(("batch_size", "max_steps"))]
-    run_cli("full_finetune", "--config", "tiny/full", f"output_dir={tmp_path / 'straight'}", *sgd, *small, nproc=2)
+    proc = run_cli("qat_distributed", "--config", "tiny/qat_full", f"output_dir={tmp_path / 'straight'}", *sgd, *small,
+                   nproc=2)
+    assert proc.stderr.count("fake_quant_after_n_steps=100 but the run has 4 steps") == 1
     (tmp_path / "resumed").mkdir()
     shutil.copytree(tmp_path / "straight" / "step_2", tmp_path / "resumed" / "step_2")
-    run_cli("full_finetune", "--config", "tiny/full", f"output_dir={tmp_path / 'resumed'}", "resume_from_checkpoint=true",
-            *sgd, *small, nproc=2)
+    run_cli("qat_distributed", "--config", "tiny/qat_full", f"output_dir={tmp_path / 'resumed'}",
+            "resume_from_checkpoint=true", *sgd, *small, nproc=2)
     straight = metrics(tmp_path / "straight")
     assert [(r["step"], r["loss"], r["lr"]) for r in metrics(tmp_path / "resumed")] == [
         (r["step"], r["loss"], r["lr"]) for r in straight[2:]]
@@ -341,6 +345,7 @@ def test_qat_lora_trains_adapters_saves_peft_and_resumes(tmp_path):
     step = out / "step_8"
     config = json.loads((step / "adapter" / "adapter_config.json").read_text())
     assert (config["peft_type"], config["r"], config["lora_alpha"]) == ("LORA", 8, 16)
+    assert config["base_model_name_or_path"] is None  # a fresh base: nothing to name
     assert set(config["target_modules"]) == {"q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"}
     from safetensors import safe_open
 
@@ -368,6 +373,16 @@ def adapter_only_run(tmp_path_factory) -> Path:
     return out
 
 
+def test_qat_lora_adapter_names_the_hugging_face_folder_it_was_trained_on(qat_run, tmp_path):
+    """So PEFT's AutoPeftModelForCausalLM finds the base model."""
+    start = ["checkpointer={_component_: qattune.checkpoint.HFCheckpointer, "
+             f"checkpoint_dir: {qat_run / 'step_4'}, output_dir: ${{output_dir}}}}"]
+    small = [o for o in SMALL if not o.startswith(("max_steps", "save_every"))]
+    run_cli("qat_lora", "--config", "tiny/qat_lora", f"output_dir={tmp_path}", "max_steps_per_epoch=1", *start, *small)
+    config = json.loads((tmp_path / "step_1" / "adapter" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(qat_run / "step_4")
+
+
 def test_qat_lora_saves_adapter_weights_only_and_resumes_from_them(tmp_path, adapter_only_run):
     small = ADAPTER_ONLY
     step = adapter_only_run / "step_2"
@@ -378,6 +393,11 @@ def test_qat_lora_saves_adapter_weights_only_and_resumes_from_them(tmp_path, ada
     run_cli("qat_lora", "--config", "tiny/qat_lora", f"output_dir={tmp_path / 'resumed'}", "resume_from_checkpoint=true",
             *small)
     assert [r["loss"] for r in metrics(tmp_path / "resumed")] == [r["loss"] for r in metrics(adapter_only_run)[2:]]
+    proc = run_cli("quantize", "--config", "tiny/quantize", f"checkpoint_dir={step}", f"output_dir={tmp_path / 'q'}",
+                   returncode=2)
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"error: {step} holds only a LoRA adapter (qat_lora's save_adapter_weights_only: true); quantize needs the "
+        "merged model, which qat_lora writes with save_adapter_weights_only=false")
 
 
 def test_qat_lora_adapter_only_under_torchrun_equals_one_process(tmp_path, adapter_only_run):
@@ -403,8 +423,11 @@ def test_qlora_trains_over_a_real_nf4_base(tmp_path, qlora):
             *qlora, *small)
     assert len(metrics(out)) == 3
     info = json.loads((out / "step_3" / "qattune_training.json").read_text())
-    assert info["quantizer"]["scheme"] == "nf4"
+    # nf4 is the base's training-memory format: the merged float model quantizes to any scheme
+    assert info["base_quantizer"]["scheme"] == "nf4" and "quantizer" not in info
     assert (out / "step_3" / "adapter" / "adapter_model.safetensors").is_file()
+    run_cli("quantize", "--config", "tiny/quantize", f"checkpoint_dir={out / 'step_3'}", f"output_dir={tmp_path / 'q'}")
+    assert json.loads((tmp_path / "q" / "quantized" / "config.json").read_text())["quantization_config"]["scheme"] == "8da4w"
 
 
 DISTILL = ["loss={_component_: qattune.training.DistillationLoss, kd_weight: 0.5}", "fake_quant_after_n_steps=4",
