@@ -31,17 +31,13 @@ def require(op_name):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_int4_weight_only_kernel(device, dtype):
+def test_int4_weight_only_kernel(device):
     require("_weight_int4pack_mm_for_cpu" if device == "cpu" else "_weight_int4pack_mm")
-    if device == "cuda" and dtype == torch.float32:
-        pytest.skip("the CUDA int4 kernel takes bf16 activations")
     layer = converted_layer("4w", device, group_size=32)
-    x = torch.randn(3, 17, 128, device=device, dtype=dtype)
+    x = torch.randn(3, 17, 128, device=device, dtype=torch.bfloat16)
     out, reference = both_paths(layer, x)
-    assert out.dtype == dtype
-    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
-    torch.testing.assert_close(out.float(), reference.float(), rtol=tolerance, atol=tolerance)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), reference.float(), rtol=2e-2, atol=2e-2)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -77,6 +73,10 @@ def test_kernels_decline_unsupported_inputs():
     codes = torch.randint(0, 16, (64, 128), dtype=torch.uint8)
     assert kernels.int4_pack_for_kernel(codes) is not None
     assert kernels.int4_kernel_dtype(torch.randn(4, 128, dtype=torch.float64), 32) is None
+    # fp32/fp16 dequantize: the CPU kernel takes them, but 40 ms against 0.3 ms in bf16 (576 x 1536, 32 rows)
+    assert kernels.int4_kernel_dtype(torch.randn(4, 128), 32) is None
+    assert kernels.int4_kernel_dtype(torch.randn(4, 128, dtype=torch.float16), 32) is None
+    assert kernels.int4_kernel_dtype(torch.randn(4, 128, dtype=torch.bfloat16), 32) == torch.bfloat16
     assert kernels.int4_kernel_dtype(torch.randn(4, 128), 48) is None  # tinygemm groups: 32, 64, 128, 256
     layer = converted_layer("4w", "cpu", group_size=32)
     assert isinstance(layer, QuantizedLinear)

@@ -4,7 +4,8 @@ Each function returns None when its kernel cannot run on these inputs (device, d
 caller falls back to the dequantize path. Every kernel computes the same product as the dequantize path
 up to float accumulation order:
 - `int4_weight_only_mm` (`4w`): `torch._weight_int4pack_mm_for_cpu` on CPU, `torch._weight_int4pack_mm`
-  on CUDA (bf16), with tinygemm's `(q - 8) * scale + zero` dequantization;
+  on CUDA, both for bf16 activations (the CPU kernel takes fp32/fp16 too, but 30-100x slower than the
+  float matmul, so those dequantize), with tinygemm's `(q - 8) * scale + zero` dequantization;
 - `int8_mm` (`8da8w`): `torch._int_mm` on int8 activation and weight codes, then both scales;
 - `fp8_scaled_mm` (`fp8`): `torch._scaled_mm` with row-wise scales.
 """
@@ -42,8 +43,6 @@ def int4_kernel_dtype(x2d: Tensor, group_size: int) -> Optional[torch.dtype]:
     """The compute dtype the device's int4 kernel takes for these activations, or None (no kernel)."""
     if group_size not in (32, 64, 128, 256) or x2d.shape[-1] % group_size:
         return None
-    if x2d.device.type == "cpu":
-        return x2d.dtype if x2d.dtype in (torch.float32, torch.bfloat16, torch.float16) else None
     return torch.bfloat16 if x2d.dtype == torch.bfloat16 else None
 
 
