@@ -28,16 +28,20 @@ class FakeQuantAfterNSteps:
 
     The state is derived, never remembered, so a run resumed from any checkpoint (before or after N)
     is in the right state; `set_fake_quant` is only called when the wanted state differs from the
-    last one applied (the first call always applies).
+    last one applied (the first call always applies). A quantizer without `set_fake_quant` (e.g.
+    torchao's) is left as its `prepare` made it: fake-quantized from the start, the only schedule it
+    can follow.
     """
 
     def __init__(self, quantizer: Any, model: nn.Module, after_n_steps: Optional[int]) -> None:
         if after_n_steps is not None and after_n_steps < 0:
             raise QattuneError(f"fake_quant_after_n_steps must be >= 0 or null, got {after_n_steps}")
-        if not callable(getattr(quantizer, "set_fake_quant", None)):
+        self.toggles = callable(getattr(quantizer, "set_fake_quant", None))
+        if not self.toggles and after_n_steps:
             raise QattuneError(
                 f"quantizer {type(quantizer).__name__} has no set_fake_quant(model, enabled), which "
-                "fake_quant_after_n_steps needs; use qattune.quant.QATQuantizer or remove fake_quant_after_n_steps"
+                f"fake_quant_after_n_steps={after_n_steps} needs; use qattune.quant.QATQuantizer, or set "
+                "fake_quant_after_n_steps=null (fake quantization from the start)"
             )
         self.quantizer = quantizer
         self.model = model
@@ -46,7 +50,7 @@ class FakeQuantAfterNSteps:
 
     def on_step_start(self, step: int) -> None:
         wanted = fake_quant_enabled_at(step, self.after_n_steps)
-        if wanted != self.applied:
+        if self.toggles and wanted != self.applied:
             self.quantizer.set_fake_quant(self.model, wanted)
             self.applied = wanted
 

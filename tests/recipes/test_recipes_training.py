@@ -523,3 +523,18 @@ def test_qat_lora_refuses_training_the_frozen_base_quantization(tmp_path, gptq):
         "error: quantizer.range_learning=true trains the base model's quantization, which qat_lora keeps frozen "
         "(only the adapters train): remove it, or train the whole model with qat_distributed")
     assert not (tmp_path / "out").exists()
+
+
+def test_torchaos_qat_quantizer_trains_like_qattunes_8da4w(tmp_path):
+    """DESIGN §3: any object with prepare/convert may be the quantizer. torchao's 8da4w QAT has no
+    set_fake_quant, so it fake-quantizes from the start; qattune's, from the start too, gives its losses."""
+    pytest.importorskip("torchao.quantization.qat")
+    small = [o for o in SMALL if not o.startswith("max_steps")] + ["max_steps_per_epoch=3", "fake_quant_after_n_steps=null"]
+    torchao = ["quantizer._component_=torchao.quantization.qat.Int8DynActInt4WeightQATQuantizer",
+               "~quantizer.scheme", "~quantizer.group_size", "+quantizer.groupsize=32"]
+    run_cli("qat_distributed", "--config", "tiny/qat_full", f"output_dir={tmp_path / 'torchao'}", *torchao, *small)
+    run_cli("qat_distributed", "--config", "tiny/qat_full", f"output_dir={tmp_path / 'qattune'}", *small)
+    theirs, ours = ([r["loss"] for r in metrics(tmp_path / run)] for run in ("torchao", "qattune"))
+    assert theirs[0] == ours[0] and theirs == pytest.approx(ours, abs=1e-3)
+    info = json.loads((tmp_path / "torchao" / "step_3" / "qattune_training.json").read_text())
+    assert info["quantizer"] == {"component": "Int8DynActInt4WeightQATQuantizer"}

@@ -125,8 +125,12 @@ def test_lr_schedules_follow_their_formulas():
 def test_fake_quant_rule_and_hook_checks():
     assert [fake_quant_enabled_at(s, 2) for s in range(4)] == [False, False, True, True]
     assert fake_quant_enabled_at(0, None) and fake_quant_enabled_at(0, 0)
-    with pytest.raises(QattuneError, match="quantizer object has no set_fake_quant"):
+    with pytest.raises(QattuneError, match=re.escape(
+            "quantizer object has no set_fake_quant(model, enabled), which fake_quant_after_n_steps=3 needs; use "
+            "qattune.quant.QATQuantizer, or set fake_quant_after_n_steps=null (fake quantization from the start)")):
         FakeQuantAfterNSteps(object(), make_model(), 3)
+    for from_the_start in (None, 0):  # what prepare did already: nothing to switch (torchao's quantizers)
+        FakeQuantAfterNSteps(object(), make_model(), from_the_start).on_step_start(0)
     with pytest.raises(QattuneError, match="must be >= 0 or null, got -1"):
         FakeQuantAfterNSteps(RecordingQuantizer(), make_model(), -1)
 
