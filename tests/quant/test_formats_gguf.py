@@ -84,6 +84,18 @@ def test_q4_0_all_zero_block_uses_code_8():
     assert torch.all(GGUFQ4_0().dequantize(q) == 0)
 
 
+@pytest.mark.parametrize("fmt, qtype", [(GGUFQ8_0, GGMLQuantizationType.Q8_0), (GGUFQ4_0, GGMLQuantizationType.Q4_0)])
+def test_blocks_too_small_for_a_float16_scale_decode_to_zero_not_nan(fmt, qtype):
+    """1 / d overflows below ~4e-37: fake quantization gave inf * 0 = NaN where llama.cpp decodes 0."""
+    x = torch.full((3, 32), 1e-39)
+    x[1, ::2] = 0.0  # zeros beside tiny values: 0 * inf was NaN too
+    x[2] = torch.linspace(-3e-38, 3e-38, 32)
+    fake, _ = fmt().fake_quantize_with_mask(x)
+    reference = quants.dequantize(quants.quantize(x.numpy(), qtype), qtype)
+    assert torch.equal(fake, torch.zeros_like(x)) and np.array_equal(reference, np.zeros((3, 32), np.float32))
+    assert torch.equal(fmt().dequantize(fmt().quantize(x)), fake)
+
+
 def test_quantizes_along_rows_of_any_rank():
     x = torch.randn(2, 3, 64)
     q = GGUFQ4_0().quantize(x)

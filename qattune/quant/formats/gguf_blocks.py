@@ -35,8 +35,10 @@ def trunc_plus_8_5(t: Tensor) -> Tensor:
 
 
 def _reciprocal_or_zero(d: Tensor) -> Tensor:
-    """1 / d, and 0 where d == 0 (llama.cpp's `id = d ? 1.0f/d : 0.0f`)."""
-    return torch.where(d == 0, torch.zeros_like(d), reciprocal(d))
+    """1 / d, and 0 where d == 0 (llama.cpp's `id = d ? 1.0f/d : 0.0f`) or where 1 / d overflows (a block
+    of magnitudes below ~4e-37, whose float16 d is 0 anyway: its values decode to 0, not to inf * 0)."""
+    inverse = reciprocal(d)
+    return torch.where(torch.isfinite(inverse), inverse, torch.zeros_like(inverse))
 
 
 def round_half_away(v: Tensor) -> Tensor:
