@@ -7,7 +7,9 @@ even in the element format and saturate at its largest finite value.
 Storage: `QuantizedTensor.scale` holds the E8M0 scale as its uint8 BIASED EXPONENT (code = e + 127,
 as MX hardware stores it; `scale.view(torch.float8_e8m0fnu)` is the same bytes as torch's E8M0 dtype);
 `codes` is float8_e4m3fn (mxfp8) or uint8 E2M1 codes 0..15 (mxfp4). Codes and scales equal torchao's
-`prototype.mx_formats.to_mx(..., ScaleCalculationMode.FLOOR)` bit for bit.
+`prototype.mx_formats.to_mx(..., ScaleCalculationMode.FLOOR)` bit for bit, except in blocks whose
+largest magnitude is a float32 subnormal (below 2**-126): there the elements are `x / 2**-127` as the
+OCP spec says, where torchao's differ.
 """
 
 from __future__ import annotations
