@@ -17,6 +17,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _args import positive_int
+
 PROBE = (
     "import sys, runpy; sys.argv = ['qattune', *sys.argv[1:]]\n"
     "try:\n    runpy.run_module('qattune.cli.main', run_name='__main__')\n"
@@ -49,7 +51,7 @@ def time_command(args: list[str], runs: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=7)
+    parser.add_argument("--runs", type=positive_int, default=7, help="cold starts per verb (median of them)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         config = _config(Path(tmp))

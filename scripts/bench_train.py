@@ -52,6 +52,7 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import nn
 
+from _args import check_cuda, check_widths, non_negative_int, positive_int, scheme_block_size
 from qattune.models import apply_lora, llama
 from qattune.quant import QATQuantizer
 from qattune.quant.schemes import SCHEMES
@@ -75,6 +76,8 @@ class ModelShape:
     batch_size: int
     dtype: str
 
+
+DTYPES = ("float32", "bfloat16", "float16")
 
 DEFAULT_SHAPES = {
     "cpu": ModelShape(4, 512, 8, 8, 1536, 32_000, 256, 4, "float32"),
@@ -291,6 +294,19 @@ def run(shape: ModelShape, device: str, variants: dict[str, Callable], modes: li
     return results
 
 
+def check_shape(parser: argparse.ArgumentParser, shape: ModelShape) -> None:
+    """Refuse sizes the Llama cannot be built with (as `TransformerConfig` would, but naming the options)."""
+    if shape.embed_dim % shape.num_heads:
+        parser.error(f"--embed-dim {shape.embed_dim}: must be a multiple of --num-heads {shape.num_heads} "
+                     f"(each head gets embed_dim / num_heads channels)")
+    if shape.num_heads % shape.num_kv_heads:
+        parser.error(f"--num-heads {shape.num_heads}: must be a multiple of --num-kv-heads {shape.num_kv_heads} "
+                     f"(grouped-query attention shares each kv head among num_heads / num_kv_heads heads)")
+    if (shape.embed_dim // shape.num_heads) % 2:
+        parser.error(f"--embed-dim {shape.embed_dim} / --num-heads {shape.num_heads} = head size "
+                     f"{shape.embed_dim // shape.num_heads}: must be even (rotary embeddings rotate pairs)")
+
+
 def _round(value: Optional[float]) -> Optional[float]:
     return None if value is None else round(value, 3)
 
@@ -310,26 +326,26 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", default=None,
                         help="only these variant names (e.g. plain qat/8da4w torchao/8da4w)")
     parser.add_argument("--no-torchao", action="store_true", help="leave out torchao's 8da4w QAT")
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--steps", type=int, default=1, help="timed steps per visit")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed steps per visit")
+    parser.add_argument("--rounds", type=positive_int, default=5)
+    parser.add_argument("--steps", type=positive_int, default=1, help="timed steps per visit")
+    parser.add_argument("--warmup", type=non_negative_int, default=1, help="untimed steps per visit")
     for field_name, field_type in ModelShape.__annotations__.items():
-        parser.add_argument(f"--{field_name.replace('_', '-')}", type=int if field_type == "int" else str,
-                            default=None, help="override the device's default model/batch size")
+        if field_type == "int":
+            parser.add_argument(f"--{field_name.replace('_', '-')}", type=positive_int, default=None,
+                                help="override the device's default model/batch size")
+        else:
+            parser.add_argument(f"--{field_name}", choices=DTYPES, default=None,
+                                help="override the device's default dtype")
     parser.add_argument("--cpu-allocator", choices=["keep_freed", "default"], default="keep_freed",
                         help="on CPU: glibc malloc as the training recipes set it (keep_freed: "
                              "qattune.training.host_allocator) or as it comes")
     parser.add_argument("--out", default=None, help="also write the JSON here")
     args = parser.parse_args()
-    cpu_allocator = "n/a"
-    if args.device == "cpu":
-        os.environ[ENV_VAR] = args.cpu_allocator
-        cpu_allocator = "keep_freed" if keep_freed_host_memory() else "default"
-
-    torch._dynamo.config.recompile_limit = 64  # one graph per variant's block
+    check_cuda(parser, "--device", [args.device])
     shape_fields = asdict(DEFAULT_SHAPES[args.device])
     shape_fields.update({k: v for k, v in vars(args).items() if k in shape_fields and v is not None})
     shape = ModelShape(**shape_fields)
+    check_shape(parser, shape)
     variants = all_variants(args.schemes, torchao_available() and not args.no_torchao,
                             args.schemes if args.variants else DEFAULT_RECOMPUTE_SCHEMES)
     if args.variants:
@@ -337,6 +353,15 @@ def main() -> None:
         if unknown:
             parser.error(f"unknown variants {unknown}; choose from {sorted(variants)}")
         variants = {name: fn for name, fn in variants.items() if name in args.variants or name == "plain"}
+    schemes = sorted({name.split("/")[1] for name in variants if "/" in name})
+    check_widths(parser, {"--embed-dim": shape.embed_dim, "--intermediate-dim": shape.intermediate_dim},
+                 {scheme: scheme_block_size(scheme) for scheme in schemes}, "--schemes/--variants")
+    cpu_allocator = "n/a"
+    if args.device == "cpu":
+        os.environ[ENV_VAR] = args.cpu_allocator
+        cpu_allocator = "keep_freed" if keep_freed_host_memory() else "default"
+
+    torch._dynamo.config.recompile_limit = 64  # one graph per variant's block
     load_before = _load_average()
     start = time.time()
     results = run(shape, args.device, variants, args.modes, args.rounds, args.warmup, args.steps)

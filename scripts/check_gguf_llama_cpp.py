@@ -18,9 +18,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
+import shutil
 import subprocess
 import tempfile
 from pathlib import Path
+
+from _args import positive_int
+
+INSTALL = "npm install --prefix /tmp/nlc node-llama-cpp@3.22.1"
 
 NODE_SCRIPT = r"""
 import {getLlama} from "node-llama-cpp";
@@ -48,9 +54,39 @@ def llama_cpp_greedy(gguf: Path, prompt: str, count: int, node_modules: Path) ->
         proc = subprocess.run(["node", str(script), str(gguf), prompt, str(count)], capture_output=True, text=True,
                               timeout=600, env={**os.environ, "NODE_LLAMA_CPP_SKIP_DOWNLOAD": "true"})
     if proc.returncode != 0:
-        last = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit code {proc.returncode}"
-        raise SystemExit(f"node-llama-cpp failed: {last}")
+        raise SystemExit(f"node-llama-cpp failed: {node_error(proc.stderr, proc.returncode)}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def node_error(stderr: str, returncode: int) -> str:
+    """The line of Node.js's stderr that says what went wrong (its first `...Error: ...` line; Node.js
+    ends a crash with its own version, which says nothing)."""
+    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+    errors = [line for line in lines if re.match(r"^(\w+\.)*\w*Error\b", line)]
+    if errors:
+        return errors[0]
+    lines = [line for line in lines if not line.startswith("Node.js v")]
+    return lines[-1] if lines else f"exit code {returncode}"
+
+
+def check_paths(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse missing inputs before anything runs."""
+    if not args.gguf.is_file():
+        parser.error(f"--gguf {args.gguf}: no such file; give the .gguf file qattune exported "
+                     f"(OUT/quantized/model-q4_0.gguf)")
+    with open(args.gguf, "rb") as f:
+        if f.read(4) != b"GGUF":
+            parser.error(f"--gguf {args.gguf}: not a GGUF file (it does not start with 'GGUF')")
+    if args.quantized is not None and not args.quantized.is_dir():
+        parser.error(f"--quantized {args.quantized}: no such folder; give qattune's quantized model folder")
+    if not args.node_modules.is_dir():
+        parser.error(f"--node-modules {args.node_modules}: no such folder; install node-llama-cpp with "
+                     f"`{INSTALL}` and pass /tmp/nlc/node_modules")
+    if not (args.node_modules / "node-llama-cpp").is_dir():
+        parser.error(f"--node-modules {args.node_modules}: holds no node-llama-cpp; install it with `{INSTALL}` "
+                     f"and pass /tmp/nlc/node_modules")
+    if shutil.which("node") is None:
+        parser.error("Node.js (`node`) is not on PATH: install Node.js 20 or later to run node-llama-cpp")
 
 
 def qattune_greedy(model_path: Path, prompt_tokens: list[int], reference: list[int]) -> dict:
@@ -87,8 +123,9 @@ def main() -> None:
     parser.add_argument("--quantized", type=Path, default=None, help="qattune's quantized folder (default: the GGUF's)")
     parser.add_argument("--node-modules", type=Path, required=True)
     parser.add_argument("--prompt", default="The `for` statement in Python is used to")
-    parser.add_argument("--tokens", type=int, default=48)
+    parser.add_argument("--tokens", type=positive_int, default=48, help="greedy tokens to compare")
     args = parser.parse_args()
+    check_paths(parser, args)
     from qattune.tokenizers import gguf_tokenizer
 
     reference = llama_cpp_greedy(args.gguf, args.prompt, args.tokens, args.node_modules)

@@ -29,10 +29,10 @@ for part in $parts; do
         tests/quant/test_formats_float.py::test_divide_by_is_exact_in_compiled_cuda_code 2>&1 | tee "$out/tests.log" ;;
     generate)  # every scheme, the decode step replayed from a CUDA graph
       timeout 200 $python scripts/bench_generate.py --devices cuda --model llama3.2-1b --new-tokens 64 --cuda-graph \
-        --schemes 4w 4w:64 8w 8da8w fp8 8da4w q4_0 --out "$out/generate_graph.json" 2>&1 | grep -v '^{' ;;
+        --schemes 4w 4w:64 8w 8da8w fp8 8da4w q4_0 --out "$out/generate_graph.json" 2>&1 >/dev/null | grep -v '^{' ;;
     generate_compile)  # compiled (fused) and replayed: the weight-read-bound figure
       timeout 300 $python scripts/bench_generate.py --devices cuda --model llama3.2-1b --new-tokens 64 --compile \
-        --cuda-graph --schemes 4w 4w:64 --out "$out/generate_compile_graph.json" 2>&1 | grep -v '^{' ;;
+        --cuda-graph --schemes 4w 4w:64 --out "$out/generate_compile_graph.json" 2>&1 >/dev/null | grep -v '^{' ;;
     profile)
       for sort in device cpu; do
         timeout 200 $python scripts/profile_train_step.py --device cuda --variants plain qat/8da4w qat/4w --sort $sort \

@@ -7,7 +7,9 @@ CPU the first three still page-fault through memory the heap has not held yet, w
 tensors' operators several times over, e.g. the loss's log-softmax backward), then one step
 with memory figures (allocated after the forward, peak of the step; CUDA only), then one step under
 `torch.profiler`, whose operator table (sorted by self device time on CUDA, self CPU time on CPU or with
-`--sort cpu`: where launch overhead starves the GPU) is printed and, with `--out`, written to `DIR/profile_<variant>.txt`.
+`--sort cpu`: where launch overhead starves the GPU) is printed and, with `--out`, written to
+`DIR/profile_<sort>_<variant>.txt` (`<sort>`: `device` or `cpu` as `--sort`; `/` in the variant becomes `_`,
+e.g. `DIR/profile_device_qat_8da4w.txt`).
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import bench_train
+from _args import check_cuda, non_negative_int, positive_int
+from qattune.quant.schemes import SCHEMES
 from qattune.training.host_allocator import keep_freed_host_memory
 
 _GIB = 1024**3
@@ -47,16 +51,28 @@ def memory_of_one_step(state: bench_train.TrainState, device: str) -> dict[str, 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--variants", nargs="+", default=["plain", "qat/8da4w"])
-    parser.add_argument("--rows", type=int, default=25)
-    parser.add_argument("--warmup", type=int, default=4, help="untimed steps before the profiled one")
+    every_variant = bench_train.all_variants(list(SCHEMES), with_torchao=True, recompute_schemes=list(SCHEMES))
+    parser.add_argument("--variants", nargs="+", default=["plain", "qat/8da4w"], choices=list(every_variant),
+                        metavar="VARIANT", help=f"of: {', '.join(every_variant)}")
+    parser.add_argument("--rows", type=positive_int, default=25)
+    parser.add_argument("--warmup", type=non_negative_int, default=4, help="untimed steps before the profiled one")
     parser.add_argument("--sort", choices=["device", "cpu"], default="device",
                         help="order operators by self device time (CPU time on CPU) or by self CPU time")
-    parser.add_argument("--out", default=None)
+    parser.add_argument("--out", default=None, metavar="DIR", help="also write each variant's table here")
     args = parser.parse_args()
+    check_cuda(parser, "--device", [args.device])
+    if "torchao/8da4w" in args.variants and not bench_train.torchao_available():
+        parser.error("--variants torchao/8da4w: torchao is not installed or does not load with this torch "
+                     f"({torch.__version__}); install torchao or leave that variant out")
+    if args.out:
+        try:
+            Path(args.out).mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            parser.error(f"--out {args.out}: cannot create the folder ({err.strerror}); write elsewhere")
     shape = bench_train.DEFAULT_SHAPES[args.device]
-    variants = bench_train.all_variants([v.split("/")[1] for v in args.variants if v.startswith("qat/")],
-                                        with_torchao="torchao/8da4w" in args.variants)
+    schemes = sorted({v.split("/")[1] for v in args.variants if "/" in v})
+    variants = bench_train.all_variants(schemes, with_torchao="torchao/8da4w" in args.variants,
+                                        recompute_schemes=schemes)
     torch.manual_seed(1)
     batch = [torch.randint(0, shape.vocab_size, (shape.batch_size, shape.seq_len), device=args.device) for _ in range(2)]
     sort_key = "self_cuda_time_total" if args.device == "cuda" and args.sort == "device" else "self_cpu_time_total"
@@ -64,8 +80,6 @@ def main() -> None:
     if args.device == "cpu":
         keep_freed_host_memory()  # as bench_train.py and the training recipes run on CPU
     summary = {}
-    if args.out:
-        Path(args.out).mkdir(parents=True, exist_ok=True)
     for name in args.variants:
         state = bench_train.TrainState(variants[name](bench_train.build_float_model(shape, args.device)), *batch)
         for _ in range(args.warmup):
