@@ -74,6 +74,20 @@ def compile_blocks(model: nn.Module, layers_attr: str = "layers", **compile_kwar
     return model
 
 
+def modules_of_another_dtype(model: nn.Module) -> list[nn.Module]:
+    """Modules whose own trainable parameters have another dtype than most of the model's. FSDP2 needs
+    one dtype per group, so each gets a group of its own (and keeps its dtype: no cast)."""
+    counts: dict[torch.dtype, int] = {}
+    for param in model.parameters():
+        if param.requires_grad:
+            counts[param.dtype] = counts.get(param.dtype, 0) + param.numel()
+    if len(counts) < 2:
+        return []
+    main = max(counts, key=counts.__getitem__)
+    return [module for module in model.modules()
+            if any(p.requires_grad and p.dtype != main for p in module.parameters(recurse=False))]
+
+
 def shard_model(
     model: nn.Module,
     layers_attr: str = "layers",
@@ -94,6 +108,8 @@ def shard_model(
     device_type = device_type or next(model.parameters()).device.type
     mesh = init_device_mesh(device_type, (dist.get_world_size(),))
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+    for module in modules_of_another_dtype(model):  # e.g. fp32 learned scales in a bf16 model
+        fully_shard(module, mesh=mesh, reshard_after_forward=reshard_after_forward)
     blocks = transformer_blocks(model, layers_attr)
     for index, block in enumerate(blocks):
         # the last block's backward starts right after its forward: keep it gathered

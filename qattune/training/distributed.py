@@ -57,6 +57,10 @@ def parse_device(device: str) -> torch.device:
                            "use cpu, cuda, cuda:N or mps") from err
     if target.type == "cuda" and not torch.cuda.is_available():
         raise QattuneError(f"device '{device}' was requested but no CUDA GPU is visible; set device=cpu")
+    if target.type == "cuda" and target.index is not None and target.index >= torch.cuda.device_count():
+        count = torch.cuda.device_count()
+        raise QattuneError(f"device={device}: this machine shows {count} CUDA GPU(s), cuda:0 to cuda:{count - 1}; "
+                           "pick one of those (CUDA_VISIBLE_DEVICES renumbers them from 0)")
     return target
 
 
@@ -68,6 +72,10 @@ def init_distributed(device: Optional[str] = None) -> DistInfo:
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if target.type == "cuda":
+        if world_size > 1 and target.index is not None and target.index != local_rank:
+            raise QattuneError(f"device={device} under torchrun: each process trains on its own GPU, "
+                               f"cuda:LOCAL_RANK (here cuda:{local_rank}); set device=cuda, and choose the GPUs "
+                               "with CUDA_VISIBLE_DEVICES")
         target = torch.device("cuda", local_rank if target.index is None else target.index)
         torch.cuda.set_device(target)
     if world_size > 1 and not dist.is_initialized():

@@ -21,6 +21,8 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     dtype = _DTYPES.get(str(name).lower())
     if dtype is None:
         raise QattuneError(f"dtype '{name}' is not supported; use one of fp32, bf16, fp16")
-    if dtype == torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise QattuneError(f"dtype bf16 is not supported by GPU {torch.cuda.get_device_name(device)}; use dtype=fp32")
+    native = device.type != "cuda" or torch.cuda.is_bf16_supported(including_emulation=False)
+    if dtype == torch.bfloat16 and not native:  # (emulated bf16 on V100/T4 runs, slowly)
+        raise QattuneError(f"dtype bf16 is not supported natively by GPU {torch.cuda.get_device_name(device)}; "
+                           "use dtype=fp32")
     return dtype

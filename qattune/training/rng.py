@@ -14,8 +14,8 @@ def rng_state() -> dict[str, Any]:
     kind, keys, pos, has_gauss, cached_gauss = np.random.get_state()
     numpy_state = (kind, keys.tolist(), int(pos), int(has_gauss), float(cached_gauss))  # plain types: weights_only loads
     state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if torch.cuda.is_available():  # this process's device only: a resume may see other devices
+        state["cuda"] = torch.cuda.get_rng_state(torch.cuda.current_device())
     return state
 
 
@@ -26,4 +26,8 @@ def set_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached_gauss))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        saved, device = state["cuda"], torch.cuda.current_device()
+        if isinstance(saved, (list, tuple)):  # checkpoints before 2026-11 held every visible device's
+            saved = saved[device] if device < len(saved) else None
+        if saved is not None:
+            torch.cuda.set_rng_state(saved, device)

@@ -60,16 +60,25 @@ def test_fp8_scaled_mm_kernel(device):
     if device == "cuda" and torch.cuda.get_device_capability() < (8, 9):
         pytest.skip("FP8 _scaled_mm needs compute capability 8.9+")
     layer = converted_layer("fp8", device)
-    x = torch.randn(2, 16, 128, device=device)
+    # CUDA's kernel writes bf16 with row-wise scales: it serves bf16 activations, fp32 ones dequantize
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    x = torch.randn(2, 16, 128, device=device, dtype=dtype)
     try:
         out, reference = both_paths(layer, x)
     except RuntimeError as err:  # a build without an FP8 GEMM for this device
         pytest.skip(f"torch._scaled_mm unavailable here: {err}")
-    tolerance = 1e-2 if device == "cuda" else 1e-5  # CUDA's kernel rounds its output to bf16
-    torch.testing.assert_close(out, reference, rtol=tolerance, atol=tolerance)
+    tolerance = 1e-2 if device == "cuda" else 1e-5
+    torch.testing.assert_close(out.float(), reference.float(), rtol=tolerance, atol=tolerance)
+    if device == "cuda":
+        assert layer._kernel_forward(x.float().reshape(-1, 128)) is None
 
 
 def test_kernels_decline_unsupported_inputs():
+    # devices without the ops (MPS; meta stands in for it here) fall back to the dequantize path
+    codes8 = torch.zeros(32, 32, dtype=torch.int8, device="meta")
+    scales = torch.ones(32, 1, device="meta")
+    assert kernels.int8_mm(codes8, scales, codes8, scales, torch.float32) is None
+    assert kernels.fp8_scaled_mm(codes8, scales, codes8, scales, torch.float32) is None
     codes = torch.randint(0, 16, (64, 128), dtype=torch.uint8)
     assert kernels.int4_pack_for_kernel(codes) is not None
     assert kernels.int4_kernel_dtype(torch.randn(4, 128, dtype=torch.float64), 32) is None

@@ -47,10 +47,17 @@ def test_4w_with_an_odd_output_width_reloads_and_computes_what_was_trained(tmp_p
     assert kernels.int4_pack_for_kernel(torch.zeros(256, 64, dtype=torch.uint8)) is not None
     with torch.no_grad():
         logits = loaded(IDS)
-    head = loaded.output
-    assert isinstance(head, QuantizedLinear) and head._kernel_weight is None  # dequantize path for 260 rows
-    assert loaded.layers[0].attn.q_proj._kernel_weight is not None  # the 64-row layers use the kernel
     torch.testing.assert_close(logits, fake, rtol=1e-4, atol=1e-4)
+    head, q_proj = loaded.output, loaded.layers[0].attn.q_proj
+    assert isinstance(head, QuantizedLinear) and head._kernel_weight is None  # fp32: the kernel is not tried
+    with torch.no_grad():
+        loaded.to(torch.bfloat16)(IDS)  # the CPU kernel's dtype
+    refused = head._kernel_weight
+    assert refused == (torch.device("cpu"), None)  # dequantize path for 260 rows, and remembered as such
+    assert q_proj._kernel_weight[1] is not None  # the 64-row layers use the kernel
+    with torch.no_grad():
+        loaded(IDS)
+    assert head._kernel_weight is refused  # not unpacked and tried again on every call
 
 
 @pytest.fixture(scope="module")

@@ -119,6 +119,25 @@ def test_a_checkpoint_only_rank0_reads_fails_in_one_line_under_torchrun(qat_run,
                       f"checkpoint {qat_run / 'step_4'} lacks"], proc.stderr[-2000:]
 
 
+def test_two_processes_learn_fp32_ranges_in_a_bf16_model(tmp_path):
+    """FSDP2 wants one dtype per group: the fp32 learned scales of a bf16 model get groups of their own
+    (every rank died in fully_shard's dtype check) and train as in one process."""
+    from safetensors.torch import load_file
+
+    small = [o for o in SMALL if not o.startswith(("batch_size", "max_steps", "save_every"))]
+    bf16 = ["dtype=bf16", "+quantizer.range_learning=true", "fake_quant_after_n_steps=null", "max_steps_per_epoch=3",
+            "save_every_n_steps=null", *small]
+    run_cli("qat_distributed", "--config", "tiny/qat_full", f"output_dir={tmp_path / 'one'}", "batch_size=4", *bf16)
+    run_cli("qat_distributed", "--config", "tiny/qat_full", f"output_dir={tmp_path / 'two'}", "batch_size=2", *bf16,
+            nproc=2)
+    one, two = ([r["loss"] for r in metrics(tmp_path / run)] for run in ("one", "two"))
+    assert two == pytest.approx(one, abs=2e-3)
+    scales = load_file(tmp_path / "two" / "step_3" / "extra_state.safetensors")
+    assert scales["layers.0.attn.q_proj.weight_range_learner.scale"].dtype == torch.float32
+    model = load_file(tmp_path / "two" / "step_3" / "model.safetensors")
+    assert model["model.layers.0.self_attn.q_proj.weight"].dtype == torch.bfloat16
+
+
 def test_two_processes_resume_a_stateless_optimizer(tmp_path):
     """SGD without momentum saves no per-parameter state; torch's sharded loader asserted on it.
     Warnings come once, not once per rank."""

@@ -277,6 +277,28 @@ def test_rng_state_round_trip_through_a_weights_only_file(tmp_path):
     assert (random.random(), float(np.random.rand()), torch.rand(3).tolist()) == first
 
 
+def test_cuda_rng_state_is_this_devices_only(monkeypatch):
+    """A resume that sees fewer GPUs than the save did (CUDA_VISIBLE_DEVICES, a smaller node) restores
+    the state of its own device; torch's set_rng_state_all indexed past the visible ones."""
+    from qattune.training import rng
+
+    restored = {}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device: torch.full((4,), device, dtype=torch.uint8))
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: restored.update({device: state.tolist()}))
+    state = rng.rng_state()
+    assert state["cuda"].tolist() == [1, 1, 1, 1]
+    rng.set_rng_state(state)
+    assert restored == {1: [1, 1, 1, 1]}
+    restored.clear()  # an older checkpoint's list of every visible device's states
+    rng.set_rng_state({**state, "cuda": [torch.zeros(4, dtype=torch.uint8), torch.full((4,), 7, dtype=torch.uint8)]})
+    assert restored == {1: [7, 7, 7, 7]}
+    restored.clear()
+    rng.set_rng_state({**state, "cuda": [torch.zeros(4, dtype=torch.uint8)]})  # saved where one GPU was visible
+    assert restored == {}
+
+
 def test_damaged_recipe_state_is_one_clear_line(tmp_path):
     (tmp_path / "recipe_state.pt").write_bytes(b"not a checkpoint")
     from qattune.training.checkpoint_dirs import load_recipe_state
@@ -298,6 +320,25 @@ def test_unknown_device_is_one_clear_line(device, says):
     assert str(err.value).startswith(says) and str(err.value).endswith("use cpu, cuda, cuda:N or mps")
     assert "\n" not in str(err.value)
     assert parse_device("cpu") == torch.device("cpu")
+
+
+def test_cuda_device_indices_are_checked(monkeypatch):
+    """A GPU that is not there, or one GPU for every torchrun process, is one line (CUDA faked: the
+    checks run before any CUDA call)."""
+    from qattune.training import distributed
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(QattuneError, match=re.escape(
+            "device=cuda:5: this machine shows 2 CUDA GPU(s), cuda:0 to cuda:1; pick one of those "
+            "(CUDA_VISIBLE_DEVICES renumbers them from 0)")):
+        distributed.parse_device("cuda:5")
+    assert distributed.parse_device("cuda:1") == torch.device("cuda", 1)
+    monkeypatch.setenv("WORLD_SIZE", "2"), monkeypatch.setenv("RANK", "1"), monkeypatch.setenv("LOCAL_RANK", "1")
+    with pytest.raises(QattuneError, match=re.escape(
+            "device=cuda:0 under torchrun: each process trains on its own GPU, cuda:LOCAL_RANK (here cuda:1); "
+            "set device=cuda, and choose the GPUs with CUDA_VISIBLE_DEVICES")):
+        distributed.init_distributed("cuda:0")
 
 
 def test_unwritable_output_dir_is_one_clear_line(tmp_path):

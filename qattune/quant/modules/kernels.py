@@ -7,7 +7,8 @@ up to float accumulation order:
   on CUDA, both for bf16 activations (the CPU kernel takes fp32/fp16 too, but 30-100x slower than the
   float matmul, so those dequantize), with tinygemm's `(q - 8) * scale + zero` dequantization;
 - `int8_mm` (`8da8w`): `torch._int_mm` on int8 activation and weight codes, then both scales;
-- `fp8_scaled_mm` (`fp8`): `torch._scaled_mm` with row-wise scales.
+- `fp8_scaled_mm` (`fp8`): `torch._scaled_mm` with row-wise scales (on CUDA for bf16 outputs only).
+Other devices (MPS) have none of them.
 """
 
 from __future__ import annotations
@@ -63,8 +64,8 @@ def int8_mm(
     """`(x_codes * x_scale) @ (w_codes * w_scale).T` with an int32-accumulating int8 GEMM."""
     m, k = x_codes.shape
     n = w_codes.shape[0]
-    if x_codes.device.type == "cuda" and (m <= 16 or k % 8 or n % 8):
-        return None
+    if x_codes.device.type not in ("cpu", "cuda") or (x_codes.device.type == "cuda" and (m <= 16 or k % 8 or n % 8)):
+        return None  # (torch has no _int_mm for MPS)
     acc = torch._int_mm(x_codes.contiguous(), w_codes.t())
     return (acc.float() * x_scale.float() * w_scale.float().t()).to(out_dtype)
 
@@ -76,11 +77,14 @@ def fp8_scaled_mm(
     m, k = x_codes.shape
     n = w_codes.shape[0]
     if x_codes.device.type == "cuda":
-        if torch.cuda.get_device_capability(x_codes.device) < (8, 9) or k % 16 or n % 16:
+        # with row-wise scales the CUDA kernel writes bf16 only: other outputs would be rounded to it
+        if torch.cuda.get_device_capability(x_codes.device) < (8, 9) or k % 16 or n % 16 or out_dtype != torch.bfloat16:
             return None
         out_dtype_kernel = torch.bfloat16
-    else:
+    elif x_codes.device.type == "cpu":
         out_dtype_kernel = torch.float32
+    else:  # (torch has no _scaled_mm for MPS)
+        return None
     out = torch._scaled_mm(
         x_codes.contiguous(), w_codes.t(), scale_a=x_scale.float().reshape(m, 1).contiguous(),
         scale_b=w_scale.float().reshape(1, n).contiguous(), out_dtype=out_dtype_kernel,

@@ -91,7 +91,7 @@ class QuantizedLinear(_PackedWeightModule):
         self._init_packed(weight_format, (out_features, in_features), packed, weight_dtype)
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
         self.use_kernels = True
-        self._kernel_weight: Optional[tuple[torch.device, Tensor]] = None
+        self._kernel_weight: Optional[tuple[torch.device, Optional[Tensor]]] = None  # None: not tried yet
         self._kernel_tables: dict[torch.dtype, Tensor] = {}
 
     @classmethod
@@ -128,10 +128,10 @@ class QuantizedLinear(_PackedWeightModule):
         device and dtype: the packed weights never change after conversion), or None (no kernel)."""
         device = self.weight_packed.device
         if self._kernel_weight is None or self._kernel_weight[0] != device:
-            packed = kernels.int4_pack_for_kernel(self.quantized_weight().codes)
-            self._kernel_weight = None if packed is None else (device, packed)
+            # (device, None) remembers a refusal: unpacking the codes again every call cost 10x the matmul
+            self._kernel_weight = (device, kernels.int4_pack_for_kernel(self.quantized_weight().codes))
             self._kernel_tables = {}
-        if self._kernel_weight is None:
+        if self._kernel_weight[1] is None:
             return None
         table = self._kernel_tables.get(dtype)
         if table is None:
