@@ -15,7 +15,10 @@ degradation each other checkpoint recovered; it writes `output_dir/eval_results.
 back the least. Every checkpoint runs in the compute `dtype` (a quantized one keeps its packed codes and
 scales as stored), so a comparison is like with like. lm-eval tasks see at most `max_seq_length` tokens
 (torchtune's name for lm-eval's max_length; default the model's max_seq_len, at most 2048) and draw their
-few-shot examples and samples from `seed`, the same for every checkpoint.
+few-shot examples and samples from `seed`, the same for every checkpoint. `prefix_token_id` (lm-eval's
+model argument) is the token perplexity documents and empty lm-eval contexts are conditioned on: by
+default the tokenizer's bos, else its eos; lm-eval's HF backend takes the HF tokenizer's `bos_token` even
+where the model adds none (SmolLM2: `<|im_start|>`, 1), so `prefix_token_id=1` reproduces its scores.
 Before any model loads, every checkpoint, the tokenizer against each model's vocabulary, the tasks and
 the perplexity options are checked. eval_results.json is written again after each checkpoint, so an
 evaluation that fails part-way keeps the results of the checkpoints before it (the error says so).
@@ -46,6 +49,8 @@ class Config(RecipeConfig):
     batch_size: int = 8
     max_seq_length: Optional[int] = None  # lm-eval tasks' longest model input; default: the model's, at most 2048
     seed: int = 0  # lm-eval's Python, NumPy, torch and few-shot seeds, the same for every checkpoint
+    # the token documents (perplexity) and empty lm-eval contexts are conditioned on; default bos, else eos
+    prefix_token_id: Optional[int] = None
     device: Optional[str] = None  # default cpu
     dtype: Literal["fp32", "float32", "bf16", "bfloat16"] = "fp32"
     keep_dequantized: bool = True  # quantized layers without a kernel keep their dequantized weight (speed)
@@ -137,12 +142,14 @@ def _evaluate(cfg, model, tokenizer, ppl: Optional[dict], task_manager) -> tuple
     metrics: dict[str, float] = {}
     directions: dict[str, bool] = {}
     if ppl is not None:
-        result = perplexity(model, tokenizer, ppl["texts"], batch_size=cfg.batch_size, **ppl["windows"])
+        result = perplexity(model, tokenizer, ppl["texts"], batch_size=cfg.batch_size,
+                            prefix_token_id=cfg.prefix_token_id, **ppl["windows"])
         metrics.update(result.metrics())
         if ppl["per_document"]:
             metrics.update(result.per_document_metrics())
     if cfg.tasks:
-        lm = lm_eval_model(model, tokenizer, batch_size=cfg.batch_size, max_length=cfg.max_seq_length)
+        lm = lm_eval_model(model, tokenizer, batch_size=cfg.batch_size, max_length=cfg.max_seq_length,
+                           prefix_token_id=cfg.prefix_token_id)
         task_results = run_lm_eval(lm, list(cfg.tasks), list(cfg.task_dirs), num_fewshot=cfg.num_fewshot,
                                    limit=cfg.limit, random_seed=cfg.seed, task_manager=task_manager)
         metrics.update(task_results.flat())
@@ -174,6 +181,9 @@ def recipe(cfg) -> None:
     _warn_unused_max_seq_length(cfg)
     out = writable_directory(cfg.output_dir)
     tokenizer = instantiate(cfg.tokenizer)
+    if cfg.prefix_token_id is not None and not 0 <= cfg.prefix_token_id < tokenizer.vocab_size:
+        raise QattuneError(f"prefix_token_id={cfg.prefix_token_id} is not a token id of the tokenizer "
+                           f"(0 to {tokenizer.vocab_size - 1}); null: its bos, else eos")
     ppl = _perplexity_setup(cfg, _model_configs(cfg, checkpoints, tokenizer))
     task_manager = check_tasks(list(cfg.tasks), list(cfg.task_dirs)) if cfg.tasks else None
     results: dict[str, dict[str, float]] = {}

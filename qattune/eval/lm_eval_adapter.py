@@ -14,14 +14,18 @@ Conventions (those of lm-eval's Hugging Face model, `HFLM`):
 - `loglikelihood_rolling(text)`: lm-eval's own rolling windows (`get_rolling_token_windows` with context
   length 1 and `make_disjoint_window`) after the prefix token: every token is predicted exactly once;
 - `generate_until(context, gen_kwargs)`: KV-cache decoding (`qattune.generation.generate`), greedy unless
-  `do_sample` with a temperature > 0; stops at the tokenizer's stop tokens, at `max_gen_toks`, or at the
-  first `until` string, which is cut from the returned text.
+  sampling (`do_sample`, or when it is unset a temperature > 0, as lm-eval's `normalize_gen_kwargs`);
+  stops at the tokenizer's stop tokens, at `max_gen_toks` (or its aliases `max_new_tokens`,
+  `max_tokens`, `max_completion_tokens`), or at the first `until` string, which is cut from the returned
+  text. Prompts keep their last `max_length - max_gen_toks` tokens (a warning says when one is cut); a
+  generation kwarg qattune cannot honour, or `max_gen_toks >= max_length`, is one error line.
 """
 
 from __future__ import annotations
 
 import json
-from typing import Any, Optional, Sequence
+import logging
+from typing import Any, NamedTuple, Optional, Sequence
 
 from lm_eval import utils as lm_eval_utils
 from lm_eval.api.instance import Instance
@@ -29,9 +33,50 @@ from lm_eval.api.model import LM
 from torch import nn
 from tqdm import tqdm
 
+from qattune.errors import QattuneError
 from qattune.eval.perplexity import DEFAULT_MAX_SEQ_LEN, default_prefix_token
 from qattune.eval.scoring import score_windows
 from qattune.generation.decode import generate, model_dtype_and_device
+
+
+log = logging.getLogger(__name__)
+# lm-eval's names for the generation limit, in its priority order
+MAX_TOKEN_KEYS = ("max_gen_toks", "max_new_tokens", "max_tokens", "max_completion_tokens")
+HONOURED = ("until", *MAX_TOKEN_KEYS, "do_sample", "temperature", "top_k", "top_p")
+
+
+class GenerationSettings(NamedTuple):
+    until: list[str]
+    max_new_tokens: int
+    temperature: float  # 0: greedy
+    top_k: Optional[int]
+    top_p: Optional[float]
+
+
+def generation_settings(gen_kwargs: dict, default_max_new_tokens: int, max_length: int) -> GenerationSettings:
+    """A task's `generation_kwargs` as lm-eval's `normalize_gen_kwargs` reads them (limit aliases;
+    sampling when `do_sample` is unset and the temperature > 0), refusing what qattune cannot honour."""
+    kwargs = dict(gen_kwargs)
+    if kwargs.get("num_beams", 1) == 1:
+        kwargs.pop("num_beams", None)  # one beam is plain decoding
+    unknown = sorted(key for key in kwargs if key not in HONOURED)
+    if unknown:
+        raise QattuneError(f"a task's generation_kwargs {unknown} cannot be honoured by qattune's generate_until, "
+                           f"which reads {', '.join(HONOURED)}")
+    until = kwargs.get("until") or []
+    limits = [kwargs[key] for key in MAX_TOKEN_KEYS if kwargs.get(key) is not None]
+    max_new = int(limits[0]) if limits else default_max_new_tokens
+    if max_new >= max_length:
+        raise QattuneError(f"a task generates up to {max_new} tokens (max_gen_toks), which leaves no room for its "
+                           f"prompt in max_seq_length={max_length}: raise max_seq_length, or lower the task's "
+                           "max_gen_toks")
+    temperature = float(kwargs.get("temperature") or 0.0)
+    do_sample = kwargs.get("do_sample")
+    sampling = temperature > 0 if do_sample is None else bool(do_sample)
+    top_k, top_p = kwargs.get("top_k"), kwargs.get("top_p")
+    return GenerationSettings([until] if isinstance(until, str) else list(until), max_new,
+                              temperature if sampling else 0.0, None if top_k is None else int(top_k),
+                              None if top_p is None else float(top_p))
 
 
 class QattuneLM(LM):
@@ -67,6 +112,7 @@ class QattuneLM(LM):
         self.add_bos = add_bos
         self.prefix_token_id = default_prefix_token(tokenizer) if prefix_token_id is None else prefix_token_id
         self._device = model_dtype_and_device(model)[1]
+        self._warned_truncation = False
 
     # -- text <-> ids ------------------------------------------------------------------------------
     def tok_encode(self, text: str) -> list[int]:
@@ -138,21 +184,21 @@ class QattuneLM(LM):
         return results  # type: ignore[return-value]
 
     def _generate_batch(self, contexts: Sequence[str], gen_kwargs: dict) -> list[str]:
-        kwargs = dict(gen_kwargs)
-        until = kwargs.pop("until", None) or []
-        until = [until] if isinstance(until, str) else list(until)
-        max_new = int(kwargs.pop("max_gen_toks", self.max_gen_toks))
-        temperature = float(kwargs.pop("temperature", 0.0)) if kwargs.pop("do_sample", False) else 0.0
-        top_k, top_p = kwargs.pop("top_k", None), kwargs.pop("top_p", None)
-        keep = max(1, self.max_length - max_new)
-        prompts = [(self._bos() + self.tok_encode(c))[-keep:] for c in contexts]
+        settings = generation_settings(gen_kwargs, self.max_gen_toks, self.max_length)
+        until = settings.until
+        keep = self.max_length - settings.max_new_tokens
+        prompts = [self._bos() + self.tok_encode(c) for c in contexts]
+        if max(map(len, prompts)) > keep and not self._warned_truncation:
+            log.warning("generate_until: prompts longer than %d tokens (max_seq_length %d - max_gen_toks %d) keep "
+                        "their last %d tokens", keep, self.max_length, settings.max_new_tokens, keep)
+            self._warned_truncation = True
         decode = self.tokenizer.decode
 
         def hit_until(row: int, ids: list[int]) -> bool:
             return bool(until) and any(stop in decode(ids) for stop in until)
 
-        output = generate(self.model, prompts, max_new, temperature=temperature,
-                          top_k=None if top_k is None else int(top_k), top_p=None if top_p is None else float(top_p),
+        output = generate(self.model, [ids[-keep:] for ids in prompts], settings.max_new_tokens,
+                          temperature=settings.temperature, top_k=settings.top_k, top_p=settings.top_p,
                           stop_tokens=self.tokenizer.stop_tokens, pad_id=self.tokenizer.pad_id,
                           stop_condition=hit_until)
         return [_cut_at_first(decode(ids), until) for ids in output.tokens]

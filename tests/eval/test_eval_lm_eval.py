@@ -177,6 +177,37 @@ def test_generate_until_cuts_at_the_stop_string(model, tokenizer):
     assert out[0] != free[0] or stop == "\x00never"
 
 
+def test_generation_kwargs_are_read_as_lm_eval_normalizes_them():
+    from qattune.eval.lm_eval_adapter import GenerationSettings, generation_settings
+
+    # limit aliases in lm-eval's priority order; a temperature alone samples; do_sample=false is greedy
+    assert generation_settings({"until": "\n", "max_new_tokens": 3}, 256, 512) == GenerationSettings(["\n"], 3, 0.0, None, None)
+    assert generation_settings({"max_tokens": 9, "max_gen_toks": 4}, 256, 512).max_new_tokens == 4
+    assert generation_settings({"temperature": 0.7}, 256, 512).temperature == 0.7
+    assert generation_settings({"temperature": 0.7, "do_sample": False, "num_beams": 1}, 16, 512).temperature == 0.0
+    assert generation_settings({"do_sample": True, "temperature": 1.0, "top_k": "5", "top_p": 0.9}, 16, 512)[3:] == (5, 0.9)
+    with pytest.raises(QattuneError, match=re.escape(
+            "a task's generation_kwargs ['num_beams', 'repetition_penalty'] cannot be honoured by qattune's "
+            "generate_until, which reads until, max_gen_toks, max_new_tokens, max_tokens, max_completion_tokens, "
+            "do_sample, temperature, top_k, top_p")):
+        generation_settings({"num_beams": 4, "repetition_penalty": 1.1}, 16, 512)
+    with pytest.raises(QattuneError, match=re.escape(
+            "a task generates up to 256 tokens (max_gen_toks), which leaves no room for its prompt in "
+            "max_seq_length=256: raise max_seq_length, or lower the task's max_gen_toks")):
+        generation_settings({}, 256, 256)
+
+
+def test_generate_until_honours_max_new_tokens_and_warns_when_it_cuts_prompts(model, tokenizer, caplog):
+    lm = lm_eval_model(model, tokenizer, batch_size=2, max_length=32)
+    long_context = "a fairly long prompt that will not fit " * 2
+    with caplog.at_level("WARNING"):
+        out = lm.generate_until([request("generate_until", c, {"max_new_tokens": 3}) for c in ("x", long_context)])
+    expected = generate(model, [[tokenizer.bos_id, *enc(tokenizer, c)][-29:] for c in ("x", long_context)], 3,
+                        stop_tokens=tokenizer.stop_tokens).tokens
+    assert out == [tokenizer.decode(t) for t in expected] and all(len(t) <= 3 for t in expected)
+    assert "prompts longer than 29 tokens (max_seq_length 32 - max_gen_toks 3) keep their last 29 tokens" in caplog.text
+
+
 def test_unknown_task_name_is_one_line(model, tokenizer, tmp_path):
     task_dir = write_task(tmp_path, "qt_mc", MC_DOCS, MC_YAML)
     lm = lm_eval_model(model, tokenizer)

@@ -72,6 +72,28 @@ def test_eval_per_document_adds_each_document_to_the_table_and_shares(runs):
     assert alone["document_1/perplexity"] == pytest.approx(alone["perplexity"], rel=1e-12)
 
 
+def test_eval_prefix_token_id_conditions_every_document(runs):
+    """lm-eval's prefix_token_id, e.g. to reproduce its HF backend, which uses an HF tokenizer's bos_token
+    even where the model adds none; the default is bos, else eos."""
+    from qattune.checkpoint import load_model
+    from qattune.eval import load_texts, perplexity
+    from qattune.tokenizers import byte_tokenizer
+
+    root, _ = runs
+    common = [f"checkpoint_dir={root}/qat/quantized", BYTES, "perplexity.max_documents=1", "perplexity.max_seq_len=64",
+              "plot=false"]
+    run_cli("eval", "--config", "eval", f"output_dir={root}/eval_prefix", "prefix_token_id=42", *common)
+    got = json.loads((root / "eval_prefix" / "eval_results.json").read_text())["checkpoints"]["model"]["perplexity"]
+    model, texts = load_model(root / "qat" / "quantized"), load_texts("python_docs", max_documents=1)
+    ours = {prefix: perplexity(model, byte_tokenizer(), texts, max_seq_len=64, prefix_token_id=prefix).perplexity
+            for prefix in (42, None)}
+    assert got == pytest.approx(ours[42], rel=1e-6) and ours[42] != pytest.approx(ours[None], rel=1e-6)
+    proc = subprocess.run([sys.executable, "-m", "qattune.cli.main", "run", "eval", "--config", "eval",
+                           f"output_dir={root}/eval_bad", "prefix_token_id=260", *common], capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == (
+        "error: prefix_token_id=260 is not a token id of the tokenizer (0 to 259); null: its bos, else eos")
+
+
 def test_generate_from_the_quantized_model(runs):
     root, _ = runs
     out = run_cli("generate", "--config", "generation", f"checkpoint_dir={root}/qat/quantized", BYTES,
