@@ -27,16 +27,24 @@ def _error(script: str, *args: str, cwd: Path) -> str:
     return proc.stderr.strip().splitlines()[-1]
 
 
-def test_bench_cli_refuses_zero_runs(tmp_path):
-    assert _error("bench_cli.py", "--runs", "0", cwd=tmp_path) == (
-        "bench_cli.py: error: argument --runs: must be a positive integer, got 0")
-
-
-def test_bench_fake_quant_names_the_block_sizes_the_layer_width_must_be_a_multiple_of(tmp_path):
-    assert _error("bench_fake_quant.py", "--shape", "100", "64", "16", "--schemes", "8da4w", "4w", "8w",
-                  cwd=tmp_path) == (
-        "bench_fake_quant.py: error: --shape IN 100: must be a multiple of each scheme's group/block size "
-        "(8da4w: 32, 4w: 128); use a multiple of 128, or leave those schemes out of --schemes")
+@pytest.mark.parametrize("script, args, line", [
+    ("bench_cli.py", ["--runs", "0"], "argument --runs: must be a positive integer, got 0"),
+    ("bench_fake_quant.py", ["--shape", "100", "64", "16", "--schemes", "8da4w", "4w", "8w"],
+     "--shape IN 100: must be a multiple of each scheme's group/block size (8da4w: 32, 4w: 128); use a multiple "
+     "of 128, or leave those schemes out of --schemes"),
+    ("bench_train.py", ["--embed-dim", "60"],
+     "--embed-dim 60: must be a multiple of --num-heads 8 (each head gets embed_dim / num_heads channels)"),
+    ("bench_train.py", ["--dtype", "float64x"],
+     "argument --dtype: invalid choice: 'float64x' (choose from 'float32', 'bfloat16', 'float16')"),
+    ("bench_generate.py", ["--schemes", "8da4w:abc"],
+     "--schemes 8da4w:abc: the group size after ':' must be a positive integer (e.g. 4w:64), got 'abc'"),
+    ("bench_generate.py", ["--new-tokens", "1"],
+     "argument --new-tokens: must be an integer >= 2 (decode tokens/s counts the tokens after the first), got 1"),
+    ("bench_quality.py", ["--steps", "0"], "argument --steps: must be a positive integer, got 0"),
+], ids=["cli-runs", "fake_quant-shape", "train-embed_dim", "train-dtype", "generate-group", "generate-tokens",
+        "quality-steps"])
+def test_bad_arguments_are_one_line(tmp_path, script, args, line):
+    assert _error(script, *args, cwd=tmp_path) == f"{script}: error: {line}"
 
 
 def test_bench_fake_quant_says_cuda_is_not_available(tmp_path):
@@ -49,35 +57,11 @@ def test_bench_fake_quant_says_cuda_is_not_available(tmp_path):
     assert line.endswith("; use --devices cpu")
 
 
-def test_bench_train_checks_the_model_sizes_up_front(tmp_path):
-    assert _error("bench_train.py", "--embed-dim", "60", cwd=tmp_path) == (
-        "bench_train.py: error: --embed-dim 60: must be a multiple of --num-heads 8 "
-        "(each head gets embed_dim / num_heads channels)")
-
-
-def test_bench_train_lists_the_valid_dtypes(tmp_path):
-    assert _error("bench_train.py", "--dtype", "float64x", cwd=tmp_path) == (
-        "bench_train.py: error: argument --dtype: invalid choice: 'float64x' "
-        "(choose from 'float32', 'bfloat16', 'float16')")
-
-
 def test_profile_train_step_lists_the_variants(tmp_path):
     line = _error("profile_train_step.py", "--variants", "bogus", cwd=tmp_path)
     assert line.startswith("profile_train_step.py: error: argument --variants: invalid choice: 'bogus' "
                            "(choose from 'plain', 'qat/8da4w', ")
     assert "'qat_lora/8da4w'" in line
-
-
-def test_bench_generate_refuses_a_bad_group_size(tmp_path):
-    assert _error("bench_generate.py", "--schemes", "8da4w:abc", cwd=tmp_path) == (
-        "bench_generate.py: error: --schemes 8da4w:abc: the group size after ':' must be a positive integer "
-        "(e.g. 4w:64), got 'abc'")
-
-
-def test_bench_generate_refuses_one_new_token(tmp_path):
-    assert _error("bench_generate.py", "--new-tokens", "1", cwd=tmp_path) == (
-        "bench_generate.py: error: argument --new-tokens: must be an integer >= 2 "
-        "(decode tokens/s counts the tokens after the first), got 1")
 
 
 def test_bench_generate_checks_the_out_folder_before_running(tmp_path):
@@ -110,11 +94,6 @@ def test_check_gguf_llama_cpp_checks_its_paths(tmp_path):
                   cwd=tmp_path) == (
         f"check_gguf_llama_cpp.py: error: --node-modules {tmp_path / 'nowhere'}: no such folder; install "
         "node-llama-cpp with `npm install --prefix /tmp/nlc node-llama-cpp@3.22.1` and pass /tmp/nlc/node_modules")
-
-
-def test_bench_quality_refuses_zero_steps(tmp_path):
-    assert _error("bench_quality.py", "--steps", "0", cwd=tmp_path) == (
-        "bench_quality.py: error: argument --steps: must be a positive integer, got 0")
 
 
 def test_bench_quality_sends_the_recipes_output_to_stderr(monkeypatch, capsys, tmp_path):
