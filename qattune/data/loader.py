@@ -11,19 +11,23 @@ from torch.utils.data import DataLoader, Dataset
 from qattune.errors import QattuneError
 
 from .collate import padded_collate
+from .labels import IGNORE_INDEX
 from .packing import PackedDataset
 
 
-def epoch_indices(num_samples: int, epoch: int, shuffle: bool, seed: int, rank: int, world_size: int) -> list[int]:
+def epoch_indices(num_samples: int, epoch: int, shuffle: bool, seed: int, rank: int, world_size: int,
+                  drop_last: bool = True) -> list[int]:
     """Sample order of one epoch for one rank: a permutation seeded by `seed + epoch` (or 0..n-1),
-    cut to a multiple of `world_size`, then every `world_size`-th index starting at `rank`."""
+    cut to a multiple of `world_size` (unless `drop_last` is off: then the first ranks get one sample
+    more), then every `world_size`-th index starting at `rank`."""
     if shuffle:
         generator = torch.Generator().manual_seed(seed + epoch)
         order = torch.randperm(num_samples, generator=generator).tolist()
     else:
         order = list(range(num_samples))
-    usable = num_samples - num_samples % world_size
-    return order[:usable][rank::world_size]
+    if drop_last:
+        order = order[: num_samples - num_samples % world_size]
+    return order[rank::world_size]
 
 
 class StatefulDataLoader:
@@ -31,6 +35,9 @@ class StatefulDataLoader:
 
     Each rank reads its own share of every global batch. `state_dict()` after any batch and
     `load_state_dict()` in a fresh process continue with exactly the next batch, with the same order.
+    With `drop_last` off (validation: every sample scored) the ranks' shares may differ by one sample;
+    a rank with a batch fewer reads a filler batch whose labels are all IGNORE_INDEX, so every rank runs
+    the same number of forwards (FSDP needs it) and the filler adds no tokens to the loss.
     """
 
     def __init__(
@@ -68,15 +75,16 @@ class StatefulDataLoader:
         if isinstance(self.dataset, PackedDataset):
             size = f"{len(self.dataset)} packs of {self.dataset.max_seq_len} tokens"
         if not self.drop_last:
-            return (f"{name} has {size}, fewer than the {self.world_size} ranks that each need one; "
-                    "use more data or fewer processes")
+            return f"{name} has {size}; it needs at least one"
         return (f"{name} has {size}, too few for one batch of {self.batch_size} per rank on {self.world_size} "
                 "rank(s); lower the batch size or use more data")
 
     def __len__(self) -> int:
-        """Batches per epoch on this rank."""
-        per_rank = len(self.dataset) // self.world_size
-        return per_rank // self.batch_size if self.drop_last else -(-per_rank // self.batch_size)
+        """Batches per epoch on every rank (fillers included)."""
+        if self.drop_last:
+            return len(self.dataset) // self.world_size // self.batch_size
+        per_rank = -(-len(self.dataset) // self.world_size)
+        return -(-per_rank // self.batch_size)
 
     def set_epoch(self, epoch: int) -> None:
         """Move to `epoch` (from its first batch) unless already there."""
@@ -89,14 +97,22 @@ class StatefulDataLoader:
         self.batches_done = 0
 
     def _batches(self) -> list[list[int]]:
-        order = epoch_indices(len(self.dataset), self.epoch, self.shuffle, self.seed, self.rank, self.world_size)
-        batches = [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
-        return batches[: len(self)]
+        """This rank's batches of the epoch; fillers (see the class) are `[0]`, after the real ones."""
+        order = epoch_indices(len(self.dataset), self.epoch, self.shuffle, self.seed, self.rank, self.world_size,
+                              self.drop_last)
+        batches = [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)][: len(self)]
+        return batches + [[0]] * (len(self) - len(batches))
+
+    def _real_batches(self) -> int:
+        samples, ranks = len(self.dataset), self.world_size
+        share = samples // ranks + (not self.drop_last and self.rank < samples % ranks)
+        return min(len(self), -(-share // self.batch_size))
 
     def __iter__(self) -> Iterator[Any]:
         remaining = self._batches()[self.batches_done :]
         if not remaining:
             return
+        real = self._real_batches()
         # a private generator: creating the iterator must not draw from the global RNG, or a resumed
         # run (which creates it mid-epoch) would see different dropout than an uninterrupted one
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
@@ -108,6 +124,8 @@ class StatefulDataLoader:
             generator=generator,
         )
         for batch in loader:
+            if self.batches_done >= real:  # a filler: nothing in it is scored
+                batch["labels"] = torch.full_like(batch["labels"], IGNORE_INDEX)
             self.batches_done += 1
             yield batch
 

@@ -12,6 +12,15 @@ from qattune.data.labels import IGNORE_INDEX
 from qattune.errors import QattuneError
 
 
+def _checked_ignore_index(ignore_index: int) -> int:
+    """Only IGNORE_INDEX: the datasets, collate and the trainer's token counts all mark untrained labels so."""
+    if ignore_index != IGNORE_INDEX:
+        raise QattuneError(f"loss.ignore_index={ignore_index}: qattune's datasets mark the labels not trained on "
+                           f"with {IGNORE_INDEX} (as torchtune does), and the loss must skip those; remove "
+                           "loss.ignore_index")
+    return ignore_index
+
+
 class CrossEntropyLoss(nn.Module):
     """Token cross entropy summed over positions whose label is not `ignore_index`.
 
@@ -24,7 +33,7 @@ class CrossEntropyLoss(nn.Module):
 
     def __init__(self, ignore_index: int = IGNORE_INDEX) -> None:
         super().__init__()
-        self.ignore_index = ignore_index
+        self.ignore_index = _checked_ignore_index(ignore_index)
 
     def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(
@@ -52,7 +61,7 @@ class DistillationLoss(nn.Module):
             raise QattuneError(f"loss.temperature must be > 0 (1: the distributions as they are), got {temperature}")
         self.kd_weight = kd_weight
         self.temperature = temperature
-        self.ignore_index = ignore_index
+        self.ignore_index = _checked_ignore_index(ignore_index)
 
     def forward(self, logits: torch.Tensor, labels: torch.Tensor,
                 teacher_logits: Optional[torch.Tensor] = None) -> torch.Tensor:

@@ -133,5 +133,21 @@ def test_loader_too_few_names_the_dataset_and_counts_packs():
     assert str(err.value) == ("the dataset has 2 packs of 8 tokens, too few for one batch of 4 per rank on 1 rank(s); "
                               "lower the batch size or use more data")
     with pytest.raises(QattuneError) as err:
-        StatefulDataLoader(plain, 8, padded_collate, drop_last=False, rank=0, world_size=8, name="dataset")
-    assert str(err.value) == "dataset has 5 samples, fewer than the 8 ranks that each need one; use more data or fewer processes"
+        StatefulDataLoader(TokenizedDataset([], pad_id=0), 8, padded_collate, drop_last=False, name="dataset_val")
+    assert str(err.value) == "dataset_val has 0 samples; it needs at least one"
+
+
+def test_every_validation_sample_is_scored_once_whatever_the_number_of_ranks():
+    """Without drop_last the first ranks take one sample more; a rank a batch short reads a filler whose
+    labels are all ignored, so every rank runs as many forwards (FSDP) and the filler scores nothing."""
+    ds = TokenizedDataset([doc(100 + i, 3) for i in range(5)], pad_id=0)
+    for ranks, batch_size in ((2, 2), (8, 1), (3, 4)):
+        loaders = [StatefulDataLoader(ds, batch_size, padded_collate, shuffle=False, drop_last=False, rank=r,
+                                      world_size=ranks) for r in range(ranks)]
+        batches = [list(loader) for loader in loaders]
+        assert len({len(b) for b in batches}) == 1  # the same number of forwards on every rank
+        scored = [int(row[0]) for rank in batches for b in rank for row, labels in zip(b["tokens"], b["labels"])
+                  if (labels != IGNORE_INDEX).any()]
+        assert sorted(scored) == list(range(100, 105)), (ranks, batch_size)
+    assert epoch_indices(5, 0, False, 0, 0, 2, drop_last=False) == [0, 2, 4]
+    assert epoch_indices(5, 0, False, 0, 1, 2, drop_last=False) == [1, 3]

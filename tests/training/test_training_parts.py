@@ -67,9 +67,14 @@ def test_distillation_loss_mixes_ce_and_kl():
     assert DistillationLoss(kd_weight=0.9)(logits, labels).item() == pytest.approx(ce.item(), rel=1e-6)
 
 
-def test_distillation_settings_and_a_missing_teacher_are_refused():
+def test_loss_settings_and_a_missing_teacher_are_refused():
     from qattune.training.distillation import build_teacher
 
+    with pytest.raises(QattuneError, match=re.escape(
+            "loss.ignore_index=-1: qattune's datasets mark the labels not trained on with -100 (as torchtune does), "
+            "and the loss must skip those; remove loss.ignore_index")):
+        CrossEntropyLoss(ignore_index=-1)
+    assert DistillationLoss(ignore_index=-100).ignore_index == -100
     for kwargs, message in [({"kd_weight": 2}, "loss.kd_weight must be in [0, 1] (the teacher's share of the loss), got 2"),
                             ({"temperature": 0}, "loss.temperature must be > 0 (1: the distributions as they are), got 0"),
                             ({"temperature": -1.0}, "loss.temperature must be > 0")]:
