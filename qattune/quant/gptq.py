@@ -155,7 +155,24 @@ def gptq_latents(weight: Tensor, hessian: Tensor, scale: Tensor, zero: Optional[
     at_qmax = _dequantize(torch.full_like(s, qmax + LATENT_MARGIN), s, z)  # below at_qmin where s < 0
     lowest, highest = torch.minimum(at_qmin, at_qmax), torch.maximum(at_qmin, at_qmax)
     latent = torch.minimum(torch.maximum(latent, lowest), highest)  # clipped codes keep their gradient
-    return latent[:, torch.argsort(order)].to(weight.dtype)
+    return _stored(latent, s, z, weight.dtype)[:, torch.argsort(order)]
+
+
+def _stored(latent: Tensor, scale: Tensor, zero: Optional[Tensor], dtype: torch.dtype) -> Tensor:
+    """`latent` in `dtype` (bf16, fp16: the model's) still rounding to GPTQ's codes: a value the cast
+    moved into another bin, or past the end codes, is stored as its bin's centre instead. (Where the
+    dtype has no value inside a bin at all, as bf16 near an 8-bit grid's ends, the nearest one stays.)"""
+    stored = latent.to(dtype)
+    if dtype == latent.dtype:
+        return stored
+
+    def unclamped_codes(w: Tensor) -> Tensor:
+        q = torch.round(w * reciprocal(scale))
+        return q if zero is None else q + zero
+
+    codes = unclamped_codes(latent)
+    moved = unclamped_codes(stored.to(latent.dtype)) != codes
+    return torch.where(moved, _dequantize(codes, scale, zero).to(dtype), stored)
 
 
 def output_error(weight: Tensor, rounded: Tensor, hessian: Tensor) -> float:

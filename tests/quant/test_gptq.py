@@ -118,6 +118,25 @@ def test_latents_stay_inside_the_outer_bins_so_none_is_clipped():
     assert bool(in_range.all())
 
 
+@pytest.mark.parametrize("dtype, qmin, qmax", [(torch.bfloat16, -128, 127), (torch.bfloat16, QMIN, QMAX),
+                                               (torch.float16, -128, 127)])
+def test_low_precision_latents_still_round_to_gptqs_codes_unclipped(dtype, qmin, qmax):
+    """GPTQ works in float32 on a bf16 weight; the stored latent, cast back, must keep GPTQ's codes (a cast
+    across a bin edge flipped 5% of 8-bit codes and lost half of GPTQ's gain) and stay unclipped."""
+    torch.manual_seed(5)
+    w = (torch.randn(64, 128) * 0.05).to(dtype)
+    x = correlated_inputs(512, 128, seed=5).float()
+    s = (w.float().abs().amax(1, keepdim=True) / qmax).expand(64, 2)  # two groups of 64 per row
+    full = s.repeat_interleave(64, dim=1)
+    in_float32 = gptq_latents(w.float(), x.T @ x, s, None, qmin, qmax)  # the same computation, kept in float32
+    stored = gptq_latents(w, x.T @ x, s, None, qmin, qmax)
+    assert stored.dtype == dtype
+    assert torch.equal(codes_of(stored.float(), full, None, qmin, qmax), codes_of(in_float32, full, None, qmin, qmax))
+    steps = torch.round(stored.float() * (1.0 / full))
+    assert steps.min() >= qmin and steps.max() <= qmax
+    assert not torch.equal(in_float32.to(dtype), stored)  # the plain cast did flip some
+
+
 def tiny_model(tie: bool):
     torch.manual_seed(0)
     model = llama(vocab_size=96, num_layers=2, num_heads=4, num_kv_heads=2, embed_dim=64, intermediate_dim=128,
