@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Any, Iterator
+from typing import Any, Iterator, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -84,13 +84,19 @@ def fake_quantized_outputs(block: nn.Module, inputs: list[tuple[Any, ...]]) -> l
         return [block(*args) for args in inputs]
 
 
+class Reconstruction(NamedTuple):
+    before: float  # mean channel-weighted output error before training
+    after: float  # ... after it (equal to `before` when undone)
+    undone: bool  # training made the error worse, so the latents were put back
+
+
 def reconstruct_block(block: nn.Module, inputs: list[tuple[Any, ...]], targets: list[Tensor],
                       latents: list[nn.Parameter], *, epochs: int, lr: float = DEFAULT_LR,
-                      seed: int = 0) -> tuple[float, float]:
+                      seed: int = 0) -> Reconstruction:
     """Train `latents` (the block's rounded Linear weights) for `epochs` passes over `inputs` (the
     block's positional arguments per batch), with the block's fake quantization on, towards `targets`
-    (the float block's output for each input). Returns the mean channel-weighted error before and after.
-    The batch order is drawn from `seed`."""
+    (the float block's output for each input); if that leaves the error higher (a learning rate too
+    high), the latents are put back as they were. The batch order is drawn from `seed`."""
     weights = _channel_weights(targets)
 
     def mean_error() -> float:
@@ -100,7 +106,8 @@ def reconstruct_block(block: nn.Module, inputs: list[tuple[Any, ...]], targets: 
     with _fake_quantized(block):
         before = mean_error()
         if epochs <= 0 or not latents:
-            return before, before
+            return Reconstruction(before, before, False)
+        start = [latent.detach().clone() for latent in latents]
         steps = epochs * len(inputs)
         optimizer = torch.optim.Adam(latents, lr=lr)
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / steps)))
@@ -113,4 +120,10 @@ def reconstruct_block(block: nn.Module, inputs: list[tuple[Any, ...]], targets: 
                     loss.backward()
                     optimizer.step()
                     schedule.step()
-        return before, mean_error()
+        after = mean_error()
+        if after <= before:
+            return Reconstruction(before, after, False)
+        with torch.no_grad():
+            for latent, value in zip(latents, start):
+                latent.copy_(value)
+        return Reconstruction(before, before, True)

@@ -67,6 +67,8 @@ class GPTQReport:
     error_ratio: float
     reconstruction_ratio: Optional[float] = None
     """The blocks' fake-quantized output error after block reconstruction, relative to before it."""
+    reconstruction_undone: int = 0
+    """Blocks whose reconstruction raised their error, and which kept GPTQ's rounding."""
     awq_ratio: Optional[float] = None
     """With AWQ scaling: the layers' output error with nearest rounding of the scaled weights, relative
     to nearest rounding of the weights as loaded. `error_ratio` is then relative to the latter too
@@ -82,6 +84,9 @@ class GPTQReport:
         scaled = "" if self.awq_ratio is None else f" (AWQ scaling alone: {self.awq_ratio:.2f}x)"
         reconstructed = ("" if self.reconstruction_ratio is None else
                          f"; block reconstruction: blocks' output error {self.reconstruction_ratio:.2f}x GPTQ's")
+        if self.reconstruction_undone:
+            reconstructed += (f" ({self.reconstruction_undone} block(s) kept GPTQ's rounding: training raised their "
+                              "error; lower quantizer.reconstruction_lr)")
         head = "" if self.head_error_ratio is None else f"; output head: {self.head_error_ratio:.2f}x" + (
             " (tied: the token embedding moved with it)" if self.head_tied else "")
         return (f"GPTQ rounding: {self.layers} layers from {self.tokens:,} calibration tokens in "
@@ -264,6 +269,7 @@ def gptq_initialize(model: nn.Module, batches: Iterable[dict[str, Tensor]], *,
     device = next(model.parameters()).device
     gptq_error = nearest_error = 0.0
     reconstructed = [0.0, 0.0]  # the blocks' output errors before and after reconstruction
+    undone = 0
     unscaled_error = scaled_error = 0.0  # nearest rounding's output error before and after AWQ scaling
     tokens = 0
     try:
@@ -283,9 +289,10 @@ def gptq_initialize(model: nn.Module, batches: Iterable[dict[str, Tensor]], *,
                 errors = _round_layer(module, stats[name].hessian, damp, act_order)
                 gptq_error, nearest_error = gptq_error + errors[0], nearest_error + errors[1]
             if reconstruction_epochs > 0:
-                before, after = reconstruct_block(block, inputs, outputs, [m.weight for m in in_block.values()],
-                                                  epochs=reconstruction_epochs, lr=reconstruction_lr, seed=index)
-                reconstructed = [reconstructed[0] + before, reconstructed[1] + after]
+                result = reconstruct_block(block, inputs, outputs, [m.weight for m in in_block.values()],
+                                           epochs=reconstruction_epochs, lr=reconstruction_lr, seed=index)
+                reconstructed = [reconstructed[0] + result.before, reconstructed[1] + result.after]
+                undone += result.undone
             if sequential and reconstruction_epochs > 0:
                 outputs = fake_quantized_outputs(block, inputs)  # activations too, as the block was trained
             elif sequential:
@@ -305,7 +312,7 @@ def gptq_initialize(model: nn.Module, batches: Iterable[dict[str, Tensor]], *,
                       error_ratio=_ratio(gptq_error, unscaled_error if awq_scaling else nearest_error),
                       awq_ratio=_ratio(scaled_error, unscaled_error) if awq_scaling else None,
                       reconstruction_ratio=(reconstructed[1] / reconstructed[0] if reconstructed[0] > 0 else 1.0)
-                      if reconstruction_epochs > 0 else None,
+                      if reconstruction_epochs > 0 else None, reconstruction_undone=undone,
                       head_error_ratio=_ratio(*head_errors) if head_errors is not None else None,
                       head_tied=head is not None and id(head.weight) in tied)
 

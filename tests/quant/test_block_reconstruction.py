@@ -82,9 +82,14 @@ def test_reconstruct_block_reports_the_error_before_and_after():
         target = [block(*inputs[0]) + 0.01]
     latents = [m.weight for n, m in block.named_modules() if n.endswith("proj")]
     unchanged = reconstruct_block(block, inputs, target, latents, epochs=0)
-    assert unchanged[0] == unchanged[1] > 0
-    before, after = reconstruct_block(block, inputs, target, latents, epochs=5, lr=2e-3)
-    assert before == pytest.approx(unchanged[0]) and after < before
+    assert unchanged.before == unchanged.after > 0 and not unchanged.undone
+    start = [latent.detach().clone() for latent in latents]
+    # far too high a rate: the error rises, and the latents are put back as they were
+    worse = reconstruct_block(block, inputs, target, latents, epochs=3, lr=1.0)
+    assert worse.undone and worse.after == worse.before == pytest.approx(unchanged.before)
+    assert all(torch.equal(latent, value) for latent, value in zip(latents, start))
+    before, after, undone = reconstruct_block(block, inputs, target, latents, epochs=5, lr=2e-3)
+    assert before == pytest.approx(unchanged[0]) and after < before and not undone
     assert all(not m.fake_quant_enabled for m in block.modules() if hasattr(m, "fake_quant_enabled"))
 
 
@@ -114,3 +119,12 @@ def test_reconstruction_options_are_checked():
         QATQuantizer("8da4w", range_learning=True, rounding_init="gptq", reconstruction_epochs=-1)
     with pytest.raises(QattuneError, match="reconstruction_lr=0.0: give epochs >= 0 and a positive learning rate"):
         QATQuantizer("8da4w", range_learning=True, rounding_init="gptq", reconstruction_lr=0.0)
+
+
+def test_the_report_names_blocks_that_kept_gptqs_rounding():
+    from qattune.quant.gptq import GPTQReport
+
+    report = GPTQReport(layers=7, skipped={}, tokens=512, seconds=1.0, error_ratio=0.3, reconstruction_ratio=0.97,
+                        reconstruction_undone=2)
+    assert str(report).endswith("block reconstruction: blocks' output error 0.97x GPTQ's (2 block(s) kept GPTQ's "
+                                "rounding: training raised their error; lower quantizer.reconstruction_lr)")
