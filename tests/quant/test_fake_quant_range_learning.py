@@ -234,6 +234,12 @@ def test_cover_init_is_the_smallest_grid_whose_end_codes_hold_the_extremes():
     # asymmetric formats cover their range already: their own qparams
     asym = IntAffine(4, False, 32)
     assert all(torch.equal(a, b) for a, b in zip(asym.covering_qparams(w), asym.choose_qparams(w)))
+    # bf16 weights of a small model (rows' max / 127 below bf16's eps, 2**-7) get their own scales too
+    small = (w * 0.02).to(torch.bfloat16)
+    rows = small.float()
+    eight_bit = IntAffine(8, True, None)
+    expected = torch.maximum(rows.amax(-1) / 127, rows.amin(-1) / -128).reshape(64, 1)
+    assert bool((expected < 2 ** -7).all()) and torch.equal(eight_bit.covering_qparams(small)[0], expected)
 
 
 def test_range_init_cover_starts_learned_scales_there():

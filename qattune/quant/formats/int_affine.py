@@ -125,7 +125,8 @@ class IntAffine(NumericFormat):
         mid = self.mid_point
         lo, hi = torch.aminmax(self.blocks(x.detach()).float(), dim=-1)
         cover = torch.maximum(hi.clamp(min=0.0) / (self.qmax - mid), lo.clamp(max=0.0) / (self.qmin - mid))
-        eps = torch.finfo(x.dtype).eps if self.eps is None else self.eps
+        # float32's eps, not a bf16 input's (2**-7, above most 8-bit rows' max / 127): the scale is float32
+        eps = torch.finfo(torch.float32).eps if self.eps is None else self.eps
         scale = cover.clamp(min=eps).reshape(self.scale_shape(x.shape))
         return scale, None if mid == 0 else torch.full_like(scale, float(mid))
 
