@@ -1,9 +1,11 @@
-"""Llama 3 tokenizer: tiktoken over Meta's `tokenizer.model` ranks file, the 256 Llama 3 special tokens.
+"""Llama 3 tokenizer: tiktoken over Meta's `tokenizer.model` ranks file, the 256 Llama 3 special tokens;
+or over the Hugging Face `tokenizer.json` of the same model (HF folders without `original/`).
 
 The ranks file has one token per line: its bytes in base64, a space, its rank (= id). Special tokens
 follow the ordinary ones: with Meta's file (128,000 ranks) <|begin_of_text|> is 128000 and <|eot_id|>
 128009; with a smaller ranks file (tests) they start right after its last rank. Names follow Llama 3.1+
 (128004 is <|finetune_right_pad_id|>, used as the pad id; 128008 <|eom_id|>, 128010 <|python_tag|>).
+A tokenizer.json gives the same ranks (its byte-level vocabulary) and names its special tokens itself.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from qattune.errors import QattuneError
 from .byte_level import LLAMA3_PATTERN
 from .chat_format import Llama3ChatFormat
 from .files import require_file
+from .hf_bpe import read_tokenizer_json
 from .tiktoken_base import TiktokenTokenizer
 
 NUM_SPECIAL_TOKENS = 256
@@ -42,9 +45,6 @@ def load_tiktoken_ranks(path: str) -> dict[bytes, int]:
     """Read a tiktoken ranks file (`<base64 token> <rank>` per line) into token bytes -> rank."""
     file = require_file(path, "tiktoken ranks file")
     data = file.read_bytes()
-    if data.lstrip()[:1] == b"{":
-        raise QattuneError(f"{path} is a JSON file, not a tiktoken ranks file; Llama 3's is tokenizer.model "
-                           "(in Hugging Face folders: original/tokenizer.model)")
     try:
         text = data.decode("ascii")
     except UnicodeDecodeError:
@@ -73,23 +73,43 @@ def load_tiktoken_ranks(path: str) -> dict[bytes, int]:
 
 
 def llama3_tokenizer(path: str, max_seq_len: Optional[int] = None) -> TiktokenTokenizer:
-    """The Llama 3 / 3.1 / 3.2 tokenizer from Meta's `tokenizer.model` (a tiktoken ranks file).
+    """The Llama 3 / 3.1 / 3.2 tokenizer from Meta's `tokenizer.model` (a tiktoken ranks file), or from
+    the `tokenizer.json` of a Hugging Face Llama 3 folder.
 
-    bos <|begin_of_text|>, eos <|end_of_text|>, pad <|finetune_right_pad_id|>; generation stops at
-    <|eot_id|>, <|eom_id|> or <|end_of_text|>. Chat: Llama 3's header format.
+    bos <|begin_of_text|>, eos <|end_of_text|>, pad <|finetune_right_pad_id|> (the fifth special token);
+    generation stops at <|eot_id|>, <|eom_id|> (3.1+) or <|end_of_text|>. Chat: Llama 3's header format.
     """
-    ranks = load_tiktoken_ranks(path)
-    first_special = max(ranks.values()) + 1
-    special = {token: first_special + i for i, token in enumerate(LLAMA3_SPECIAL_TOKENS)}
+    file = require_file(path, "tiktoken ranks file")
+    pattern, added = LLAMA3_PATTERN, ()
+    if _is_json(file):
+        files = read_tokenizer_json(file, "llama3_tokenizer")
+        ranks, special = files.ranks_and_specials(str(file))
+        required = ("<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>", "<|start_header_id|>")
+        missing = [token for token in required if token not in special]
+        if missing:
+            raise QattuneError(f"{file} lacks Llama 3's special token {missing[0]}; is this a Llama 3 tokenizer.json?")
+        pattern, added = files.pattern or LLAMA3_PATTERN, files.not_special()
+    else:
+        ranks = load_tiktoken_ranks(path)
+        first_special = max(ranks.values()) + 1
+        special = {token: first_special + i for i, token in enumerate(LLAMA3_SPECIAL_TOKENS)}
+    bos = special["<|begin_of_text|>"]
+    stops = [special[t] for t in ("<|eot_id|>", "<|eom_id|>", "<|end_of_text|>") if t in special]
     return TiktokenTokenizer(
-        name=f"llama3:{Path(path).name}",
-        pattern=LLAMA3_PATTERN,
+        name=f"llama3:{file.name}",
+        pattern=pattern,
         mergeable_ranks=ranks,
         special_tokens=special,
-        bos_id=special["<|begin_of_text|>"],
+        added_tokens=added,
+        bos_id=bos,
         eos_id=special["<|end_of_text|>"],
-        pad_id=special["<|finetune_right_pad_id|>"],
-        stop_tokens=[special["<|eot_id|>"], special["<|eom_id|>"], special["<|end_of_text|>"]],
+        pad_id=special.get("<|finetune_right_pad_id|>", bos + 4),  # Llama 3.0's file calls it reserved_2
+        stop_tokens=stops,
         chat_format=Llama3ChatFormat(),
         max_seq_len=max_seq_len,
     )
+
+
+def _is_json(file: Path) -> bool:
+    with open(file, "rb") as handle:
+        return handle.read(64).lstrip()[:1] == b"{"

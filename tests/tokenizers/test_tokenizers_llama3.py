@@ -170,7 +170,30 @@ def test_bad_files(tmp_path, small_ranks, sp_model):
         llama3_tokenizer(str(sp_model))
     with pytest.raises(QattuneError, match="is a directory"):
         llama3_tokenizer(str(tmp_path))
-    (tmp_path / "tokenizer.json").write_text('{"model": {"type": "BPE", "vocab": {"é": 0}}}', encoding="utf-8")
-    with pytest.raises(QattuneError, match=r"tokenizer.json is a JSON file, not a tiktoken ranks file; Llama 3's is "
-                                           r"tokenizer.model \(in Hugging Face folders: original/tokenizer.model\)$"):
+    (tmp_path / "tokenizer.json").write_text('{"model": {"type": "BPE", "vocab": {"a": 0}}}', encoding="utf-8")
+    with pytest.raises(QattuneError, match=r"tokenizer.json lacks Llama 3's special token <\|begin_of_text\|>; is "
+                                           r"this a Llama 3 tokenizer.json\?$"):
         llama3_tokenizer(str(tmp_path / "tokenizer.json"))
+
+
+def test_hugging_face_tokenizer_json_equals_metas_ranks_file(small_ranks, tmp_path):
+    """An HF Llama 3 folder without original/tokenizer.model: its tokenizer.json (written here by
+    transformers' own tiktoken converter) gives the same tokenizer."""
+    converter = pytest.importorskip("transformers.convert_slow_tokenizer")
+    from qattune.tokenizers.byte_level import LLAMA3_PATTERN
+
+    ranks_file, _ = small_ranks
+    converted = converter.TikTokenConverter(vocab_file=str(ranks_file), pattern=LLAMA3_PATTERN,
+                                            extra_special_tokens=list(LLAMA3_SPECIAL_TOKENS)).converted()
+    converted.save(str(tmp_path / "tokenizer.json"))
+    meta, hf = llama3_tokenizer(str(ranks_file)), llama3_tokenizer(str(tmp_path / "tokenizer.json"))
+    assert (hf.bos_id, hf.eos_id, hf.pad_id, hf.stop_tokens) == (meta.bos_id, meta.eos_id, meta.pad_id, meta.stop_tokens)
+    assert hf.special_tokens == meta.special_tokens
+    for text in VARIED_TEXTS + ["hello world, the end"]:
+        assert hf.encode(text) == meta.encode(text) == [meta.bos_id, *converted.encode(text).ids, meta.eos_id]
+    text = "<|eot_id|> in text"  # plain text unless asked (as torchtune); HF's tokenizers parses it always
+    assert hf.encode(text) == meta.encode(text) != hf.encode(text, allowed_special="all")
+    assert hf.encode(text, False, False, allowed_special="all") == converted.encode(text).ids
+    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hello"},
+            {"role": "assistant", "content": "the world"}]
+    assert hf.tokenize_messages(chat) == meta.tokenize_messages(chat)
