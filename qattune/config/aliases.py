@@ -130,11 +130,13 @@ _PTQ_8DA4W = _quantizer("PTQQuantizer", "8da4w", 256)
 _COSINE = Alias("qattune.training.get_cosine_schedule_with_warmup", only={"last_epoch": Only(
     (-1,), "qattune restores the schedule's position from recipe_state.pt when it resumes (resume_from_checkpoint); "
            "remove last_epoch")})
-_PROFILER = Alias("qattune.training.setup_profiler")
+# torchtune's setup_torch_profiler fills in this schedule (after the first steps' one-off costs) and shapes
+_PROFILER = Alias("qattune.training.setup_profiler",
+                  defaults={"wait_steps": 5, "warmup_steps": 5, "active_steps": 2, "record_shapes": True})
 _LOGGERS = {
     "DiskLogger": Alias("qattune.training.JSONLLogger"),
     "StdoutLogger": Alias("qattune.training.StdoutLogger"),
-    "TensorBoardLogger": Alias("qattune.training.TensorBoardLogger", ignored=("organize_logs",)),
+    "TensorBoardLogger": Alias("qattune.training.TensorBoardLogger", defaults={"organize_logs": True}),
     "WandBLogger": _missing("Weights & Biases logging is not part of qattune; use qattune.training.JSONLLogger or "
                             "TensorBoardLogger"),
 }

@@ -1,4 +1,9 @@
-"""Learning-rate schedules: linear warmup, then cosine or linear decay (LambdaLR, state saved with the run)."""
+"""Learning-rate schedules: linear warmup, then cosine or linear decay (LambdaLR, state saved with the run).
+
+Warmup step s (from 0) runs at (s + 1) / (w + 1) of the rate, where torchtune's and Hugging Face's
+schedules give s / w: their first step trains at rate 0. After warmup the two agree. The trainer logs
+the rate a step used (torchtune logs the next step's, one step ahead).
+"""
 
 from __future__ import annotations
 

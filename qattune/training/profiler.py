@@ -41,6 +41,8 @@ def setup_profiler(
     """
     if not enabled:
         return NoProfiler()
+    if profile_memory:  # the memory timeline needs them (torchtune turns them on too)
+        with_stack = record_shapes = True
     os.makedirs(output_dir, exist_ok=True)
     activities = [torch.profiler.ProfilerActivity.CPU] if cpu else []
     if cuda and torch.cuda.is_available():

@@ -201,6 +201,8 @@ class TrainingSession:
         self.train_dataset = instantiate(cfg.dataset, tokenizer=self.tokenizer)
         self.val_dataset = (instantiate(cfg.dataset_val, tokenizer=self.tokenizer)
                             if cfg.get("dataset_val") is not None else None)
+        # the logger too (a missing tensorboard is one line before any weight is read); it opens no file yet
+        self.metric_logger = instantiate(cfg.metric_logger) if cfg.get("metric_logger") is not None else None
         self.checkpointer = instantiate(cfg.checkpointer) if cfg.get("checkpointer") is not None else None
         _refuse_quantized(self.checkpointer)
         _warn_other_output_dir(self.checkpointer, self.output_dir)
@@ -446,7 +448,7 @@ class TrainingSession:
             save_every_n_steps=cfg.get("save_every_n_steps"),
             keep_last_n_checkpoints=cfg.get("keep_last_n_checkpoints"),
             step_hooks=step_hooks,
-            metric_logger=instantiate(cfg.metric_logger) if cfg.get("metric_logger") is not None else None,
+            metric_logger=self.metric_logger,
             log_every_n_steps=cfg.get("log_every_n_steps", 1),
             progress_bar=cfg.get("progress_bar", True),
             teacher_model=teacher,
@@ -572,4 +574,6 @@ class TrainingSession:
     def close(self) -> None:
         from qattune.training import destroy_distributed
 
+        if getattr(self, "metric_logger", None) is not None:
+            self.metric_logger.close()
         destroy_distributed()

@@ -332,6 +332,8 @@ class Trainer:
                 f"gradient_accumulation_steps={self.grad_accum}; use more data or fewer accumulation steps"
             )
         losses: list[float] = []
+        if self.metric_logger is not None and self.is_main and hasattr(self.metric_logger, "start"):
+            self.metric_logger.start(self.global_step)  # a resumed run's log continues from its step
         bar = ProgressBar(self.total_steps, self.global_step, enabled=self.progress_bar and self.is_main)
         reset_peak_memory(self.device)
         try:

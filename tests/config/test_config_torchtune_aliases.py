@@ -5,6 +5,7 @@ arguments qattune accepts only with the value that means what it does (refused o
 import base64
 import inspect
 import json
+import os
 
 import pytest
 import torch
@@ -266,3 +267,20 @@ def test_llama2_tokenizer_accepts_only_the_template_qattune_applies():
         "prompt_template=null: qattune applies no torchtune prompt template: a conversation is laid out in the "
         "tokenizer's own chat format (qattune/tokenizers/chat_format.py), as torchtune's llama2_tokenizer does with "
         "prompt_template: torchtune.models.llama2.Llama2ChatTemplate; remove prompt_template")
+
+
+def test_torchtune_profiler_and_tensorboard_keep_torchtunes_defaults(tmp_path):
+    """setup_torch_profiler fills in wait 5, warmup 5, active 2 and record_shapes; TensorBoardLogger's
+    organize_logs (default true) gives each run its own folder."""
+    from qattune.config.aliases import TORCHTUNE_COMPONENTS
+
+    profiler = TORCHTUNE_COMPONENTS["torchtune.training.setup_torch_profiler"]
+    assert profiler.translate({"enabled": True, "active_steps": 3}) == {
+        "enabled": True, "wait_steps": 5, "warmup_steps": 5, "active_steps": 3, "record_shapes": True}
+    pytest.importorskip("tensorboard")
+    logger = _build(f"metric_logger:\n  _component_: torchtune.training.metric_logging.TensorBoardLogger\n"
+                    f"  log_dir: {tmp_path}\n", "metric_logger")
+    assert os.path.dirname(logger.log_dir) == str(tmp_path) and os.path.basename(logger.log_dir).startswith("run_")
+    flat = _build(f"metric_logger:\n  _component_: torchtune.training.metric_logging.TensorBoardLogger\n"
+                  f"  log_dir: {tmp_path}\n  organize_logs: false\n", "metric_logger")
+    assert flat.log_dir == str(tmp_path)

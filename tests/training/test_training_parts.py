@@ -161,11 +161,53 @@ def test_loggers(tmp_path, capsys):
     logger.close()
     lines = [json.loads(x) for x in (tmp_path / "logs" / "metrics.jsonl").read_text().splitlines()]
     assert [(r["step"], r["loss"]) for r in lines] == [(1, 2.0), (2, 1.0)]
-    JSONLLogger(str(tmp_path / "null"), filename=None).close()  # torchtune's DiskLogger(filename: null)
+    torchtune_disk_logger = JSONLLogger(str(tmp_path / "null"), filename=None)  # DiskLogger(filename: null)
+    assert not (tmp_path / "null").exists()  # nothing is opened before the run starts
+    torchtune_disk_logger.start(0)
+    torchtune_disk_logger.close()
     assert [p.name for p in (tmp_path / "null").iterdir()] == ["metrics.jsonl"]
     if importlib.util.find_spec("tensorboard") is None:
         with pytest.raises(QattuneError, match="needs the tensorboard package, which is not installed"):
             TensorBoardLogger(str(tmp_path / "tb"))
+
+
+def test_a_resumed_or_repeated_run_keeps_one_series_of_steps(tmp_path):
+    """Resumed at step 4 after a crash at 6, the log drops the interrupted run's 5 and 6 (logged again);
+    a fresh run in the same folder moves the earlier run's file aside."""
+    def run(start, steps):
+        logger = JSONLLogger(str(tmp_path))
+        logger.start(start)
+        for step in steps:
+            logger.log({"loss": float(step)}, step)
+        logger.close()
+
+    def steps(name="metrics.jsonl"):
+        return [json.loads(line)["step"] for line in (tmp_path / name).read_text().splitlines()]
+
+    run(0, range(1, 7))
+    with open(tmp_path / "metrics.jsonl", "a") as file:
+        file.write('{"step": 7, "lo')  # a crash mid-write
+    run(4, range(5, 9))
+    assert steps() == [1, 2, 3, 4, 5, 6, 7, 8]
+    run(0, range(1, 3))
+    assert steps() == [1, 2] and steps("metrics.1.jsonl") == [1, 2, 3, 4, 5, 6, 7, 8]
+    run(0, range(1, 2))
+    assert steps("metrics.2.jsonl") == [1, 2] and steps() == [1]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorboard") is None, reason="tensorboard is not installed")
+def test_tensorboard_hides_the_steps_a_resumed_run_repeats(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    for start, steps in ((0, range(1, 7)), (4, range(5, 9))):
+        logger = TensorBoardLogger(str(tmp_path))
+        logger.start(start)
+        for step in steps:
+            logger.log({"loss": float(step)}, step)
+        logger.close()
+    events = EventAccumulator(str(tmp_path))
+    events.Reload()
+    assert [e.step for e in events.Scalars("loss")] == list(range(1, 9))
 
 
 def test_profiler_writes_a_trace(tmp_path):
