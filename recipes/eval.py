@@ -144,6 +144,8 @@ def _evaluate(cfg, model, tokenizer, ppl: Optional[dict], task_manager) -> tuple
     if ppl is not None:
         result = perplexity(model, tokenizer, ppl["texts"], batch_size=cfg.batch_size,
                             prefix_token_id=cfg.prefix_token_id, **ppl["windows"])
+        print(f"perplexity over {result.documents} document(s), {result.tokens:,} tokens (windows of "
+              f"{result.max_seq_len}, stride {result.stride}; perplexity.max_documents sets how many)", flush=True)
         metrics.update(result.metrics())
         if ppl["per_document"]:
             metrics.update(result.per_document_metrics())

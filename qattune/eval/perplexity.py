@@ -1,7 +1,9 @@
 """Built-in perplexity and bits per byte of a model on plain text, exactly defined.
 
 Each document is encoded without bos/eos to `t_1..t_n` and preceded by one prefix token `t_0` (the
-tokenizer's bos, or its eos when it has no bos), so every real token is predicted exactly once:
+tokenizer's bos, or its eos when it has no bos), so every real token is predicted exactly once. Special-
+token strings in the text (`<|im_start|>` of a chat-formatted document) are read as those tokens, as
+Hugging Face tokenizers and the lm-eval adapter read them.
 - windows of at most `max_seq_len` input tokens start at positions 0, stride, 2·stride, ... of `t_0..t_n`;
   the window starting at `b` reads `t_b..t_{e-1}` (e = min(b + max_seq_len, n)) and scores only the targets
   not scored before (those after the previous window's last target), up to `t_e`;
@@ -162,7 +164,7 @@ def perplexity(
     prefix = default_prefix_token(tokenizer) if prefix_token_id is None else prefix_token_id
     windows, spans = [], []  # spans: (document index, tokens, bytes, how many windows)
     for index, text in enumerate(texts):
-        ids = tokenizer.encode(text, add_bos=False, add_eos=False)
+        ids = tokenizer.encode(text, add_bos=False, add_eos=False, allowed_special="all")
         if not ids:
             continue
         document_windows = perplexity_windows(ids, prefix, max_seq_len, stride)

@@ -121,6 +121,18 @@ def test_prefix_is_eos_without_bos(model):
     assert result.nll == pytest.approx(expected, rel=1e-5)
 
 
+def test_special_token_strings_in_the_text_are_those_tokens(model):
+    """A chat-formatted document is scored on the ids HF tokenizers and the lm-eval adapter give it."""
+    tokenizer = ByteChatTokenizer()
+    text = "<|im_start|>user\nhi<|im_end|>"
+    ids = tokenizer.encode(text, add_bos=False, add_eos=False, allowed_special="all")
+    assert ids[0] == tokenizer.special_tokens["<|im_start|>"] and len(ids) == len("user\nhi") + 2
+    result = perplexity(model, tokenizer, [text], max_seq_len=16)
+    seq = [tokenizer.bos_id, *ids]
+    assert result.tokens == len(ids)
+    assert result.nll == pytest.approx(-sum(token_logprob(model, seq[:j], seq[j]) for j in range(1, len(seq))), rel=1e-5)
+
+
 def test_load_texts(tmp_path):
     docs = load_texts("python_docs", "validation", max_documents=2)
     assert len(docs) == 2 and all(isinstance(d, str) and d for d in docs)
