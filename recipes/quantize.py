@@ -8,7 +8,8 @@ layers by packed quantized ones. A QAT run's learned ranges (`extra_state.safete
 range-learning `prepare` first, so `convert` uses them. The quantizer options must be those the checkpoint
 was trained with (`qattune_training.json`): scheme, group size, activation/embedding/output quantization
 and include/exclude filters; a difference is refused before any weight is read, with the overrides that
-fix it in this config's spelling. PTQ with GPTQ rounding: a float checkpoint, `quantizer.range_learning:
+fix it in this config's spelling (`match_training: false` quantizes it with other options on purpose: PTQ
+of its weights, without its learned ranges). PTQ with GPTQ rounding: a float checkpoint, `quantizer.range_learning:
 true` and `quantizer.rounding_init: gptq` (and `quantizer.awq_scaling: true` to scale the blocks' channels
 first, AWQ), calibrated on `dataset` (e.g. the fine-tune's training split) through `tokenizer`.
 Writes `output_dir/quantized/`: model.safetensors (a head tied to the embedding stored once) +
@@ -38,6 +39,9 @@ class Config(RecipeConfig):
     dataset: Optional[Component("tokenizer")] = None  # calibration text for quantizer.rounding_init=gptq
     batch_size: int = 2  # calibration batch size (quantizer.gptq_batches batches are read)
     seed: Optional[int] = None  # torch.manual_seed(seed) before the model loads and calibrates; null: unseeded
+    # false: quantize a QAT checkpoint with other options than it trained with (PTQ of its weights; its
+    # learned ranges, which belong to its own scheme, are not used)
+    match_training: bool = True
 
 
 def _megabytes(n: int) -> str:
@@ -57,32 +61,24 @@ def _float_bytes(model) -> int:
     return sum(unique.values())
 
 
-def _check_input(source, quantizer, quantizer_cfg) -> None:
-    """Refuse a quantized checkpoint, or one trained with other quantizer options (scheme, group size,
-    embedding/output/activation quantization, include/exclude filters)."""
-    import json
-
+def _check_input(source, quantizer, quantizer_cfg, match_training: bool) -> bool:
+    """Refuse a quantized checkpoint, or (with `match_training`) one trained with other quantizer options
+    (scheme, group size, embedding/output/activation quantization, include/exclude filters); returns
+    whether the options are those it trained with."""
     from qattune.errors import QattuneError
     from qattune.quant.serialization import CONFIG_FILE
-    from qattune.quant.trained_options import differing_options, mismatch_message
+    from qattune.quant.trained_options import agrees_with_training
     from qattune.training.session import TRAINING_INFO_FILE
 
     if not source.is_dir():
-        return
+        return True
     if not (source / "config.json").is_file() and (source / "adapter" / "adapter_config.json").is_file():
         raise QattuneError(f"{source} holds only a LoRA adapter (qat_lora's save_adapter_weights_only: true); "
                            "quantize needs the merged model, which qat_lora writes with save_adapter_weights_only=false")
     if (source / CONFIG_FILE).is_file():
         raise QattuneError(f"{source} is already a quantized checkpoint ({CONFIG_FILE}); quantize the float "
                            "checkpoint it came from (a training output_dir/step_N or a float model folder)")
-    info_path = source / TRAINING_INFO_FILE
-    trained = json.loads(info_path.read_text()).get("quantizer") if info_path.is_file() else None
-    ours = getattr(quantizer, "config", None)
-    if trained is None or ours is None or "scheme" not in trained:
-        return
-    differences = differing_options(trained, ours.to_dict())
-    if differences:
-        raise QattuneError(mismatch_message(str(source), TRAINING_INFO_FILE, trained, differences, quantizer_cfg))
+    return agrees_with_training(source / TRAINING_INFO_FILE, quantizer, quantizer_cfg, match_training)
 
 
 def _checkpointer(cfg):
@@ -212,7 +208,7 @@ def recipe(cfg) -> None:
         check_gguf_scheme(str(scheme))
     checkpointer = _checkpointer(cfg)
     source = checkpointer.checkpoint_dir
-    _check_input(source, quantizer, cfg.quantizer)
+    as_trained = _check_input(source, quantizer, cfg.quantizer, cfg.match_training)
     out = writable_directory(cfg.output_dir) / QUANTIZED_DIR
     config, adapter = checkpointer.config, checkpointer.adapter
     gguf_tokenizer = None
@@ -225,7 +221,7 @@ def recipe(cfg) -> None:
     model.eval()
     float_bytes = _float_bytes(model)
     tied = _tied_layers(model)
-    extra_state = source / EXTRA_STATE_FILE if source.is_dir() else None
+    extra_state = source / EXTRA_STATE_FILE if source.is_dir() and as_trained else None
     if extra_state is not None and extra_state.is_file():
         print(f"Loading learned quantization ranges from {extra_state}")
         _apply_learned_ranges(model, quantizer, extra_state, device)

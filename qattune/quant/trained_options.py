@@ -4,7 +4,11 @@ quantizer's `groupsize`, the `+` for a key the config lacks, `~` for one that mu
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 from qattune.config.aliases import torchtune_alias
+from qattune.errors import QattuneError
 from qattune.quant.schemes import resolve_scheme_config
 
 TRAINED_OPTIONS = ("scheme", "group_size", "quantize_activations", "quantize_embedding", "quantize_output",
@@ -69,3 +73,22 @@ def mismatch_message(source: str, record: str, trained: dict, differences: list[
         overrides = " ".join(o for o in (_override(quantizer_cfg, key, trained[key]) for key in needed) if o)
         advice = f"quantize with the same options: {overrides}"
     return f"{source} was trained with scheme {trained['scheme']!r}{group}{others} ({record}); {advice}"
+
+
+def agrees_with_training(record: Path, quantizer, quantizer_cfg, match_training: bool) -> bool:
+    """Whether `quantizer` (built from the config node `quantizer_cfg`) has the options the QAT run
+    recorded in `record` (its step folder's training info; true without one). A difference is one
+    error line with the fixing overrides, or with `match_training` off a warning."""
+    trained = json.loads(record.read_text()).get("quantizer") if record.is_file() else None
+    ours = getattr(quantizer, "config", None)
+    if trained is None or ours is None or "scheme" not in trained:
+        return True
+    differences = differing_options(trained, ours.to_dict())
+    if differences and match_training:
+        raise QattuneError(mismatch_message(str(record.parent), record.name, trained, differences, quantizer_cfg)
+                           + "; or match_training=false to quantize it with these options anyway (PTQ of its "
+                           "weights: QAT learnt its own scheme's roundings)")
+    if differences:
+        print(f"warning: {record.parent} was trained with other quantizer options ({', '.join(differences)}): "
+              "quantizing its weights without them (match_training=false)", flush=True)
+    return not differences

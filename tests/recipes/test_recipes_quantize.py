@@ -140,8 +140,21 @@ def test_options_other_than_the_trained_ones_are_refused(qat_quantized, tmp_path
     out, _ = qat_quantized
     proc = run_cli("quantize", "--config", "tiny/quantize", f"output_dir={tmp_path}", f"checkpoint_dir={out / 'step_4'}",
                    *override, ok=False)
-    assert one_error_line(proc) == f"error: {out / 'step_4'} {message}"
+    assert one_error_line(proc) == f"error: {out / 'step_4'} {message}{ANYWAY}"
     assert not (tmp_path / "quantized").exists()
+
+
+ANYWAY = "; or match_training=false to quantize it with these options anyway (PTQ of its weights: QAT learnt its own scheme's roundings)"
+
+
+def test_match_training_false_quantizes_a_qat_checkpoint_to_another_scheme(qat_quantized, tmp_path):
+    """PTQ of the QAT run's weights to q8_0, on purpose: a warning, not an error."""
+    out, _ = qat_quantized
+    proc = run_cli("quantize", "--config", "tiny/quantize", f"output_dir={tmp_path}", f"checkpoint_dir={out / 'step_4'}",
+                   "quantizer.scheme=q8_0", "~quantizer.group_size", "match_training=false", "gguf=false")
+    assert f"warning: {out / 'step_4'} was trained with other quantizer options (scheme, group_size" in proc.stdout
+    config = json.loads((tmp_path / "quantized" / "quantization_config.json").read_text())
+    assert config["quantization"]["scheme"] == "q8_0"
 
 
 def test_the_suggested_torchtune_override_quantizes(qat_quantized, tmp_path):
