@@ -118,6 +118,19 @@ def _refuse_quantized(checkpointer: Any) -> None:
         )
 
 
+def _refuse_lora_builder(model_node: Any) -> None:
+    """A `lora_*` / `qlora_*` builder (qattune's or torchtune's) in a recipe that trains the whole model."""
+    from qattune.config.aliases import torchtune_alias
+
+    path = str(model_node.get("_component_", "")) if model_node is not None else ""
+    alias = torchtune_alias(path)
+    name = ((alias.target if alias is not None and alias.target else path) or "").rsplit(".", 1)[-1]
+    if name.startswith(("lora_", "qlora_")):
+        raise QattuneError(f"model {path} builds LoRA adapters, which the qat_lora recipe trains (qattune run qat_lora "
+                           f"--config ...); to train the whole model here, use the plain builder "
+                           f"({name.split('_', 1)[1]})")
+
+
 def _warn_other_output_dir(checkpointer: Any, output_dir: str) -> None:
     """torchtune configs may point `checkpointer.output_dir` elsewhere; qattune writes each checkpoint whole
     (model files and recipe state) to `output_dir/step_N`, so say where the files go."""
@@ -203,6 +216,8 @@ class TrainingSession:
                             if cfg.get("dataset_val") is not None else None)
         # the logger too (a missing tensorboard is one line before any weight is read); it opens no file yet
         self.metric_logger = instantiate(cfg.metric_logger) if cfg.get("metric_logger") is not None else None
+        if model_builder is None:  # the recipe builds cfg.model itself: a whole-model fine-tune
+            _refuse_lora_builder(cfg.get("model"))
         self.checkpointer = instantiate(cfg.checkpointer) if cfg.get("checkpointer") is not None else None
         _refuse_quantized(self.checkpointer)
         _warn_other_output_dir(self.checkpointer, self.output_dir)
@@ -569,6 +584,9 @@ class TrainingSession:
         if self.dist.is_main and losses:
             print(f"Finished {self.trainer.global_step} steps: final loss {losses[-1]:.4f}; "
                   f"checkpoints in {self.output_dir}")
+        elif self.dist.is_main:
+            print(f"Nothing to train: the run is at step {self.trainer.global_step} of {self.trainer.total_steps} "
+                  "already; raise epochs or max_steps_per_epoch to train further")
         return losses
 
     def close(self) -> None:

@@ -64,6 +64,16 @@ def test_qat_checkpoint_is_a_float_hf_model_with_the_scheme_recorded(qat_run):
     assert "model.embed_tokens.weight" in names and "lm_head.weight" in names
 
 
+def test_resuming_a_finished_run_says_there_is_nothing_to_train(qat_run, tmp_path):
+    out = tmp_path / "done"
+    out.mkdir()
+    shutil.copytree(qat_run / "step_8", out / "step_8")
+    proc = run_cli("qat_distributed", "--config", "tiny/qat_full", f"output_dir={out}", "fake_quant_after_n_steps=4",
+                   "resume_from_checkpoint=true", *SMALL)
+    assert proc.stdout.strip().splitlines()[-1] == (
+        "Nothing to train: the run is at step 8 of 8 already; raise epochs or max_steps_per_epoch to train further")
+
+
 @pytest.mark.parametrize("resume_step", [2, 6])
 def test_resume_gives_the_same_losses_and_fake_quant_state(qat_run, tmp_path, resume_step):
     """Resume from a checkpoint taken before N (step 2) and after it (step 6)."""
@@ -557,3 +567,14 @@ def test_torchaos_qat_quantizer_trains_like_qattunes_8da4w(tmp_path):
     assert theirs[0] == ours[0] and theirs == pytest.approx(ours, abs=1e-3)
     info = json.loads((tmp_path / "torchao" / "step_3" / "qattune_training.json").read_text())
     assert info["quantizer"] == {"component": "Int8DynActInt4WeightQATQuantizer"}
+
+
+@pytest.mark.parametrize("builder", ["qattune.models.lora_llama3_2_1b", "torchtune.models.llama3_2.lora_llama3_2_1b"])
+def test_a_lora_builder_in_a_whole_model_recipe_names_qat_lora(tmp_path, builder):
+    """`qattune cp smollm2/135M_qat_full` then a lora_* model: point at qat_lora before any weight is read."""
+    proc = run_cli("qat_distributed", "--config", "tiny/qat_full", f"output_dir={tmp_path}",
+                   f"model={{_component_: {builder}, lora_attn_modules: [q_proj]}}", returncode=2)
+    plain = builder.rsplit(".", 1)[1].removeprefix("lora_")
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"error: model {builder} builds LoRA adapters, which the qat_lora recipe trains (qattune run qat_lora "
+        f"--config ...); to train the whole model here, use the plain builder ({plain})")
