@@ -19,18 +19,8 @@ pytestmark = [
 ]
 
 
-def test_smollm2_adapter_in_peft_and_merged_checkpoint_match_qattune(tmp_path, monkeypatch):
-    peft = pytest.importorskip("peft")
-    from peft import import_utils
-
-    try:
-        import_utils.is_torchao_available()
-    except ImportError:  # a torchao older than this peft accepts is installed; not used here
-        import peft.tuners.lora.torchao as lora_torchao
-        import peft.utils.quantization_utils as quantization_utils
-
-        monkeypatch.setattr(lora_torchao, "is_torchao_available", lambda: False)
-        monkeypatch.setattr(quantization_utils, "is_torchao_available", lambda: False)
+def test_smollm2_adapter_in_peft_and_merged_checkpoint_match_qattune(tmp_path):
+    peft = pytest.importorskip("peft")  # the dev extras pin one that accepts their torchao 0.15
 
     torch.set_num_threads(2)
     checkpointer = GGUFCheckpointer(smollm2_135m_gguf_path(), output_dir=str(tmp_path))
