@@ -132,3 +132,10 @@ def recipe_main(recipe: Callable[[DictConfig], Any], recipe_file: str, argv: Seq
         recipe(cfg)
     except QattuneError as err:
         report_and_exit(err)
+    except KeyboardInterrupt:  # Ctrl-C: no traceback; a checkpoint is written whole or not at all
+        import os
+
+        if os.environ.get("RANK", "0") == "0":
+            print("interrupted; the checkpoints already written are complete: a training run continues from the "
+                  "latest with resume_from_checkpoint=true", file=sys.stderr)
+        sys.exit(130)

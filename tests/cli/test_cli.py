@@ -403,3 +403,19 @@ def test_custom_keys_belong_in_a_copied_recipes_config(tmp_path, capsys):
         assert (code, err) == (0, ""), err
     code, _, err = run_main(capsys, "validate", "tiny/qat_full", "--recipe", str(recipe), "custom=three")
     assert code == 2 and err.splitlines()[1] == "  custom: expected an int, got 'three'"
+
+
+def test_ctrl_c_is_one_line_pointing_at_resume(tmp_path, capsys, monkeypatch):
+    from qattune.config import recipe_main
+
+    def interrupted(cfg):
+        raise KeyboardInterrupt
+
+    monkeypatch.delenv("RANK", raising=False)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"output_dir: {tmp_path}\n")
+    with pytest.raises(SystemExit) as exit_:
+        recipe_main(interrupted, str(SUM_RECIPE), ["--config", str(cfg)])
+    assert exit_.value.code == 130
+    assert capsys.readouterr().err == ("interrupted; the checkpoints already written are complete: a training run "
+                                       "continues from the latest with resume_from_checkpoint=true\n")
