@@ -43,7 +43,7 @@ LLAMA3_SPECIAL_TOKENS: tuple[str, ...] = _NAMED_SPECIAL_TOKENS + tuple(
 
 def load_tiktoken_ranks(path: str) -> dict[bytes, int]:
     """Read a tiktoken ranks file (`<base64 token> <rank>` per line) into token bytes -> rank."""
-    file = require_file(path, "tiktoken ranks file")
+    file = require_file(path, "Llama 3 tokenizer file")
     data = file.read_bytes()
     try:
         text = data.decode("ascii")
@@ -79,7 +79,7 @@ def llama3_tokenizer(path: str, max_seq_len: Optional[int] = None) -> TiktokenTo
     bos <|begin_of_text|>, eos <|end_of_text|>, pad <|finetune_right_pad_id|> (the fifth special token);
     generation stops at <|eot_id|>, <|eom_id|> (3.1+) or <|end_of_text|>. Chat: Llama 3's header format.
     """
-    file = require_file(path, "tiktoken ranks file")
+    file = require_file(path, "Llama 3 tokenizer file")
     pattern, added = LLAMA3_PATTERN, ()
     if _is_json(file):
         files = read_tokenizer_json(file, "llama3_tokenizer")

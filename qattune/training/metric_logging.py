@@ -53,7 +53,6 @@ class JSONLLogger:
         self._file = None
 
     def start(self, step: int) -> None:
-        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
         if os.path.isfile(self.path) and os.path.getsize(self.path) > 0:
             if step == 0:
                 aside = self._free_name()
