@@ -43,7 +43,7 @@ LLAMA3_SPECIAL_TOKENS: tuple[str, ...] = _NAMED_SPECIAL_TOKENS + tuple(
 
 def load_tiktoken_ranks(path: str) -> dict[bytes, int]:
     """Read a tiktoken ranks file (`<base64 token> <rank>` per line) into token bytes -> rank."""
-    file = require_file(path, "Llama 3 tokenizer file")
+    file = require_file(path, "tiktoken ranks file")
     data = file.read_bytes()
     try:
         text = data.decode("ascii")
