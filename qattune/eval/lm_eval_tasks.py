@@ -7,7 +7,9 @@ imported only when these functions run; without it they raise a QattuneError say
 
 from __future__ import annotations
 
+import contextlib
 import difflib
+import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -102,6 +104,30 @@ def _collect(raw: dict[str, Any]) -> LmEvalResults:
     return LmEvalResults(metrics, stderr, directions, raw)
 
 
+@contextlib.contextmanager
+def _quiet_git_probe():
+    """lm-eval records `git describe` of the working directory and lets git print `fatal: not a git
+    repository` outside one; run that probe with git's stderr silenced."""
+    import lm_eval.evaluator as evaluator
+
+    def git_hash() -> Optional[str]:
+        try:
+            probe = subprocess.run(["git", "describe", "--always"], capture_output=True, text=True, check=False)
+        except OSError:  # no git
+            return None
+        return probe.stdout.strip() if probe.returncode == 0 and probe.stdout.strip() else None
+
+    original = getattr(evaluator, "get_git_commit_hash", None)
+    if original is None:
+        yield
+        return
+    evaluator.get_git_commit_hash = git_hash
+    try:
+        yield
+    finally:
+        evaluator.get_git_commit_hash = original
+
+
 def _task_manager(task_dirs: Sequence[str], include_default_tasks: bool) -> Any:
     from lm_eval.tasks import TaskManager
 
@@ -129,9 +155,26 @@ def check_tasks(tasks: Sequence[str], task_dirs: Sequence[str] = (), include_def
     _require_lm_eval()
     if not tasks:
         raise QattuneError("no lm-eval tasks given; name at least one lm-eval task")
+    if task_dirs and include_default_tasks:
+        local = _task_manager(task_dirs, include_default_tasks=False)
+        if _all_plain_tasks(tasks, local):
+            return local  # lm-eval's own ~13,000 task YAMLs take 10+ s to index, and none is needed
     manager = _task_manager(task_dirs, include_default_tasks)
     _check_task_names(tasks, manager, task_dirs)
     return manager
+
+
+def _all_plain_tasks(tasks: Sequence[str], manager: Any) -> bool:
+    """Whether every name in `tasks` is a task (not a group or tag, which may name lm-eval's own tasks)
+    that `manager` indexed."""
+    index = getattr(manager, "task_index", {})
+    return all(name in index and _entry_kind(index[name]) == "task" for name in tasks)
+
+
+def _entry_kind(entry: Any) -> str:
+    """'task', 'group', 'tag', ...: an lm-eval index entry's kind (an enum since 0.4.10, a dict's "type" before)."""
+    kind = entry.get("type") if isinstance(entry, dict) else getattr(entry, "kind", None)
+    return str(getattr(kind, "name", kind)).lower()
 
 
 def run_lm_eval(
@@ -155,12 +198,13 @@ def run_lm_eval(
 
     manager = task_manager if task_manager is not None else check_tasks(tasks, task_dirs, include_default_tasks)
     try:
-        raw = lm_eval.simple_evaluate(
-            model=lm, tasks=list(tasks), num_fewshot=num_fewshot, limit=limit, task_manager=manager,
-            bootstrap_iters=bootstrap_iters, apply_chat_template=apply_chat_template, log_samples=False,
-            random_seed=random_seed, numpy_random_seed=random_seed, torch_random_seed=random_seed,
-            fewshot_random_seed=random_seed,
-        )
+        with _quiet_git_probe():
+            raw = lm_eval.simple_evaluate(
+                model=lm, tasks=list(tasks), num_fewshot=num_fewshot, limit=limit, task_manager=manager,
+                bootstrap_iters=bootstrap_iters, apply_chat_template=apply_chat_template, log_samples=False,
+                random_seed=random_seed, numpy_random_seed=random_seed, torch_random_seed=random_seed,
+                fewshot_random_seed=random_seed,
+            )
     except ConnectionError as err:
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise QattuneError(f"lm-eval tasks {', '.join(tasks)} need data from the network that is not cached "

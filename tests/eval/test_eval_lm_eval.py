@@ -16,7 +16,7 @@ from lm_eval.api.instance import Instance  # noqa: E402
 from eval_reference import continuation_logprob, continuation_score, token_logprob  # noqa: E402
 from gen_tiny import ByteChatTokenizer, tiny_model  # noqa: E402
 from qattune.errors import QattuneError  # noqa: E402
-from qattune.eval import lm_eval_model, run_lm_eval  # noqa: E402
+from qattune.eval import check_tasks, lm_eval_model, run_lm_eval  # noqa: E402
 from qattune.eval.lm_eval_tasks import _collect  # noqa: E402
 from qattune.generation import generate  # noqa: E402
 
@@ -217,6 +217,27 @@ def test_unknown_task_name_is_one_line(model, tokenizer, tmp_path):
     assert "\n" not in message
     assert message.startswith("lm-eval task 'qt_mcc' is unknown (1 known tasks, task dirs ")
     assert "did you mean 'qt_mc'?" in message and "network" in message and "local task dir" in message
+
+
+def test_local_tasks_alone_skip_indexing_lm_evals_own(tmp_path):
+    """Indexing lm-eval's ~13,000 built-in task YAMLs takes 10+ s; tasks all found in task_dirs need none of
+    them. A group (which may name built-in tasks) or a name found elsewhere still gets the whole index."""
+    task_dir = write_task(tmp_path, "qt_mc", MC_DOCS, MC_YAML)
+    (task_dir / "group.yaml").write_text("group: qt_group\ntask:\n  - qt_mc\n")
+    assert check_tasks(["qt_mc"], [str(task_dir)]).all_tasks == ["qt_group", "qt_mc"]
+    for names in (["qt_group"], ["qt_mc", "lambada_openai"]):
+        everything = check_tasks(names, [str(task_dir)]).all_tasks
+        assert "lambada_openai" in everything and "qt_mc" in everything and len(everything) > 1000
+
+
+def test_lm_evals_git_probe_prints_nothing_outside_a_repository(model, tokenizer, tmp_path, monkeypatch, capfd):
+    task_dir = write_task(tmp_path, "qt_mc", MC_DOCS, MC_YAML)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path.parent))
+    results = run_lm_eval(lm_eval_model(model, tokenizer), ["qt_mc"], task_dirs=[str(task_dir)], limit=2,
+                          bootstrap_iters=0)
+    assert set(results.metrics["qt_mc"]) == {"acc", "acc_norm"}
+    assert "not a git repository" not in capfd.readouterr().err
 
 
 def test_hub_task_offline_says_it_needs_network(model, tokenizer, tmp_path, monkeypatch):
