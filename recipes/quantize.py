@@ -173,15 +173,6 @@ def _write_tokenizer_files(cfg, checkpointer, out) -> None:
         shutil.copy2(path, out / Path(path).name)
 
 
-def _print_layers(report) -> None:
-    print(f"{'layer':<40} {'shape':<14} {'weights':<10} {'activations':<11}")
-    for r in report.layers:
-        shape = "x".join(str(d) for d in r.shape)
-        formats = f"{r.weight_format:<10} {r.activation_format or '-':<11}" if r.quantized else f"skipped: {r.reason}"
-        print(f"{r.name:<40} {shape:<14} {formats}")
-    print(report)
-
-
 def recipe(cfg) -> None:
     from pathlib import Path
 
@@ -229,7 +220,8 @@ def recipe(cfg) -> None:
         _round_with_gptq(cfg, model, quantizer)
     quantizer.convert(model)
     if getattr(quantizer, "report", None) is not None:
-        _print_layers(quantizer.report)
+        print(quantizer.report.layer_table())
+        print(quantizer.report)
 
     gguf_name = f"model-{scheme}.gguf"
     with atomic_directory(out) as tmp:

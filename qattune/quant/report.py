@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Literal, Optional
 
 LayerKind = Literal["Linear", "Embedding"]
+_BLOCK_INDEX = re.compile(r"^(.*?)\.(\d+)\.(.*)$")  # `layers.12.attn.q_proj`: prefix, block index, rest
 
 
 @dataclass(frozen=True)
@@ -66,3 +68,30 @@ class QuantReport:
         for record in self.skipped:
             lines.append(f"  skipped {record.kind} {record.name}: {record.reason}")
         return "\n".join(lines)
+
+    def layer_table(self) -> str:
+        """One row per layer, with layers that differ only in their block index on one row
+        (`layers.0-29.attn.q_proj`): name, shape, weight and activation formats or why it was skipped."""
+        rows: dict[tuple[str, str, str], list[int]] = {}
+        for r in self.layers:
+            match = _BLOCK_INDEX.match(r.name)
+            pattern, index = (f"{match[1]}.{{}}.{match[3]}", int(match[2])) if match else (r.name, -1)
+            shape = "x".join(str(d) for d in r.shape)
+            formats = f"{r.weight_format:<10} {r.activation_format or '-'}" if r.quantized else f"skipped: {r.reason}"
+            rows.setdefault((pattern, shape, formats), []).append(index)
+        names = [pattern.format(_index_ranges(indices)) for (pattern, _, _), indices in rows.items()]
+        width = max([len("layer"), *map(len, names)])
+        lines = [f"{'layer':<{width}} {'shape':<14} {'weights':<10} activations"]
+        lines += [f"{name:<{width}} {shape:<14} {formats}" for name, (_, shape, formats) in zip(names, rows)]
+        return "\n".join(line.rstrip() for line in lines)
+
+
+def _index_ranges(indices: list[int]) -> str:
+    """[0, 1, 2, 5, 7, 8] -> '0-2,5,7-8'."""
+    spans: list[list[int]] = []
+    for index in sorted(indices):
+        if spans and index == spans[-1][1] + 1:
+            spans[-1][1] = index
+        else:
+            spans.append([index, index])
+    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in spans)

@@ -33,7 +33,15 @@ def runs(tmp_path_factory):
 
 def test_quantize_reports_layers_and_sizes(runs):
     _, out = runs
-    assert "8da4w" in out and "quantized" in out.lower()
+    lines = out.splitlines()
+    assert [line.split() for line in lines if line.startswith(("tok_embeddings", "layers.", "output "))] == [
+        ["tok_embeddings", "260x64", "skipped:", "embedding", "(quantize_embedding=false)"],
+        *[[f"layers.0-1.{name}", shape, "int4_sym", "int8_asym"] for name, shape in (
+            ("attn.q_proj", "64x64"), ("attn.k_proj", "32x64"), ("attn.v_proj", "32x64"), ("attn.o_proj", "64x64"),
+            ("mlp.gate_proj", "192x64"), ("mlp.up_proj", "192x64"), ("mlp.down_proj", "64x192"))],
+        ["output", "260x64", "int4_sym", "int8_asym"]]
+    assert "qattune convert report, scheme 8da4w: 15 quantized, 1 skipped" in lines
+    assert any(line.startswith("Quantized model (8da4w) saved in ") for line in lines)
 
 
 def test_eval_compares_bf16_ptq_and_qat(runs):
