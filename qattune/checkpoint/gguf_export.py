@@ -31,10 +31,16 @@ _CHATML_MESSAGES = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
     "'<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
-_LLAMA3_TEMPLATE = (
-    "{{ bos_token }}{% for message in messages %}{{ '<|start_header_id|>' + message['role'] + "
+_LLAMA3_MESSAGES = (
+    "{% for message in messages %}{{ '<|start_header_id|>' + message['role'] + "
     "'<|end_header_id|>\\n\\n' + message['content'] | trim + '<|eot_id|>' }}{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"
+)
+_LLAMA3_DATED_SYSTEM = (  # Llama 3.1 / 3.2 Instruct: a dated system message first; DATE is filled in
+    "{% if messages and messages[0]['role'] == 'system' %}{% set system = messages[0]['content'] | trim %}"
+    "{% set messages = messages[1:] %}{% else %}{% set system = '' %}{% endif %}"
+    "{{ '<|start_header_id|>system<|end_header_id|>\\n\\nCutting Knowledge Date: CUTOFF\\nToday Date: DATE\\n\\n' "
+    "+ system + '<|eot_id|>' }}"
 )
 
 
@@ -141,18 +147,28 @@ def _merges_from_ranks(ranks: Mapping[bytes, int], spell: Any) -> list[str]:
 
 def _chat_template(tokenizer: Any) -> Optional[str]:
     from qattune.tokenizers import ChatMLFormat, Llama3ChatFormat
+    from qattune.tokenizers.chat_format import LLAMA3_KNOWLEDGE_CUTOFF
 
     chat_format = getattr(tokenizer, "chat_format", None)
     if isinstance(chat_format, ChatMLFormat):
         system = chat_format.default_system_prompt
         if system is None:
             return _CHATML_MESSAGES
-        text = "<|im_start|>system\\n" + system.replace("\\", "\\\\").replace("'", "\\'") + "<|im_end|>\\n"
+        text = "<|im_start|>system\\n" + _jinja_string(system) + "<|im_end|>\\n"
         return ("{% if not messages or messages[0]['role'] != 'system' %}{{ '" + text + "' }}{% endif %}"
                 + _CHATML_MESSAGES)
     if isinstance(chat_format, Llama3ChatFormat):
-        return _LLAMA3_TEMPLATE
+        if chat_format.date_string is None:
+            return "{{ bos_token }}" + _LLAMA3_MESSAGES
+        dated = _LLAMA3_DATED_SYSTEM.replace("CUTOFF", LLAMA3_KNOWLEDGE_CUTOFF).replace(
+            "DATE", _jinja_string(chat_format.date_string))
+        return "{{ bos_token }}" + dated + _LLAMA3_MESSAGES
     return None
+
+
+def _jinja_string(text: str) -> str:
+    """`text` escaped for a single-quoted Jinja string literal."""
+    return text.replace("\\", "\\\\").replace("'", "\\'")
 
 
 def _pre_tokenizer_name(pattern: str) -> str:

@@ -1,13 +1,15 @@
 """Chat formats: how a conversation is laid out as special tokens and text.
 
 A format turns validated messages into `Segment`s (see `base.py`); the tokenizer encodes them. Each
-format renders exactly the text of the model family's published template, and splits it so that the
+format renders exactly the text of the model family's published template (for Llama 3.1 / 3.2 Instruct,
+whose Hugging Face template adds a dated system message, only with `date_string` set), and splits it so that the
 assistant's tokens are separate from the prompt's: the ids of a prompt with `add_generation_prompt=True`
 are always a prefix of the ids of the same conversation with the answer appended. (So the ids equal
 those of the whole rendered text except where an answer starts with whitespace that the text's
 tokenization would merge with the header's newline, e.g. a ChatML answer starting with "\n".)
 
 - `Llama3ChatFormat`: <|begin_of_text|><|start_header_id|>role<|end_header_id|>\\n\\ncontent<|eot_id|>...
+  (with `date_string`, first a system message "Cutting Knowledge Date: December 2023\\nToday Date: ...")
 - `ChatMLFormat` (Qwen2.5, SmolLM2): <|im_start|>role\\ncontent<|im_end|>\\n..., optional default system prompt.
 - `Llama2ChatFormat`: <s>[INST] <<SYS>>\\nsystem\\n<</SYS>>\\n\\nuser [/INST] answer </s>...
 """
@@ -15,6 +17,7 @@ tokenization would merge with the header's newline, e.g. a ChatML answer startin
 from __future__ import annotations
 
 import logging
+import re
 from typing import Optional, Protocol
 
 from qattune.errors import QattuneError
@@ -32,13 +35,23 @@ class ChatFormat(Protocol):
     def segments(self, messages: list[dict[str, str]], add_generation_prompt: bool) -> list[Segment]: ...
 
 
+LLAMA3_KNOWLEDGE_CUTOFF = "December 2023"  # what the Llama 3.1 / 3.2 Instruct templates state
+LLAMA3_TEMPLATE_DATE = "26 Jul 2024"  # their `date_string` when none is given (3.2's, when it cannot read the clock)
+
+
 class Llama3ChatFormat:
-    """The Llama 3 header format; message contents are stripped, as Meta's reference and template do."""
+    """The Llama 3 header format; message contents are stripped, as Meta's reference and template do.
+
+    `date_string=None`: Llama 3.0's layout, which Meta's reference code and torchtune use for 3.1 and 3.2 too.
+    A date (e.g. "26 Jul 2024"): the Llama 3.1 / 3.2 Instruct Hugging Face template's, which always opens
+    with a system message "Cutting Knowledge Date: December 2023\\nToday Date: <date>\\n\\n" followed by
+    the conversation's own first system message, if any. Train with the layout the model will be served with.
+    """
 
     stop_tokens = ("<|eot_id|>", "<|eom_id|>")
 
-    def __init__(self, bos: Optional[str] = "<|begin_of_text|>"):
-        self.bos = bos
+    def __init__(self, bos: Optional[str] = "<|begin_of_text|>", date_string: Optional[str] = None):
+        self.bos, self.date_string = bos, date_string
 
     @staticmethod
     def _header(role: str) -> list[Segment]:
@@ -47,6 +60,12 @@ class Llama3ChatFormat:
 
     def segments(self, messages: list[dict[str, str]], add_generation_prompt: bool) -> list[Segment]:
         out = [Segment(self.bos, special=True)] if self.bos else []
+        if self.date_string is not None:
+            system = ""
+            if messages and messages[0]["role"] == "system":
+                system, messages = messages[0]["content"], messages[1:]
+            dated = f"Cutting Knowledge Date: {LLAMA3_KNOWLEDGE_CUTOFF}\nToday Date: {self.date_string}\n\n"
+            out += self._header("system") + [Segment(dated + system.strip()), Segment("<|eot_id|>", special=True)]
         for message in messages:
             is_assistant = message["role"] == "assistant"
             out += self._header(message["role"])
@@ -117,6 +136,16 @@ class Llama2ChatFormat:
         if system is not None:
             raise QattuneError("Llama 2 chat: a system message must be followed by a user message")
         return out
+
+
+def llama3_template_date(template: str) -> Optional[str]:
+    """The fixed `date_string` of a Llama 3.1 / 3.2 Instruct Jinja template (it states a knowledge cutoff
+    and a date), or None for Llama 3.0's template. The template's clock-read date (3.2's `strftime_now`)
+    is not used: a fixed date keeps training data and outputs reproducible."""
+    if "Cutting Knowledge Date" not in template:
+        return None
+    found = re.search(r"set\s+date_string\s*=\s*[\"']([^\"']+)[\"']", template)
+    return found[1] if found else LLAMA3_TEMPLATE_DATE
 
 
 def chatml_default_system_prompt(template: str) -> Optional[str]:

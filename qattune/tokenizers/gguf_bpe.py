@@ -16,7 +16,7 @@ from typing import Any, Optional
 from qattune.errors import QattuneError
 
 from .byte_level import GGUF_PRETOKENIZERS, byte_level_ranks, parse_merge
-from .chat_format import ChatFormat, ChatMLFormat, Llama3ChatFormat, chatml_default_system_prompt
+from .chat_format import ChatFormat, ChatMLFormat, Llama3ChatFormat, chatml_default_system_prompt, llama3_template_date
 from .files import require_file
 from .tiktoken_base import TiktokenTokenizer
 
@@ -132,5 +132,5 @@ def _chat_format(special: dict[str, int], bos: Optional[str], template: Optional
             default_system_prompt = chatml_default_system_prompt(template) if template else None
         return ChatMLFormat(default_system_prompt)
     if "<|start_header_id|>" in special and "<|eot_id|>" in special:
-        return Llama3ChatFormat(bos=bos)
+        return Llama3ChatFormat(bos=bos, date_string=llama3_template_date(template) if template else None)
     return None

@@ -72,12 +72,16 @@ def load_tiktoken_ranks(path: str) -> dict[bytes, int]:
     return ranks
 
 
-def llama3_tokenizer(path: str, max_seq_len: Optional[int] = None) -> TiktokenTokenizer:
+def llama3_tokenizer(path: str, max_seq_len: Optional[int] = None,
+                     date_string: Optional[str] = None) -> TiktokenTokenizer:
     """The Llama 3 / 3.1 / 3.2 tokenizer from Meta's `tokenizer.model` (a tiktoken ranks file), or from
     the `tokenizer.json` of a Hugging Face Llama 3 folder.
 
     bos <|begin_of_text|>, eos <|end_of_text|>, pad <|finetune_right_pad_id|> (the fifth special token);
-    generation stops at <|eot_id|>, <|eom_id|> (3.1+) or <|end_of_text|>. Chat: Llama 3's header format.
+    generation stops at <|eot_id|>, <|eom_id|> (3.1+) or <|end_of_text|>. Chat: Llama 3's header format,
+    as torchtune and Meta's reference code lay it out; with `date_string` (the template's default is
+    "26 Jul 2024"), as the Llama 3.1 / 3.2 Instruct Hugging Face template does, with its dated system
+    message first: set it when the model will be served with that template (transformers, vLLM, llama.cpp).
     """
     file = require_file(path, "Llama 3 tokenizer file")
     pattern, added = LLAMA3_PATTERN, ()
@@ -105,7 +109,7 @@ def llama3_tokenizer(path: str, max_seq_len: Optional[int] = None) -> TiktokenTo
         eos_id=special["<|end_of_text|>"],
         pad_id=special.get("<|finetune_right_pad_id|>", bos + 4),  # Llama 3.0's file calls it reserved_2
         stop_tokens=stops,
-        chat_format=Llama3ChatFormat(),
+        chat_format=Llama3ChatFormat(date_string=date_string),
         max_seq_len=max_seq_len,
     )
 

@@ -170,6 +170,18 @@ def test_small_gguf_with_llama3_special_tokens_uses_the_llama3_format(tmp_path, 
     assert tok.decode([i for i, m in zip(ids, mask) if m], skip_special_tokens=False) == "Hello!<|eot_id|>"
 
 
+def test_a_llama3_1_gguf_template_gives_its_dated_system_message(tmp_path, qwen_dir):
+    template = ('{{- bos_token }}{%- if not date_string is defined %}{%- set date_string = "26 Jul 2024" %}{%- endif %}'
+                '{{- "<|start_header_id|>system<|end_header_id|>\\n\\n" }}{{- "Cutting Knowledge Date: December 2023\\n" }}'
+                '{{- "Today Date: " + date_string + "\\n\\n" }}')
+    path = write_tokenizer_gguf(tmp_path / "l31.gguf", qwen_dir, pre="llama-bpe", chat_template=template,
+                                added=[(t, 3) for t in LLAMA3_SPECIAL_TOKENS], bos="<|begin_of_text|>", eos="<|eot_id|>",
+                                pad=None)
+    text = gguf_tokenizer(str(path)).render_chat([{"role": "user", "content": "Hi"}])
+    assert text == ("<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nCutting Knowledge Date: December 2023\n"
+                    "Today Date: 26 Jul 2024\n\n<|eot_id|><|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|>")
+
+
 def test_gguf_errors(tmp_path, qwen_dir):
     with pytest.raises(QattuneError, match="GGUF file not found"):
         gguf_tokenizer(str(tmp_path / "none.gguf"))

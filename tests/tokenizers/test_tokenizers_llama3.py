@@ -197,3 +197,47 @@ def test_hugging_face_tokenizer_json_equals_metas_ranks_file(small_ranks, tmp_pa
     chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hello"},
             {"role": "assistant", "content": "the world"}]
     assert hf.tokenize_messages(chat) == meta.tokenize_messages(chat)
+
+
+# The Llama 3.1 / 3.2 Instruct Hugging Face template's layout (its tokenizer_config.json), written out by
+# hand: a dated system message always comes first and holds the conversation's own system message.
+DATED = "<|start_header_id|>system<|end_header_id|>\n\nCutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\n"
+
+
+@pytest.mark.parametrize("messages, text", [
+    (MESSAGES, "<|begin_of_text|>" + DATED + PUBLISHED.split("\n\n", 1)[1]),
+    (MESSAGES[1:], "<|begin_of_text|>" + DATED + "<|eot_id|>" + PUBLISHED.split("<|eot_id|>", 1)[1]),
+    ([{"role": "system", "content": " \n"}, *MESSAGES[1:2]],
+     "<|begin_of_text|>" + DATED + "<|eot_id|><|start_header_id|>user<|end_header_id|>\n\n"
+     "What is the capital of France?<|eot_id|>"),
+])
+def test_date_string_gives_the_llama3_1_template_layout(llama3_like_ranks, messages, text):
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    from qattune.checkpoint.gguf_export import _chat_template
+
+    tok = llama3_tokenizer(str(llama3_like_ranks), date_string="26 Jul 2024")
+    assert tok.render_chat(messages) == text
+    ids, mask = tok.tokenize_messages(messages)
+    assert ids == tok.encode(text, add_bos=False, add_eos=False, allowed_special="all")
+    answers = "".join(f"{m['content'].strip()}<|eot_id|>" for m in messages if m["role"] == "assistant")
+    assert tok.decode([i for i, m in zip(ids, mask) if m], skip_special_tokens=False) == answers
+    prompt, _ = tok.tokenize_messages(messages[:-1] if messages[-1]["role"] == "assistant" else messages,
+                                      add_generation_prompt=True)
+    assert prompt[:len(prompt) - 4] == ids[:len(prompt) - 4]
+    # the template a GGUF export writes renders the same text, as transformers and llama.cpp would
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    rendered = env.from_string(_chat_template(tok)).render(messages=messages, add_generation_prompt=False,
+                                                           bos_token="<|begin_of_text|>")
+    assert rendered == text
+
+
+def test_template_date_is_read_from_a_llama3_1_or_3_2_template():
+    from qattune.tokenizers.chat_format import llama3_template_date
+
+    llama3_2 = ('{%- if not date_string is defined %}{%- if strftime_now is defined %}'
+                '{%- set date_string = strftime_now("%d %b %Y") %}{%- else %}{%- set date_string = "26 Jul 2024" %}'
+                '{%- endif %}{%- endif %}{{- "Cutting Knowledge Date: December 2023\\n" }}')
+    assert llama3_template_date(llama3_2) == "26 Jul 2024"
+    assert llama3_template_date(llama3_2.replace("26 Jul 2024", "01 Jan 2025")) == "01 Jan 2025"
+    assert llama3_template_date("{{ bos_token }}{% for message in messages %}...{% endfor %}") is None
