@@ -127,8 +127,10 @@ def recipe(cfg) -> None:
     model = load_model(source, device=device, dtype=resolve_dtype(cfg.dtype, device),
                        keep_dequantized=cfg.keep_dequantized)
     if cfg.chat:
-        system_prompt = (chat_prompt or {}).get("system") or cfg.system_prompt
-        system = [{"role": "system", "content": system_prompt}] if system_prompt else []
+        given = (chat_prompt or {}).get("system")
+        system_prompt = given if given is not None else cfg.system_prompt
+        # an empty system message is one: it replaces a template's default system prompt, as in HF and torchtune
+        system = [] if system_prompt is None else [{"role": "system", "content": system_prompt}]
         prompts = [system + [{"role": "user", "content": text}] for text in texts]
     else:
         prompts = texts

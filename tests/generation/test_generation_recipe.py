@@ -67,3 +67,31 @@ def test_cuda_without_a_gpu_is_one_line(folders):
     line = error_line("generate", "--config", "generation", f"checkpoint_dir={folders / 'float'}", BYTES,
                       "prompt=hi", "device=cuda")
     assert line == "device 'cuda' was requested but no CUDA GPU is visible; set device=cpu"
+
+
+@pytest.mark.parametrize("overrides, system", [
+    ([], None),
+    (["system_prompt=''"], ""),  # an empty system message replaces a template's default one (HF, torchtune)
+    (["system_prompt=Be brief."], "Be brief."),
+    (["prompt={system: '', user: abc}"], ""),
+    (["prompt={system: null, user: abc}", "system_prompt=Be brief."], "Be brief."),
+])
+def test_the_chat_prompt_holds_the_system_message_given(folders, monkeypatch, overrides, system):
+    import qattune.generation
+    from qattune.cli.main import main
+
+    class Captured(Exception):
+        pass
+
+    prompts = []
+
+    def capture(model, tokenizer, given, *args, **kwargs):
+        prompts.extend(given)
+        raise Captured
+
+    monkeypatch.setattr(qattune.generation, "generate_text", capture)
+    with pytest.raises(Captured):
+        main(["run", "generate", "--config", "generation", f"checkpoint_dir={folders / 'float'}", BYTES, "chat=true",
+              "prompt=abc", *overrides])
+    expected = [] if system is None else [{"role": "system", "content": system}]
+    assert prompts == [[*expected, {"role": "user", "content": "abc"}]]
