@@ -18,7 +18,21 @@ from pathlib import Path
 from qattune.errors import QattuneError
 from qattune.config.suggest import did_you_mean
 
+# torchtune's recipe names -> the qattune recipe that runs their configs
+TORCHTUNE_RECIPES = {
+    "full_finetune_single_device": "full_finetune",
+    "full_finetune_distributed": "full_finetune",
+    "qat_single_device": "qat_distributed",
+    "lora_finetune_single_device": "qat_lora",  # with no quantizer, qat_lora is plain LoRA
+    "lora_finetune_distributed": "qat_lora",
+    "qat_lora_finetune_distributed": "qat_lora",
+    "eleuther_eval": "eval",
+    "dev/generate_v2": "generate",
+}
+
+
 _RECIPE_HEADER = re.compile(r"^#\s*recipe:\s*([\w\-./]+)\s*$")
+_TUNE_RUN_HEADER = re.compile(r"^#\s*tune run\s+(?:--?[\w\-]+(?:[ =]\S+)?\s+)*([\w\-./]+)\s+--config\b")
 _HEADER_LINES = 30
 
 
@@ -71,16 +85,26 @@ def list_recipes() -> tuple[RecipeInfo, ...]:
 
 
 def config_recipe(path: Path) -> str | None:
-    """The recipe named by a config file's `# recipe: NAME` header comment, if any."""
+    """The recipe named by a config file's `# recipe: NAME` header comment, else by a torchtune config's
+    `# tune run [launcher options] NAME --config ...` comment (as the qattune recipe that runs it), if any."""
+    torchtune = None
     try:
         with open(path, encoding="utf-8") as f:
             for _, line in zip(range(_HEADER_LINES), f):
                 match = _RECIPE_HEADER.match(line.strip())
                 if match:
                     return match.group(1)
+                launch = _TUNE_RUN_HEADER.match(line.strip())
+                if launch and torchtune is None:
+                    name = launch.group(1)
+                    torchtune = TORCHTUNE_RECIPES.get(name, name if name in _recipe_names() else None)
     except OSError:
         return None
-    return None
+    return torchtune
+
+
+def _recipe_names() -> set[str]:
+    return {recipe.name for recipe in list_recipes()}
 
 
 @lru_cache(maxsize=None)
@@ -95,10 +119,14 @@ def list_configs() -> tuple[ConfigInfo, ...]:
 
 
 def find_recipe(name: str) -> RecipeInfo:
-    """A shipped recipe by name; an unknown name lists the valid ones."""
+    """A shipped recipe by name; an unknown name lists the valid ones (a torchtune name names qattune's)."""
     for recipe in list_recipes():
         if recipe.name == name:
             return recipe
+    if name in TORCHTUNE_RECIPES:
+        ours = TORCHTUNE_RECIPES[name]
+        raise QattuneError(f"'{name}' is torchtune's recipe; qattune runs its configs with recipe '{ours}' "
+                           f"(qattune run {ours} --config ...), on one process or under torchrun alike")
     names = [r.name for r in list_recipes()]
     hint = did_you_mean(name, names)
     raise QattuneError(f"unknown recipe '{name}'.{hint} Valid recipes: {', '.join(names)} (or a path to a .py file)")

@@ -179,6 +179,12 @@ def test_run_validates_before_running(tmp_path):
         (["run", "qat_distribute", "--config", "x"],
          "error: unknown recipe 'qat_distribute'. Did you mean 'qat_distributed'? Valid recipes: eval, full_finetune, "
          "generate, qat_distributed, qat_lora, quantize (or a path to a .py file)"),
+        (["run", "lora_finetune_single_device", "--config", "x"],
+         "error: 'lora_finetune_single_device' is torchtune's recipe; qattune runs its configs with recipe 'qat_lora' "
+         "(qattune run qat_lora --config ...), on one process or under torchrun alike"),
+        (["run", "--nproc_per_node", "2", "full_finetune_distributed", "--config", "x"],
+         "error: 'full_finetune_distributed' is torchtune's recipe; qattune runs its configs with recipe "
+         "'full_finetune' (qattune run full_finetune --config ...), on one process or under torchrun alike"),
         (["run", "--config", "x"], "error: missing recipe: write `qattune run [torchrun options] RECIPE --config CONFIG` "
                                    "(see `qattune ls`)"),
         (["run", "/no/such/recipe.py", "--config", "x"], "error: recipe file not found: /no/such/recipe.py"),
@@ -225,6 +231,23 @@ def test_a_torchtune_config_validates_unchanged(capsys):
     code, out, err = run_main(capsys, "validate", str(config), "--recipe", "qat_distributed")
     assert (code, err) == (0, "")
     assert out.strip() == f"Config '{config}' is valid for recipe 'qat_distributed'."
+
+
+@pytest.mark.parametrize("launch, recipe", [
+    ("tune run --nproc_per_node 2 qat_lora_finetune_distributed --config llama3_2/3B_qat_lora", "qat_lora"),
+    ("tune run --nnodes 1 --nproc_per_node=4 full_finetune_distributed --config llama3_2/1B_full", "full_finetune"),
+    ("tune run lora_finetune_single_device --config llama3_2/1B_lora_single_device", "qat_lora"),
+    ("tune run qat_distributed --config llama3/8B_qat_full", "qat_distributed"),
+    ("tune run knowledge_distillation_single_device --config qwen2/1.5_to_0.5B_KD_lora_single_device", None),
+])
+def test_a_torchtune_configs_tune_run_comment_names_the_recipe(tmp_path, launch, recipe):
+    from qattune.config.discovery import config_recipe
+
+    config = tmp_path / "c.yaml"
+    config.write_text(f"# Config for ...\n#\n# To launch, run:\n#   {launch}\n#\noutput_dir: /tmp/x\n")
+    assert config_recipe(config) == recipe
+    config.write_text(f"# recipe: eval\n#   {launch}\n")
+    assert config_recipe(config) == "eval"  # qattune's own header wins
 
 
 def test_torchtune_components_build_qattune_objects(tmp_path):
