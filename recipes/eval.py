@@ -8,8 +8,10 @@ perplexity on `perplexity.source` and the lm-eval `tasks` (names, or tasks in lo
 runs offline). `checkpoints`, when set, replaces `checkpoint_dir` (evaluated alone as "model"); as in
 torchtune's eleuther_evaluation config, `checkpointer` (with an optional `model` builder) may read one
 float checkpoint instead of `checkpoint_dir` (exactly one of the two ways; not with `checkpoints`). With
-several checkpoints it prints one table and, given `bf16` and `ptq` entries, the share of the PTQ
-degradation each other checkpoint recovered; it writes `output_dir/eval_results.json` and a bar chart
+several checkpoints it prints one table (values ± lm-eval's standard errors where known) and, given a
+`baseline` and a `ptq` checkpoint (default: the ones named bf16 and ptq), the share of the PTQ
+degradation each other checkpoint recovered ("n/a" where PTQ's loss is within noise, as the table's
+footnote says); it writes `output_dir/eval_results.json` (with the standard errors) and a bar chart
 `output_dir/eval_comparison.png`. `perplexity.per_document: true` adds each document's perplexity
 (`document_<n>/perplexity`, n counted from 1) to all three: which texts lose most, and where QAT wins
 back the least. Every checkpoint runs in the compute `dtype` (a quantized one keeps its packed codes and
@@ -37,7 +39,9 @@ class Config(RecipeConfig):
     output_dir: str
     tokenizer: Component
     checkpoint_dir: Optional[str] = None  # one checkpoint, named "model"
-    checkpoints: Optional[dict] = None  # several: {name: path}, replacing checkpoint_dir; "bf16", "ptq" are references
+    checkpoints: Optional[dict] = None  # several: {name: path}, replacing checkpoint_dir
+    baseline: Optional[str] = None  # the unquantized checkpoint's name; default "bf16" when present
+    ptq: Optional[str] = None  # the PTQ checkpoint's name; default "ptq" when present
     checkpointer: Optional[Component] = None  # torchtune's way to name the one float checkpoint, "model"
     model: Optional[Component] = None  # the builder checkpointer loads into; default: the checkpoint's config
     # {source, split, column, max_documents, max_seq_len, stride, per_document}; null: skip
@@ -61,6 +65,7 @@ class Config(RecipeConfig):
 
 PERPLEXITY_KEYS = ("source", "split", "column", "max_documents", "max_seq_len", "stride", "per_document")
 RESULTS_FILE = "eval_results.json"
+REFERENCE_ROLES = {"baseline": "unquantized", "ptq": "PTQ"}
 
 
 def _checkpoints(cfg) -> dict:
@@ -135,12 +140,18 @@ def _perplexity_setup(cfg, configs: dict) -> Optional[dict]:
     return {"texts": texts, "windows": windows, "per_document": bool(options.get("per_document", False))}
 
 
-def _evaluate(cfg, model, tokenizer, ppl: Optional[dict], task_manager) -> tuple[dict, dict]:
-    """One model's metrics and the directions lm-eval reported for its task metrics."""
+def _flat_stderr(task_results) -> dict[str, float]:
+    """`{"task/metric": standard error}`, named as `LmEvalResults.flat()` names the values."""
+    return {f"{task}/{name}": value for task, values in task_results.stderr.items() for name, value in values.items()}
+
+
+def _evaluate(cfg, model, tokenizer, ppl: Optional[dict], task_manager) -> tuple[dict, dict, dict]:
+    """One model's metrics, the directions lm-eval reported for its task metrics, and their standard errors."""
     from qattune.eval import lm_eval_model, perplexity, run_lm_eval
 
     metrics: dict[str, float] = {}
     directions: dict[str, bool] = {}
+    errors: dict[str, float] = {}
     if ppl is not None:
         result = perplexity(model, tokenizer, ppl["texts"], batch_size=cfg.batch_size,
                             prefix_token_id=cfg.prefix_token_id, **ppl["windows"])
@@ -156,7 +167,8 @@ def _evaluate(cfg, model, tokenizer, ppl: Optional[dict], task_manager) -> tuple
                                    limit=cfg.limit, random_seed=cfg.seed, task_manager=task_manager)
         metrics.update(task_results.flat())
         directions.update(task_results.flat_higher_is_better())
-    return metrics, directions
+        errors.update(_flat_stderr(task_results))
+    return metrics, directions, errors
 
 
 def _warn_unused_max_seq_length(cfg) -> None:
@@ -168,18 +180,41 @@ def _warn_unused_max_seq_length(cfg) -> None:
               "perplexity windows are perplexity.max_seq_len", file=sys.stderr)
 
 
+def _compare(results: dict, references: tuple, directions: dict, errors: dict):
+    """The comparison of the checkpoints evaluated so far, against the references among them."""
+    from qattune.eval import compare_checkpoints
+
+    baseline, ptq = (name if name in results else None for name in references)
+    return compare_checkpoints(results, baseline, ptq, higher_is_better=directions or None, stderr=errors,
+                               default_references=False)
+
+
+def _missing_references_note(comparison) -> Optional[str]:
+    """With 3+ checkpoints and no recovered shares: one line saying which of baseline / ptq to set."""
+    if len(comparison.checkpoints) < 3 or comparison.recovered:
+        return None
+    from qattune.eval.compare import DEFAULT_REFERENCES
+
+    unset = [f"{key}=NAME (the {REFERENCE_ROLES[key]} one; default: the one named {default})"
+             for key, default in DEFAULT_REFERENCES.items() if getattr(comparison, key) is None]
+    return (f"note: no recovered shares without a baseline and a PTQ checkpoint: set {' and '.join(unset)}, "
+            f"NAME one of {', '.join(comparison.checkpoints)}")
+
+
 def recipe(cfg) -> None:
     from qattune.checkpoint import writable_directory
     from qattune.checkpoint import load_model
     from qattune.config import instantiate
     from qattune.errors import QattuneError
-    from qattune.eval import check_tasks, compare_checkpoints, plot_comparison
+    from qattune.eval import check_tasks, plot_comparison
+    from qattune.eval.compare import reference_checkpoints
     from qattune.training.distributed import parse_device
     from qattune.training.precision import resolve_dtype
 
     device = parse_device(cfg.device or "cpu")
     dtype = resolve_dtype(cfg.dtype, device)
     checkpoints = _checkpoints(cfg)
+    baseline, ptq = reference_checkpoints(list(checkpoints), cfg.baseline, cfg.ptq)
     _warn_unused_max_seq_length(cfg)
     out = writable_directory(cfg.output_dir)
     tokenizer = instantiate(cfg.tokenizer)
@@ -190,20 +225,24 @@ def recipe(cfg) -> None:
     task_manager = check_tasks(list(cfg.tasks), list(cfg.task_dirs)) if cfg.tasks else None
     results: dict[str, dict[str, float]] = {}
     directions: dict[str, bool] = {}
+    errors: dict[str, dict[str, float]] = {}
     for name, path in checkpoints.items():
         print(f"Evaluating {name}: {path}", flush=True)
         try:
             model = load_model(path, device=device, dtype=dtype, keep_dequantized=cfg.keep_dequantized)
-            metrics, found = _evaluate(cfg, model, tokenizer, ppl, task_manager)
+            metrics, found, errors[name] = _evaluate(cfg, model, tokenizer, ppl, task_manager)
         except QattuneError as err:
             kept = f" (the results of {', '.join(results)} are in {out / RESULTS_FILE})" if results else ""
             raise QattuneError(f"{name}: {err}{kept}") from None
         results[name] = metrics
         directions.update(found)
         del model
-        comparison = compare_checkpoints(results, higher_is_better=directions or None)
+        comparison = _compare(results, (baseline, ptq), directions, errors)
         comparison.write_json(out / RESULTS_FILE)
     print(comparison.table())
+    note = _missing_references_note(comparison)
+    if note:
+        print(note)
     print(f"Wrote {out / RESULTS_FILE}")
     if cfg.plot and len(results) > 1:
         print(f"Wrote {plot_comparison(comparison, out / 'eval_comparison.png')}")

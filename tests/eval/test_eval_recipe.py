@@ -1,8 +1,11 @@
 """The eval recipe through the CLI: a float and a PTQ checkpoint on a local lm-eval task and perplexity,
-checked against direct computation; the checks that run before any model loads; partial results."""
+checked against direct computation, with named references and lm-eval's standard errors; the checks that
+run before any model loads; partial results."""
 
+import importlib.util
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,8 +14,11 @@ pytest.importorskip("lm_eval")
 
 from eval_reference import continuation_logprob  # noqa: E402
 from recipe_cli import BYTES, error_line, run_recipe, write_checkpoint  # noqa: E402
+import qattune  # noqa: E402
 from qattune.checkpoint import load_model  # noqa: E402
-from qattune.eval import load_texts, perplexity  # noqa: E402
+from qattune.config.recipe_main import load_and_validate  # noqa: E402
+from qattune.errors import QattuneError  # noqa: E402
+from qattune.eval import compare_checkpoints, load_texts, perplexity  # noqa: E402
 from qattune.tokenizers import byte_tokenizer  # noqa: E402
 
 MC_DOCS = [
@@ -37,6 +43,15 @@ metric_list:
     higher_is_better: true
 """
 TEXTS = [{"text": "def f(x):\n    return x * 2\n"}, {"text": "The quick brown fox jumps over the lazy dog."}]
+RECIPE_FILE = Path(qattune.__file__).parent.parent / "recipes" / "eval.py"
+
+
+def eval_recipe():
+    """recipes/eval.py as a module, to call its parts in this process."""
+    spec = importlib.util.spec_from_file_location("eval_recipe", RECIPE_FILE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture(scope="module")
@@ -69,23 +84,61 @@ def hand_accuracy(model, tokenizer):
 
 def test_eval_runs_a_local_task_and_perplexity_on_each_checkpoint(setup):
     root = setup
-    checkpoints = f"checkpoints={{bf16: {root / 'float'}, ptq: {root / 'ptq'}}}"  # replaces checkpoint_dir
-    run_recipe("eval", "--config", "eval", *common(root), checkpoints, "tasks=[qt_recipe_mc]",
-               f"task_dirs=[{root / 'tasks'}]")
+    # `baseline` and `ptq` name the references; the random float model scores worse than its 8da4w copy,
+    # so that copy is the baseline here, and a second copy of it recovers all of the float model's loss
+    checkpoints = f"checkpoints={{f: {root / 'float'}, q: {root / 'ptq'}, q_again: {root / 'ptq'}}}"
+    proc = run_recipe("eval", "--config", "eval", *common(root), checkpoints, "baseline=q", "ptq=f",
+                      "tasks=[qt_recipe_mc]", f"task_dirs=[{root / 'tasks'}]")
     results = json.loads((root / "out" / "eval_results.json").read_text())
-    assert list(results["checkpoints"]) == ["bf16", "ptq"]
+    assert list(results["checkpoints"]) == ["f", "q", "q_again"]
+    assert (results["baseline"], results["ptq"]) == ("q", "f")
     assert results["higher_is_better"] == {"perplexity": False, "bits_per_byte": False, "nll_per_token": False,
                                            "byte_perplexity": False, "qt_recipe_mc/acc": True}
     tokenizer = byte_tokenizer()
     texts = load_texts(str(root / "texts.jsonl"))
-    for name, folder in (("bf16", "float"), ("ptq", "ptq")):
+    for name, folder in (("f", "float"), ("q", "ptq")):
         model = load_model(root / folder)
         got = results["checkpoints"][name]
         with torch.no_grad():
             expected = perplexity(model, tokenizer, texts, max_seq_len=32)
         assert got["perplexity"] == pytest.approx(expected.perplexity, rel=1e-6)
-        assert got["qt_recipe_mc/acc"] == pytest.approx(hand_accuracy(model, tokenizer))
-    assert results["checkpoints"]["bf16"]["perplexity"] != results["checkpoints"]["ptq"]["perplexity"]
+        accuracy = hand_accuracy(model, tokenizer)
+        assert got["qt_recipe_mc/acc"] == pytest.approx(accuracy)
+        # lm-eval's standard error of a mean of 0/1 scores over 4 documents
+        stderr = (accuracy * (1 - accuracy) / 3) ** 0.5
+        assert results["stderr"][name] == {"qt_recipe_mc/acc": pytest.approx(stderr)}
+    assert results["checkpoints"]["f"]["perplexity"] > results["checkpoints"]["q"]["perplexity"] * 1.001
+    assert results["recovered_share"]["q_again"]["perplexity"] == pytest.approx(1.0)
+    lines = proc.stdout.splitlines()
+    table = lines[next(i for i, line in enumerate(lines) if line.startswith("metric")):]
+    assert table[0].split() == ["metric", "f", "q", "q_again", "q_again", "recovered"]
+    assert table[2].split()[-1] == "100.0%"
+    assert table[6].split() == ["qt_recipe_mc/acc", "↑", *["0.75", "±", "0.25"] * 3, "n/a"]  # acc: 3 of 4
+    assert table[7] == "n/a: PTQ is not worse than the baseline (qt_recipe_mc/acc)"
+
+
+def test_baseline_and_ptq_name_checkpoints_and_are_checked_before_anything_runs(setup):
+    overrides = [*common(setup, "references"), f"checkpoints={{fp32: {setup / 'float'}, ptq: {setup / 'ptq'}}}",
+                 "baseline=bf16"]
+    with pytest.raises(QattuneError) as err:
+        eval_recipe().recipe(load_and_validate("eval", overrides, RECIPE_FILE))
+    assert str(err.value) == ("baseline checkpoint 'bf16' is not among the checkpoints (fp32, ptq); "
+                              "set baseline to one of them")
+    assert not (setup / "references").exists()
+
+
+def test_three_checkpoints_without_references_get_a_note_naming_the_key_to_set():
+    note = eval_recipe()._missing_references_note
+    results = {"fp32": {"mc/acc": 0.6}, "ptq": {"mc/acc": 0.4}, "qat": {"mc/acc": 0.5}}
+    assert note(compare_checkpoints(results)) == (
+        "note: no recovered shares without a baseline and a PTQ checkpoint: set baseline=NAME (the unquantized "
+        "one; default: the one named bf16), NAME one of fp32, ptq, qat")
+    assert note(compare_checkpoints({"fp32": results["fp32"], "b": results["ptq"], "c": results["qat"]})) == (
+        "note: no recovered shares without a baseline and a PTQ checkpoint: set baseline=NAME (the unquantized "
+        "one; default: the one named bf16) and ptq=NAME (the PTQ one; default: the one named ptq), NAME one of "
+        "fp32, b, c")
+    assert note(compare_checkpoints(results, baseline="fp32")) is None
+    assert note(compare_checkpoints({"fp32": results["fp32"], "qat": results["qat"]})) is None  # two: no share to miss
 
 
 def test_a_bad_second_checkpoint_is_found_before_any_model_loads(setup):
