@@ -83,5 +83,6 @@ def _summary(results: dict, out: Path, seconds: float) -> None:
     if share is not None:
         print(f"QAT recovered {100 * share:.0f}% of the perplexity PTQ lost")
     else:
-        print("PTQ did not degrade perplexity here, so there was nothing for QAT to recover")
+        reason = results.get("no_share_reason", {}).get("perplexity") or "PTQ did not degrade perplexity"
+        print(f"no recovered share: {reason}, so there was nothing for QAT to recover")
     print(f"outputs: {out} (eval/eval_results.json, eval/eval_comparison.png, qat/quantized, ptq/quantized)")

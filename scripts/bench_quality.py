@@ -206,9 +206,11 @@ def summarize_seeds(by_seed: dict[int, dict]) -> dict:
     for results in by_seed.values():
         for scheme, r in results.items():
             for variant, share in r["recovered_share"].items():
-                summary.setdefault(scheme, {}).setdefault(variant, []).append(share)
+                if share is not None:  # None: PTQ lost nothing beyond noise on that seed
+                    summary.setdefault(scheme, {}).setdefault(variant, []).append(share)
     return {scheme: {variant: {"mean": round(statistics.fmean(shares), 4), "min": min(shares), "max": max(shares),
-                               "standard_error": round(statistics.stdev(shares) / len(shares) ** 0.5, 4),
+                               "standard_error": (round(statistics.stdev(shares) / len(shares) ** 0.5, 4)
+                                                  if len(shares) > 1 else None),
                                "seeds": len(shares)}
                      for variant, shares in variants.items()}
             for scheme, variants in summary.items()}

@@ -33,6 +33,13 @@ def test_summary_gives_each_variants_mean_min_and_max_over_the_seeds(bench_quali
                                             "seeds": 3}
 
 
+def test_a_seed_without_a_share_is_left_out_of_the_summary(bench_quality):
+    """A share is None where PTQ lost nothing beyond noise on that seed."""
+    summary = bench_quality.summarize_seeds({0: _results(0.815, None), 1: _results(0.804, 0.60)})
+    assert summary["8da4w"]["ptq_gptq"] == {"mean": 0.6, "min": 0.6, "max": 0.6, "standard_error": None, "seeds": 1}
+    assert summary["8da4w"]["qat_gptq"]["seeds"] == 2
+
+
 def test_seeds_default_to_one_run_at_seed_0(bench_quality, monkeypatch, tmp_path):
     calls = []
     monkeypatch.setattr(bench_quality, "_run_seed", lambda root, seed, args, minutes: calls.append((root, seed)) or {})
