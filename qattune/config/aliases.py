@@ -141,6 +141,8 @@ _LOGGERS = {
                             "TensorBoardLogger"),
 }
 
+_TORCHTUNE_ALPACA = {"template": "alpaca_chat", "torchtune_layout": True}
+
 
 TORCHTUNE_COMPONENTS: dict[str, Alias] = {
     # checkpointers
@@ -183,8 +185,9 @@ TORCHTUNE_COMPONENTS: dict[str, Alias] = {
     # torchtune's instruct_dataset is input -> user, output -> assistant (qattune's instruct_dataset is alpaca style)
     "torchtune.datasets.instruct_dataset": Alias("qattune.data.input_output_dataset"),
     "torchtune.datasets.chat_dataset": Alias("qattune.data.chat_dataset"),
-    "torchtune.datasets.alpaca_cleaned_dataset": Alias("qattune.data.alpaca_cleaned_dataset"),
-    "torchtune.datasets.alpaca_dataset": Alias("qattune.data.alpaca_dataset"),
+    # torchtune's alpaca builders send the Alpaca prompt through the chat template as a user message
+    "torchtune.datasets.alpaca_cleaned_dataset": Alias("qattune.data.alpaca_cleaned_dataset", fixed=_TORCHTUNE_ALPACA),
+    "torchtune.datasets.alpaca_dataset": Alias("qattune.data.alpaca_dataset", fixed=_TORCHTUNE_ALPACA),
     "torchtune.data.padded_collate_sft": Alias("qattune.data.padded_collate"),
     "torchtune.data.padded_collate_packed": Alias("qattune.data.padded_collate"),
 }

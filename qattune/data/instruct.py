@@ -1,8 +1,10 @@
-"""Instruction datasets: alpaca style (a prompt built from instruction/input, then the response), and
-torchtune's `instruct_dataset` (input -> user message, output -> assistant message, chat template)."""
+"""Instruction datasets: alpaca style (a prompt built from instruction/input, then the response, as plain
+text or as a chat), and torchtune's `instruct_dataset` (input -> user message, output -> assistant message,
+chat template). `torchtune_layout` masks and ends chat samples as torchtune's tokenizers do."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Callable, Literal, Mapping, Optional, Union
 
 from torch.utils.data import Dataset
@@ -25,6 +27,7 @@ ALPACA_PROMPT_NO_INPUT = (
     "Write a response that appropriately completes the request.\n\n"
     "### Instruction:\n{instruction}\n\n### Response:\n"
 )
+TEMPLATES = ("alpaca", "alpaca_chat", "chat")
 
 
 def alpaca_prompt(instruction: str, input_text: str) -> str:
@@ -43,21 +46,61 @@ def mapped_columns(column_map: Optional[Mapping[str, str]], defaults: dict[str, 
     return {**defaults, **mapped}
 
 
-def pair_sample(tokenizer: Any, user: str, assistant: str, system_prompt: Optional[str], train_on_input: bool) -> Sample:
-    """A user/assistant exchange (after an optional system message) through the chat template."""
-    messages = [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
-    return chat_sample(tokenizer, with_system_prompt(messages, system_prompt), train_on_input)
+def torchtune_chat_sample(tokenizer: Any, messages: list[dict[str, str]], train_on_input: bool) -> Sample:
+    """A prompt/answer chat as torchtune's tokenizers mask it: whole messages (the answer's header is trained
+    with the answer), then the tokenizer's eos, untrained, unless the answer already ends with it.
+    (torchtune's truncation: `finish_dataset(truncation_end=eos)`.)"""
+    ids, answer_mask = tokenizer.tokenize_messages(messages, truncate=False)
+    prompt_length = len(tokenizer.tokenize_messages(messages[:-1], truncate=False)[0])
+    trained = [train_on_input] * prompt_length + [True] * (len(ids) - prompt_length)
+    answer_ids = [token for token, in_answer in zip(ids, answer_mask) if in_answer]
+    if answer_ids[-1:] != [tokenizer.eos_id]:
+        ids, trained = ids + [tokenizer.eos_id], trained + [False]
+    return Sample.from_mask(ids, trained)
 
 
-def instruct_sample(
-    tokenizer: Any, instruction: str, input_text: str, output: str, template: str, train_on_input: bool,
-    system_prompt: Optional[str] = None,
-) -> Sample:
-    """Tokenize one instruction example; the prompt is trained only when `train_on_input`."""
-    if template == "chat":
-        user = f"{instruction}\n\n{input_text}" if input_text else instruction
-        return pair_sample(tokenizer, user, output, system_prompt, train_on_input)
-    prompt_ids = tokenizer.encode(alpaca_prompt(instruction, input_text), add_bos=True, add_eos=False)
+@dataclass(frozen=True)
+class InstructLayout:
+    """How an instruction/input/output row becomes a sample; the arguments of `instruct_dataset`."""
+
+    template: str = "alpaca"
+    train_on_input: bool = False
+    system_prompt: Optional[str] = None
+    torchtune_layout: bool = False
+
+    def __post_init__(self) -> None:
+        if self.template not in TEMPLATES:
+            raise QattuneError(f"template={self.template!r} is not an instruct template; use one of "
+                               f"{', '.join(TEMPLATES)}")
+        if self.template == "alpaca" and (self.system_prompt is not None or self.torchtune_layout):
+            given = "new_system_prompt" if self.system_prompt is not None else "torchtune_layout"
+            raise QattuneError(f"{given} needs a chat template (the Alpaca text has no messages); "
+                               f"set template=alpaca_chat or template=chat, or remove {given}")
+
+    def user_text(self, instruction: str, input_text: str) -> str:
+        """The user message: the Alpaca prompt (alpaca_chat), or the instruction then the input (chat)."""
+        if self.template == "alpaca_chat":
+            return alpaca_prompt(instruction, input_text)
+        return f"{instruction}\n\n{input_text}" if input_text else instruction
+
+    def chat(self, tokenizer: Any, user: str, answer: str) -> Sample:
+        """A user/assistant exchange (after the system prompt, if any) through the chat template."""
+        messages = [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
+        messages = with_system_prompt(messages, self.system_prompt)
+        if self.torchtune_layout:
+            return torchtune_chat_sample(tokenizer, messages, self.train_on_input)
+        return chat_sample(tokenizer, messages, self.train_on_input)
+
+    def sample(self, tokenizer: Any, instruction: str, input_text: str, output: str) -> Sample:
+        """Tokenize one instruction example; the prompt is trained only when `train_on_input`."""
+        if self.template == "alpaca":
+            return alpaca_text_sample(tokenizer, alpaca_prompt(instruction, input_text), output, self.train_on_input)
+        return self.chat(tokenizer, self.user_text(instruction, input_text), output)
+
+
+def alpaca_text_sample(tokenizer: Any, prompt: str, output: str, train_on_input: bool) -> Sample:
+    """Stanford Alpaca's plain text (as axolotl's `alpaca` type): bos, prompt, response, eos."""
+    prompt_ids = tokenizer.encode(prompt, add_bos=True, add_eos=False)
     response_ids = tokenizer.encode(output, add_bos=False, add_eos=True)
     trained = [train_on_input] * len(prompt_ids) + [True] * len(response_ids)
     return Sample.from_mask(prompt_ids + response_ids, trained)
@@ -70,7 +113,7 @@ def instruct_dataset(
     instruction_column: str = "instruction",
     input_column: Optional[str] = "input",
     output_column: str = "output",
-    template: Literal["alpaca", "chat"] = "alpaca",
+    template: Literal["alpaca", "alpaca_chat", "chat"] = "alpaca",
     train_on_input: bool = False,
     max_seq_len: Optional[int] = None,
     packed: bool = False,
@@ -78,24 +121,26 @@ def instruct_dataset(
     data_files: Optional[Union[str, list[str]]] = None,
     column_map: Optional[dict[str, str]] = None,
     new_system_prompt: Optional[str] = None,
+    torchtune_layout: bool = False,
     name: Optional[str] = None,
     data_dir: Optional[str] = None,
     filter_fn: Optional[Callable[[dict[str, Any]], bool]] = None,
 ) -> Dataset:
     """Supervised fine-tuning on instruction/input/output rows (alpaca and its many look-alikes).
 
-    `template="alpaca"` uses the Alpaca prompt text; `"chat"` sends the example through the tokenizer's
-    chat template as a user/assistant pair, after `new_system_prompt` as a system message when given
-    (the Alpaca prompt has no place for one). Loss is on the response only unless `train_on_input`.
+    `template="alpaca"`: the Alpaca prompt as plain text (bos, prompt, response, eos). The chat templates
+    send a user/assistant pair through the tokenizer's chat template, after `new_system_prompt` as a
+    system message when given: `"alpaca_chat"` with the Alpaca prompt as the user message (torchtune's
+    alpaca layout), `"chat"` with the instruction, a blank line, then the input. `torchtune_layout`
+    (chat templates) masks and ends the sample as torchtune's tokenizers do: see `torchtune_chat_sample`.
+    Loss is on the response only unless `train_on_input`.
     Examples longer than `max_seq_len` (default: the tokenizer's) are truncated, or refused with
     `truncate=False`. An `input_column` missing from the data is treated as empty when it is the
     default `input`, and a null input is empty; a null instruction or output is refused.
     `column_map` (torchtune's spelling) maps "instruction"/"input"/"output" to the data's column names.
     Loading arguments (`data_files`, `name`, `data_dir`, `filter_fn`): see `load_rows`.
     """
-    if new_system_prompt is not None and template != "chat":
-        raise QattuneError("instruct_dataset: new_system_prompt needs template='chat' (the Alpaca prompt has no "
-                           "system message); set template=chat or remove new_system_prompt")
+    layout = InstructLayout(template, train_on_input, new_system_prompt, torchtune_layout)
     columns = mapped_columns(
         column_map, {"instruction": instruction_column, "input": input_column, "output": output_column}, "instruct_dataset"
     )
@@ -107,18 +152,15 @@ def instruct_dataset(
     samples = []
     for index, row in enumerate(rows):
         where = f"dataset '{label}' row {index}"
-        samples.append(instruct_sample(
+        samples.append(layout.sample(
             tokenizer,
             column_text(row, columns["instruction"], where),
             column_text(row, input_column, where, optional=True) if use_input else "",
             column_text(row, columns["output"], where),
-            template,
-            train_on_input,
-            new_system_prompt,
         ))
     max_seq_len = resolve_max_seq_len(max_seq_len, tokenizer)
     return finish_dataset(samples, tokenizer, max_seq_len, packed, split_long_documents=False, source=label,
-                          truncate=truncate)
+                          truncate=truncate, truncation_end=tokenizer.eos_id if torchtune_layout else None)
 
 
 def input_output_dataset(
@@ -143,6 +185,7 @@ def input_output_dataset(
     message first. Loss is on the answer only unless `train_on_input`. Null values are refused. Length
     and loading arguments as in `chat_dataset`.
     """
+    layout = InstructLayout("chat", train_on_input, new_system_prompt)
     columns = mapped_columns(column_map, {"input": "input", "output": "output"}, "input_output_dataset")
     label = dataset_label(source, data_files)
     rows = load_rows(source, split, data_files=data_files, name=name, data_dir=data_dir, filter_fn=filter_fn)
@@ -151,7 +194,7 @@ def input_output_dataset(
     for index, row in enumerate(rows):
         where = f"dataset '{label}' row {index}"
         user, answer = column_text(row, columns["input"], where), column_text(row, columns["output"], where)
-        samples.append(pair_sample(tokenizer, user, answer, new_system_prompt, train_on_input))
+        samples.append(layout.chat(tokenizer, user, answer))
     max_seq_len = resolve_max_seq_len(max_seq_len, tokenizer)
     return finish_dataset(samples, tokenizer, max_seq_len, packed, split_long_documents=False, source=label,
                           truncate=truncate)
@@ -167,15 +210,20 @@ def alpaca_dataset(
     data_files: Optional[Union[str, list[str]]] = None,
     column_map: Optional[dict[str, str]] = None,
     truncate: bool = True,
+    template: Literal["alpaca", "alpaca_chat"] = "alpaca",
+    torchtune_layout: bool = False,
     name: Optional[str] = None,
     data_dir: Optional[str] = None,
     filter_fn: Optional[Callable[[dict[str, Any]], bool]] = None,
 ) -> Dataset:
     """Stanford Alpaca (52k instructions) with the Alpaca prompt; `source` may be a local copy
-    (a JSON file of instruction/input/output rows) for offline use. Arguments as in `instruct_dataset`."""
+    (a JSON file of instruction/input/output rows) for offline use. `template`: the Alpaca prompt as
+    plain text (`alpaca`), or as the user message of a chat (`alpaca_chat`, with `torchtune_layout`
+    torchtune's `alpaca_dataset`). Arguments as in `instruct_dataset`."""
     return instruct_dataset(
         tokenizer, source, split, column_map=column_map, train_on_input=train_on_input, max_seq_len=max_seq_len,
-        packed=packed, truncate=truncate, data_files=data_files, name=name, data_dir=data_dir, filter_fn=filter_fn,
+        packed=packed, truncate=truncate, template=template, torchtune_layout=torchtune_layout,
+        data_files=data_files, name=name, data_dir=data_dir, filter_fn=filter_fn,
     )
 
 
@@ -189,6 +237,8 @@ def alpaca_cleaned_dataset(
     data_files: Optional[Union[str, list[str]]] = None,
     column_map: Optional[dict[str, str]] = None,
     truncate: bool = True,
+    template: Literal["alpaca", "alpaca_chat"] = "alpaca",
+    torchtune_layout: bool = False,
     name: Optional[str] = None,
     data_dir: Optional[str] = None,
     filter_fn: Optional[Callable[[dict[str, Any]], bool]] = None,
@@ -196,5 +246,6 @@ def alpaca_cleaned_dataset(
     """The cleaned Alpaca set (yahma/alpaca-cleaned), same format and options as `alpaca_dataset`."""
     return alpaca_dataset(
         tokenizer, source, split, column_map=column_map, train_on_input=train_on_input, max_seq_len=max_seq_len,
-        packed=packed, truncate=truncate, data_files=data_files, name=name, data_dir=data_dir, filter_fn=filter_fn,
+        packed=packed, truncate=truncate, template=template, torchtune_layout=torchtune_layout,
+        data_files=data_files, name=name, data_dir=data_dir, filter_fn=filter_fn,
     )

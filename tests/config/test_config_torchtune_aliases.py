@@ -284,3 +284,15 @@ def test_torchtune_profiler_and_tensorboard_keep_torchtunes_defaults(tmp_path):
     flat = _build(f"metric_logger:\n  _component_: torchtune.training.metric_logging.TensorBoardLogger\n"
                   f"  log_dir: {tmp_path}\n  organize_logs: false\n", "metric_logger")
     assert flat.log_dir == str(tmp_path)
+
+
+@pytest.mark.parametrize("name", ["alpaca_dataset", "alpaca_cleaned_dataset"])
+def test_torchtune_alpaca_builders_mean_the_alpaca_prompt_as_a_chat(name):
+    """torchtune sends the Alpaca prompt through the tokenizer's chat template (tests/data/test_data_alpaca_chat.py
+    checks the ids); qattune's own builders keep the plain Alpaca text."""
+    alias = torchtune_alias(f"torchtune.datasets.{name}")
+    assert alias.translate({"train_on_input": False}) == {
+        "train_on_input": False, "template": "alpaca_chat", "torchtune_layout": True}
+    assert str(alias.refusals({"template": "alpaca"})[0]) == (
+        f"template=alpaca: this torchtune component means template=alpaca_chat; remove template, or use "
+        f"qattune.data.{name}")

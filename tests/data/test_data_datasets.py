@@ -78,7 +78,8 @@ def test_missing_file_and_missing_column_errors(tmp_path):
 def test_packed_needs_max_seq_len(tmp_path):
     path = tmp_path / "c.txt"
     path.write_text("abc\n")
-    with pytest.raises(QattuneError, match="packed=True needs max_seq_len"):
+    with pytest.raises(QattuneError, match="packed=True needs max_seq_len; set dataset.max_seq_len or the "
+                                           "tokenizer's max_seq_len"):
         text_completion_dataset(TOK, str(path), packed=True)
 
 

@@ -159,8 +159,8 @@ def test_instruct_new_system_prompt_needs_the_chat_template(tmp_path):
     ds = instruct_dataset(TOK, path, template="chat", new_system_prompt="be kind")
     assert ds[0]["tokens"].tolist() == [BOS] + turn("system", "be kind") + turn("user", "Greet") + turn("assistant", "hi")
     assert refusal(instruct_dataset, TOK, path, new_system_prompt="be kind") == (
-        "instruct_dataset: new_system_prompt needs template='chat' (the Alpaca prompt has no system message); "
-        "set template=chat or remove new_system_prompt")
+        "new_system_prompt needs a chat template (the Alpaca text has no messages); "
+        "set template=alpaca_chat or template=chat, or remove new_system_prompt")
 
 
 def test_alpaca_dataset_takes_column_map(tmp_path):
