@@ -94,10 +94,10 @@ class GGUFCheckpointer(Checkpointer):
     @property
     def reader(self) -> Any:
         if self._reader is None:
-            import gguf
+            from qattune.gguf_reader import open_gguf
 
             try:
-                self._reader = gguf.GGUFReader(self.path)
+                self._reader = open_gguf(self.path)
             except Exception as err:
                 raise QattuneError(f"cannot read GGUF file {self.path}: {str(err).splitlines()[0]}") from None
         return self._reader

@@ -103,10 +103,10 @@ def gguf_tensor_sources(
 
 def gguf_file_tokenizer_metadata(path: Union[str, os.PathLike]) -> dict[str, Any]:
     """Every `tokenizer.*` key of a GGUF file, with its GGUF value types, ready for `write_gguf`."""
-    import gguf
+    from qattune.gguf_reader import open_gguf
 
     try:
-        fields = gguf.GGUFReader(str(path)).fields
+        fields = open_gguf(path).fields
     except Exception as err:  # gguf raises ValueError/struct.error/... on foreign files
         raise QattuneError(f"cannot read tokenizer metadata from GGUF file {path}: {err}") from None
     out = {key: (field.contents(), *field.types) for key, field in fields.items() if key.startswith("tokenizer.")}

@@ -38,10 +38,10 @@ def _field_value(field: Any) -> Any:
 @lru_cache(maxsize=4)
 def _tokenizer_metadata(path: str, mtime_ns: int, size: int) -> dict[str, Any]:
     """The `tokenizer.*` metadata of a GGUF file, read once per file version (GGUFReader takes seconds)."""
-    import gguf
+    from qattune.gguf_reader import open_gguf
 
     try:
-        fields = gguf.GGUFReader(path).fields
+        fields = open_gguf(path).fields
     except Exception as err:  # gguf raises ValueError/struct.error/... on foreign files
         raise QattuneError(f"{path} is not a readable GGUF file ({type(err).__name__}: {err})") from None
     return {key: _field_value(field) for key, field in fields.items() if key.startswith("tokenizer.")}

@@ -142,3 +142,17 @@ def test_unsupported_architecture_is_one_clear_line(tmp_path):
 def test_folder_without_a_gguf_file(tmp_path):
     with pytest.raises(QattuneError, match=r"expected one \.gguf file in .* \(found none\); set checkpoint_files"):
         GGUFCheckpointer(str(tmp_path))
+
+
+def test_a_gguf_file_is_parsed_once_per_version(tmp_path):
+    """The tokenizer, the config and the weights of one run read the same GGUFReader; a rewritten file is
+    read again."""
+    from qattune.gguf_reader import open_gguf
+
+    path = tmp_path / "m.gguf"
+    write_gguf(path, "llama", tiny_model())
+    first = GGUFCheckpointer(str(path))
+    assert first.reader is GGUFCheckpointer(str(path)).reader is open_gguf(path)
+    write_gguf(path, "llama", tiny_model(tie=True))
+    reread = GGUFCheckpointer(str(path)).reader
+    assert reread is not first.reader and "output.weight" not in {t.name for t in reread.tensors}
