@@ -189,3 +189,19 @@ def test_recomputed_weights_under_torch_compile_train_like_eager(recompute_activ
     assert losses[1][0] == pytest.approx(losses[0][0], rel=1e-6)  # same weights: same forward
     assert losses[1] == pytest.approx(losses[0], rel=1e-3)  # then fused and eager rounding drift apart
     assert losses[0][2] < losses[0][0]
+
+
+@pytest.mark.parametrize("world_size, option, recomputes", [
+    (None, None, False),  # one process: one cached copy, the fastest
+    (2, None, True),  # FSDP2: a cached copy would be each rank's whole model, not its shard
+    (2, False, False),
+    (None, True, True),
+])
+def test_weights_are_recomputed_by_default_only_when_training_is_sharded(monkeypatch, world_size, option, recomputes):
+    if world_size is not None:
+        monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+        monkeypatch.setattr(torch.distributed, "get_world_size", lambda group=None: world_size)
+    model = QATQuantizer("8da4w", recompute_weights=option).prepare(_model())
+    linears = [m for m in model.modules() if isinstance(m, FakeQuantLinear) and m.weight.requires_grad]
+    assert len(linears) == 15 and {m.recompute_weight for m in linears} == {recomputes}
+    assert all((m.recomputed_weights is not None) == (recomputes and m is not model.output) for m in linears)
