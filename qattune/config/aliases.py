@@ -142,6 +142,14 @@ _LOGGERS = {
 }
 
 _TORCHTUNE_ALPACA = {"template": "alpaca_chat", "torchtune_layout": True}
+# torchtune's chat datasets mask whole messages and end with the tokenizer's eos (torchtune_layout); 0.6.1 has
+# no masking_strategy (later torchtune's train_on_all / train_on_assistant are train_on_input true / false)
+_TORCHTUNE_CHAT_ONLY = {"masking_strategy": Only((None,), (
+    "torchtune 0.6.1 (what qattune reproduces) has no masking_strategy; write train_on_input: true for "
+    "train_on_all or false for train_on_assistant (train_on_last is not reproduced), and remove masking_strategy"))}
+_TORCHTUNE_CHAT = Alias("qattune.data.chat_dataset", fixed={"torchtune_layout": True}, only=_TORCHTUNE_CHAT_ONLY)
+_TORCHTUNE_INSTRUCT = Alias("qattune.data.input_output_dataset", fixed={"torchtune_layout": True},
+                            only=_TORCHTUNE_CHAT_ONLY)
 
 
 TORCHTUNE_COMPONENTS: dict[str, Alias] = {
@@ -183,8 +191,8 @@ TORCHTUNE_COMPONENTS: dict[str, Alias] = {
     # datasets and collators
     "torchtune.datasets.text_completion_dataset": Alias("qattune.data.text_completion_dataset"),
     # torchtune's instruct_dataset is input -> user, output -> assistant (qattune's instruct_dataset is alpaca style)
-    "torchtune.datasets.instruct_dataset": Alias("qattune.data.input_output_dataset"),
-    "torchtune.datasets.chat_dataset": Alias("qattune.data.chat_dataset"),
+    "torchtune.datasets.instruct_dataset": _TORCHTUNE_INSTRUCT,
+    "torchtune.datasets.chat_dataset": _TORCHTUNE_CHAT,
     # torchtune's alpaca builders send the Alpaca prompt through the chat template as a user message
     "torchtune.datasets.alpaca_cleaned_dataset": Alias("qattune.data.alpaca_cleaned_dataset", fixed=_TORCHTUNE_ALPACA),
     "torchtune.datasets.alpaca_dataset": Alias("qattune.data.alpaca_dataset", fixed=_TORCHTUNE_ALPACA),

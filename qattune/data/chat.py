@@ -1,9 +1,10 @@
-"""Chat datasets: OpenAI-style `messages` and ShareGPT `conversations`, through the tokenizer's chat template."""
+"""Chat datasets: OpenAI-style `messages` and ShareGPT `conversations`, through the tokenizer's chat template;
+`torchtune_layout` masks and ends a conversation as torchtune's tokenizers do (`torchtune_chat_sample`)."""
 
 from __future__ import annotations
 
 import json
-from typing import Any, Callable, Literal, Optional, Union
+from typing import Any, Callable, Literal, Optional, Sequence, Union
 
 from torch.utils.data import Dataset
 
@@ -80,6 +81,58 @@ def chat_sample(tokenizer: Any, messages: list[dict[str, str]], train_on_input: 
     return Sample.from_mask(ids, trained)
 
 
+def torchtune_trained(messages: list[dict[str, str]], train_on_input: bool,
+                      new_system_prompt: Optional[str]) -> list[bool]:
+    """Which messages torchtune trains (0.6.1's OpenAIToMessages, ShareGPTToMessages, InputOutputToMessages):
+    the assistant's; the others only with `train_on_input`, except the system message `new_system_prompt`
+    put first (`with_system_prompt`), which is never trained. A system message of the data is trained with
+    `train_on_input`, as torchtune does."""
+    injected = new_system_prompt is not None
+    return [message["role"] == "assistant" or (train_on_input and not (injected and index == 0))
+            for index, message in enumerate(messages)]
+
+
+def _prefix_length(tokenizer: Any, messages: list[dict[str, str]], ids: list[int]) -> Optional[int]:
+    """How many of the conversation's `ids` the first `len(messages)` messages take, or None when the chat
+    format does not end them on a token boundary of their own (Llama 2 folds a system message into the
+    next user message, a dated Llama 3 system message holds the chat's own)."""
+    try:
+        prefix = tokenizer.tokenize_messages(messages, truncate=False)[0]
+    except QattuneError:  # a format that cannot lay the prefix out alone (Llama 2: a system message alone)
+        return None
+    return len(prefix) if ids[: len(prefix)] == list(prefix) else None
+
+
+def torchtune_chat_sample(tokenizer: Any, messages: list[dict[str, str]], trained: Sequence[bool]) -> Sample:
+    """A conversation as torchtune's tokenizers mask it: each message whole (its header, content and end of
+    turn) trained when its `trained` flag is set (`torchtune_trained`), what the template puts before the
+    first message (bos) untrained, then the tokenizer's eos, untrained, unless the sample already ends with
+    it or the last message is an answer ending with it (Llama 2's `</s>`, ChatML's `<|im_end|>`). Template
+    text that a format merges into a message (a Llama 2 system message inside the user's `[INST]`) takes
+    that message's flag, as torchtune's Llama 2 template does. (torchtune's truncation:
+    `finish_dataset(truncation_end=eos)`.)"""
+    ids, assistant_mask = tokenizer.tokenize_messages(messages, truncate=False)
+    ids = list(ids)
+    starts = {0: _prefix_length(tokenizer, [], ids) or 0}  # message index -> its first token
+    for index in range(1, len(messages)):
+        if trained[index] != trained[index - 1]:  # only a change of flag needs the boundary
+            start = _prefix_length(tokenizer, messages[:index], ids)
+            if start is None:  # merged with the message before: the span takes this message's flag
+                starts[index] = starts.pop(max(starts))
+            else:
+                starts[index] = start
+    flags = [False] * len(ids)
+    bounds = sorted(starts.items(), key=lambda item: item[1]) + [(None, len(ids))]
+    for (index, start), (_, end) in zip(bounds, bounds[1:]):
+        flags[start:end] = [trained[index]] * (end - start)
+    answer_ids = [token for token, in_answer in zip(ids, assistant_mask) if in_answer]
+    ends_with_eos = ids[-1:] == [tokenizer.eos_id] or (
+        messages[-1]["role"] == "assistant" and answer_ids[-1:] == [tokenizer.eos_id])
+    if not ends_with_eos:
+        ids, flags = ids + [tokenizer.eos_id], flags + [False]
+    return Sample.from_mask(ids, flags)
+
+
 def chat_dataset(
     tokenizer: Any,
     source: str,
@@ -95,6 +148,7 @@ def chat_dataset(
     name: Optional[str] = None,
     data_dir: Optional[str] = None,
     filter_fn: Optional[Callable[[dict[str, Any]], bool]] = None,
+    torchtune_layout: bool = False,
 ) -> Dataset:
     """Multi-turn chat fine-tuning; loss on assistant turns only unless `train_on_input`.
 
@@ -102,6 +156,9 @@ def chat_dataset(
     list of text parts) or ShareGPT turns (from/value; human->user, gpt->assistant). Conversations
     longer than `max_seq_len` (default: the tokenizer's) are truncated, or refused with
     `truncate=False`. `new_system_prompt` replaces (or adds) the system message of every conversation.
+    `torchtune_layout` masks, ends and truncates as torchtune's `chat_dataset` does (`torchtune_chat_sample`:
+    whole messages with their headers, the tokenizer's eos after the chat, a truncated sample ending with it;
+    the `new_system_prompt` message is never trained).
     Loading arguments (`data_files`, `name`, `data_dir`, `filter_fn`): see `load_rows`.
     """
     label = dataset_label(source, data_files)
@@ -110,8 +167,13 @@ def chat_dataset(
     samples = []
     for index, row in enumerate(rows):
         where = f"dataset '{label}' row {index}"
-        messages = to_openai_messages(row[conversation_column], conversation_style, where)
-        samples.append(chat_sample(tokenizer, with_system_prompt(messages, new_system_prompt), train_on_input))
+        messages = with_system_prompt(to_openai_messages(row[conversation_column], conversation_style, where),
+                                      new_system_prompt)
+        if torchtune_layout:
+            trained = torchtune_trained(messages, train_on_input, new_system_prompt)
+            samples.append(torchtune_chat_sample(tokenizer, messages, trained))
+        else:
+            samples.append(chat_sample(tokenizer, messages, train_on_input))
     max_seq_len = resolve_max_seq_len(max_seq_len, tokenizer)
     return finish_dataset(samples, tokenizer, max_seq_len, packed, split_long_documents=False, source=label,
-                          truncate=truncate)
+                          truncate=truncate, truncation_end=tokenizer.eos_id if torchtune_layout else None)

@@ -12,7 +12,7 @@ from torch.utils.data import Dataset
 from qattune.errors import QattuneError
 
 from .builder import finish_dataset, resolve_max_seq_len
-from .chat import chat_sample, with_system_prompt
+from .chat import chat_sample, torchtune_chat_sample, torchtune_trained, with_system_prompt
 from .fields import column_text
 from .samples import Sample
 from .sources import dataset_label, load_rows, require_columns
@@ -46,19 +46,6 @@ def mapped_columns(column_map: Optional[Mapping[str, str]], defaults: dict[str, 
     return {**defaults, **mapped}
 
 
-def torchtune_chat_sample(tokenizer: Any, messages: list[dict[str, str]], train_on_input: bool) -> Sample:
-    """A prompt/answer chat as torchtune's tokenizers mask it: whole messages (the answer's header is trained
-    with the answer), then the tokenizer's eos, untrained, unless the answer already ends with it.
-    (torchtune's truncation: `finish_dataset(truncation_end=eos)`.)"""
-    ids, answer_mask = tokenizer.tokenize_messages(messages, truncate=False)
-    prompt_length = len(tokenizer.tokenize_messages(messages[:-1], truncate=False)[0])
-    trained = [train_on_input] * prompt_length + [True] * (len(ids) - prompt_length)
-    answer_ids = [token for token, in_answer in zip(ids, answer_mask) if in_answer]
-    if answer_ids[-1:] != [tokenizer.eos_id]:
-        ids, trained = ids + [tokenizer.eos_id], trained + [False]
-    return Sample.from_mask(ids, trained)
-
-
 @dataclass(frozen=True)
 class InstructLayout:
     """How an instruction/input/output row becomes a sample; the arguments of `instruct_dataset`."""
@@ -88,7 +75,8 @@ class InstructLayout:
         messages = [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
         messages = with_system_prompt(messages, self.system_prompt)
         if self.torchtune_layout:
-            return torchtune_chat_sample(tokenizer, messages, self.train_on_input)
+            trained = torchtune_trained(messages, self.train_on_input, self.system_prompt)
+            return torchtune_chat_sample(tokenizer, messages, trained)
         return chat_sample(tokenizer, messages, self.train_on_input)
 
     def sample(self, tokenizer: Any, instruction: str, input_text: str, output: str) -> Sample:
@@ -177,15 +165,17 @@ def input_output_dataset(
     name: Optional[str] = None,
     data_dir: Optional[str] = None,
     filter_fn: Optional[Callable[[dict[str, Any]], bool]] = None,
+    torchtune_layout: bool = False,
 ) -> Dataset:
     """torchtune's `instruct_dataset`: each row's `input` is a user message and its `output` the assistant's
     answer, through the tokenizer's chat template (no Alpaca text).
 
     `column_map` maps "input"/"output" to the data's column names; `new_system_prompt` adds a system
-    message first. Loss is on the answer only unless `train_on_input`. Null values are refused. Length
-    and loading arguments as in `chat_dataset`.
+    message first. Loss is on the answer only unless `train_on_input`. Null values are refused.
+    `torchtune_layout` masks, ends and truncates as torchtune does (see `torchtune_chat_sample`; the
+    `new_system_prompt` message is never trained). Length and loading arguments as in `chat_dataset`.
     """
-    layout = InstructLayout("chat", train_on_input, new_system_prompt)
+    layout = InstructLayout("chat", train_on_input, new_system_prompt, torchtune_layout)
     columns = mapped_columns(column_map, {"input": "input", "output": "output"}, "input_output_dataset")
     label = dataset_label(source, data_files)
     rows = load_rows(source, split, data_files=data_files, name=name, data_dir=data_dir, filter_fn=filter_fn)
@@ -197,7 +187,7 @@ def input_output_dataset(
         samples.append(layout.chat(tokenizer, user, answer))
     max_seq_len = resolve_max_seq_len(max_seq_len, tokenizer)
     return finish_dataset(samples, tokenizer, max_seq_len, packed, split_long_documents=False, source=label,
-                          truncate=truncate)
+                          truncate=truncate, truncation_end=tokenizer.eos_id if torchtune_layout else None)
 
 
 def alpaca_dataset(

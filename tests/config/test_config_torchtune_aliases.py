@@ -296,3 +296,22 @@ def test_torchtune_alpaca_builders_mean_the_alpaca_prompt_as_a_chat(name):
     assert str(alias.refusals({"template": "alpaca"})[0]) == (
         f"template=alpaca: this torchtune component means template=alpaca_chat; remove template, or use "
         f"qattune.data.{name}")
+
+
+@pytest.mark.parametrize("name, target", [("chat_dataset", "chat_dataset"), ("instruct_dataset", "input_output_dataset")])
+def test_torchtune_chat_builders_mean_torchtunes_layout(name, target):
+    """torchtune's chat_dataset and instruct_dataset mask whole messages and end with the eos (torchtune_layout;
+    tests/data/test_data_torchtune_chat.py checks the ids); torchtune 0.6.1 has no masking_strategy, so only
+    its absence (null) is accepted, and any value is refused in one line saying what to write instead."""
+    alias = torchtune_alias(f"torchtune.datasets.{name}")
+    assert alias.translate({"train_on_input": False, "masking_strategy": None}) == {
+        "train_on_input": False, "torchtune_layout": True}
+    assert str(alias.refusals({"torchtune_layout": False})[0]) == (
+        f"torchtune_layout=false: this torchtune component means torchtune_layout=true; remove torchtune_layout, "
+        f"or use qattune.data.{target}")
+    yaml = (f"dataset:\n  _component_: torchtune.datasets.{name}\n  source: json\n  data_files: missing.json\n"
+            "  masking_strategy: train_on_last\n")
+    assert _refusal(yaml, "dataset", tokenizer=None) == (
+        "masking_strategy=train_on_last: torchtune 0.6.1 (what qattune reproduces) has no masking_strategy; write "
+        "train_on_input: true for train_on_all or false for train_on_assistant (train_on_last is not reproduced), "
+        "and remove masking_strategy")
