@@ -45,7 +45,7 @@ def recipe(cfg) -> None:
 
     session = TrainingSession(cfg)
     try:
-        loss_fn = instantiate(cfg.loss) if cfg.get("loss") is not None else None
+        loss_fn = session.loss_fn
         teacher = build_teacher(session, loss_fn, cfg.get("teacher_checkpoint_dir"), cfg.get("teacher_snapshot"))
         quantizer = instantiate(cfg.quantizer)
         session.model = quantizer.prepare(session.model)

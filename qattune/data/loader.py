@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import logging
 from typing import Any, Callable, Iterator, Optional
 
 import torch
@@ -13,6 +14,8 @@ from qattune.errors import QattuneError
 from .collate import padded_collate
 from .labels import IGNORE_INDEX
 from .packing import PackedDataset
+
+log = logging.getLogger(__name__)
 
 
 def epoch_indices(num_samples: int, epoch: int, shuffle: bool, seed: int, rank: int, world_size: int,
@@ -64,6 +67,7 @@ class StatefulDataLoader:
         self.rank = rank
         self.world_size = world_size
         self.num_workers = num_workers
+        self.name = name
         self.epoch = 0
         self.batches_done = 0
         if len(self) == 0:
@@ -148,6 +152,11 @@ class StatefulDataLoader:
                     f"cannot resume the data position: the checkpoint was taken with {key}={state[key]}, "
                     f"this run has {key}={now}; resume with the same dataset, batch_size and number of processes"
                 )
+        for key, now in (("seed", self.seed), ("shuffle", self.shuffle)):
+            if state[key] != now:
+                log.warning("resuming %s with %s=%s, but the checkpoint's data order was drawn with %s=%s: the run "
+                            "continues that order (a changed %s applies to a fresh run)", self.name, key, now, key,
+                            state[key], key)
         self.seed = int(state["seed"])
         self.shuffle = bool(state["shuffle"])
         self.epoch = int(state["epoch"])
@@ -163,14 +172,16 @@ def build_dataloader(
     num_workers: int = 0,
     max_seq_len: Optional[int] = None,
     name: str = "the dataset",
+    sharded: bool = True,
 ) -> StatefulDataLoader:
     """A `StatefulDataLoader` with `padded_collate` (the dataset's `pad_id`), sharded over the
-    torch.distributed ranks when a process group is initialized.
+    torch.distributed ranks when a process group is initialized (and `sharded`: False gives this rank
+    every batch).
 
     `drop_last=False` keeps the last, partial batch (validation scores every sample); `name` is how
     errors call the dataset (e.g. its config key, "dataset_val")."""
     rank, world_size = 0, 1
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
+    if sharded and torch.distributed.is_available() and torch.distributed.is_initialized():
         rank, world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
     collate = functools.partial(padded_collate, pad_id=getattr(dataset, "pad_id", 0), max_seq_len=max_seq_len)
     return StatefulDataLoader(

@@ -116,6 +116,15 @@ def all_gather_object(obj: Any) -> list[Any]:
     return gathered
 
 
+def broadcast_from_rank0(obj: Any) -> Any:
+    """Rank 0's `obj` on every rank (`obj` itself in a single process). Collective: every rank calls it."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return obj
+    shared = [obj]
+    dist.broadcast_object_list(shared, src=0)
+    return shared[0]
+
+
 def raise_rank0_error(error: Optional[QattuneError]) -> None:
     """Raise `error` (this rank's, or None) on every rank once rank 0's is known: a step only rank 0 takes
     (reading the checkpoint) fails with its one line everywhere, instead of the other ranks dying with a

@@ -13,6 +13,7 @@ import copy
 import inspect
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any, Callable, Literal, Optional, Sequence, Union
 
@@ -160,6 +161,43 @@ def _check_fits_model(dataset: Any, model: nn.Module, key: str) -> None:
         )
 
 
+def _seed(seed: Optional[int], dist: Any) -> int:
+    """The run's seed: `seed`, or for null a random one (torchtune's meaning), the same on every rank and
+    printed so the run can be repeated."""
+    if seed is not None:
+        return seed
+    from qattune.training.distributed import broadcast_from_rank0
+
+    drawn = broadcast_from_rank0(int.from_bytes(os.urandom(4), "little") >> 1)
+    if dist.is_main:
+        print(f"seed=null: this run draws seed {drawn} (set seed={drawn} to repeat it)", flush=True)
+    return drawn
+
+
+def build_loss(node: Any) -> nn.Module:
+    """The training loss from the `loss` config (qattune's CrossEntropyLoss when unset). torch's
+    `nn.CrossEntropyLoss` (older torchtune configs) becomes qattune's, which takes the same mean over
+    trained tokens, counted across micro-batches and ranks; settings it cannot honour are refused."""
+    from qattune.training import CrossEntropyLoss
+
+    if node is None:
+        return CrossEntropyLoss()
+    loss = instantiate(node)
+    if type(loss) is nn.CrossEntropyLoss:
+        options = {"weight": loss.weight is not None, "label_smoothing": loss.label_smoothing != 0.0,
+                   "reduction": loss.reduction != "mean"}
+        refused = [key for key, set_ in options.items() if set_]
+        if refused:
+            raise QattuneError(f"loss torch.nn.CrossEntropyLoss with {refused[0]} set: qattune's token-weighted "
+                               "loss has no such option; use loss._component_=qattune.training.CrossEntropyLoss "
+                               f"without {refused[0]}")
+        return CrossEntropyLoss(ignore_index=loss.ignore_index)
+    if getattr(loss, "reduction", "sum") != "sum":
+        raise QattuneError(f"loss {type(loss).__name__} uses reduction='{loss.reduction}'; the trainer weights tokens "
+                           "itself and needs a summed loss: use qattune.training.CrossEntropyLoss")
+    return loss
+
+
 def _warn_fake_quant_never_on(step_hooks: Sequence[Any], total_steps: int) -> None:
     """`fake_quant_after_n_steps` at or past the run's end trains in float throughout: say so."""
     for hook in step_hooks:
@@ -207,21 +245,24 @@ class TrainingSession:
             keep_freed_host_memory()
         if cfg.get("cudnn_deterministic_mode", False):
             torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
-        self.seed = cfg.get("seed") if cfg.get("seed") is not None else 0
+        self.seed = _seed(cfg.get("seed"), self.dist)
         torch.manual_seed(self.seed)
-        self.tokenizer = instantiate(cfg.tokenizer)
-        # the data first: a wrong path or column fails before any weight is read
-        self.train_dataset = instantiate(cfg.dataset, tokenizer=self.tokenizer)
-        self.val_dataset = (instantiate(cfg.dataset_val, tokenizer=self.tokenizer)
-                            if cfg.get("dataset_val") is not None else None)
-        # the logger too (a missing tensorboard is one line before any weight is read); it opens no file yet
-        self.metric_logger = instantiate(cfg.metric_logger) if cfg.get("metric_logger") is not None else None
+        # what is cheap to check first (the checkpoint's folder and config, the resume folder, the loss),
+        # then the data (a wrong path or column fails before any weight is read)
         if model_builder is None:  # the recipe builds cfg.model itself: a whole-model fine-tune
             _refuse_lora_builder(cfg.get("model"))
         self.checkpointer = instantiate(cfg.checkpointer) if cfg.get("checkpointer") is not None else None
         _refuse_quantized(self.checkpointer)
         _warn_other_output_dir(self.checkpointer, self.output_dir)
         self.resume_dir = self._resume_dir()
+        self.loss_fn = build_loss(cfg.get("loss"))
+        self.tokenizer = instantiate(cfg.tokenizer)
+        self.train_dataset = instantiate(cfg.dataset, tokenizer=self.tokenizer)
+        # torchtune builds the validation set only to validate: configs keep dataset_val with validation off
+        validates = cfg.get("run_val_every_n_steps") is not None and cfg.get("dataset_val") is not None
+        self.val_dataset = instantiate(cfg.dataset_val, tokenizer=self.tokenizer) if validates else None
+        # the logger too (a missing tensorboard is one line before any weight is read); it opens no file yet
+        self.metric_logger = instantiate(cfg.metric_logger) if cfg.get("metric_logger") is not None else None
         self.rank0_loads = self.dist.is_distributed and load_on_rank0_only
         self.load_device = self._load_device()
         self.model_builder = model_builder or (lambda: instantiate(cfg.model))
@@ -332,8 +373,11 @@ class TrainingSession:
         return None
 
     def _round(self, quantizer: Any, model: nn.Module) -> None:
-        """The quantizer's rounding of `model`, calibrated on the training set's first batches in order."""
-        batches = iter(self._loader(self.train_dataset, self.cfg.get("batch_size", 1), shuffle=False))
+        """The quantizer's rounding of `model`, calibrated on the training set's first batches in order: the
+        run's global batches (under torchrun rank 0 rounds alone, on every rank's samples), so the rounding
+        does not depend on the number of processes."""
+        global_batch = self.cfg.get("batch_size", 1) * self.dist.world_size
+        batches = iter(self._loader(self.train_dataset, global_batch, shuffle=False, sharded=False))
         progress = self.cfg.get("progress_bar", True) and self.dist.is_main
         report = quantizer.initialize_rounding(model, batches, progress=progress)
         if report is not None and self.dist.is_main:
@@ -398,11 +442,12 @@ class TrainingSession:
         return teacher.eval()
 
     # ----- data ---------------------------------------------------------------------------------
-    def _loader(self, dataset: Any, batch_size: int, shuffle: bool, *, drop_last: bool = True, name: str = "dataset"):
+    def _loader(self, dataset: Any, batch_size: int, shuffle: bool, *, drop_last: bool = True, name: str = "dataset",
+                sharded: bool = True):
         from qattune.data import build_dataloader
 
         return build_dataloader(dataset, batch_size=batch_size, shuffle=shuffle, seed=self.seed,
-                                drop_last=drop_last, name=name)
+                                drop_last=drop_last, name=name, sharded=sharded)
 
     # ----- the run ------------------------------------------------------------------------------
     def _prepare_for_training(self, model: nn.Module, trainable: bool) -> nn.Module:
@@ -426,7 +471,7 @@ class TrainingSession:
 
         `param_groups(model)` gives the optimizer's parameter groups (e.g. a learning rate of their own
         for some parameters); it is called after sharding, since FSDP2 replaces the parameters."""
-        from qattune.training import CrossEntropyLoss, Trainer, num_training_steps
+        from qattune.training import Trainer, num_training_steps
 
         cfg = self.cfg
         self.model = self._prepare_for_training(self.model, trainable=True)
@@ -446,7 +491,7 @@ class TrainingSession:
         total_steps = num_training_steps(len(train_loader), accumulation, cfg.get("epochs", 1),
                                          cfg.get("max_steps_per_epoch"))
         lr_scheduler = self._lr_scheduler(optimizer, total_steps)
-        loss_fn = loss_fn if loss_fn is not None else (instantiate(cfg.loss) if cfg.get("loss") else CrossEntropyLoss())
+        loss_fn = loss_fn if loss_fn is not None else self.loss_fn
         self.trainer = Trainer(
             self.model, optimizer, loss_fn, train_loader,
             device=self.device,
@@ -585,8 +630,8 @@ class TrainingSession:
             print(f"Finished {self.trainer.global_step} steps: final loss {losses[-1]:.4f}; "
                   f"checkpoints in {self.output_dir}")
         elif self.dist.is_main:
-            print(f"Nothing to train: the run is at step {self.trainer.global_step} of {self.trainer.total_steps} "
-                  "already; raise epochs or max_steps_per_epoch to train further")
+            print(f"Nothing to train: the checkpoint finished the run's last epoch (epochs={self.trainer.epochs}) "
+                  f"at step {self.trainer.global_step}; raise epochs to train further")
         return losses
 
     def close(self) -> None:

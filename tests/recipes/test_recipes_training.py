@@ -71,7 +71,13 @@ def test_resuming_a_finished_run_says_there_is_nothing_to_train(qat_run, tmp_pat
     proc = run_cli("qat_distributed", "--config", "tiny/qat_full", f"output_dir={out}", "fake_quant_after_n_steps=4",
                    "resume_from_checkpoint=true", *SMALL)
     assert proc.stdout.strip().splitlines()[-1] == (
-        "Nothing to train: the run is at step 8 of 8 already; raise epochs or max_steps_per_epoch to train further")
+        "Nothing to train: the checkpoint finished the run's last epoch (epochs=1) at step 8; raise epochs to "
+        "train further")
+    # another epoch trains on; with validation off (SMALL), dataset_val is not even built, as in torchtune
+    proc = run_cli("qat_distributed", "--config", "tiny/qat_full", f"output_dir={out}", "fake_quant_after_n_steps=4",
+                   "resume_from_checkpoint=true", *SMALL, "epochs=2",
+                   "dataset_val={_component_: qattune.data.text_completion_dataset, source: /no/such/val.jsonl}")
+    assert proc.stdout.strip().splitlines()[-1].startswith("Finished 16 steps: final loss ")
 
 
 @pytest.mark.parametrize("resume_step", [2, 6])
@@ -326,6 +332,11 @@ def test_two_processes_round_after_a_float_phase_on_rank0_and_share_the_result(q
             assert not torch.equal(trained[name][rows], loaded[name][rows]), name
         expected, _ = fmt.covering_qparams(loaded[name])
         assert torch.equal(scales[scale_name], expected.reshape(scales[scale_name].shape)), name
+    # rank 0 calibrates on the global batches, so one process with the same global batch rounds alike
+    run_cli("qat_distributed", "--config", "tiny/qat_full", f"output_dir={tmp_path / 'one'}", "batch_size=4",
+            *GPTQ_START[:-1], "fake_quant_after_n_steps=2", *start, *small)
+    alone = dict(load_model(tmp_path / "one" / "step_4").named_parameters())
+    assert all(torch.equal(alone[name], trained[name]) for name in trained)
 
 
 def test_two_processes_keep_rank0s_gptq_scales(qat_run, tmp_path):

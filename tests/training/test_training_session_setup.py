@@ -1,0 +1,50 @@
+"""What the training session builds before any weight is read: the loss (torchtune's older
+torch.nn.CrossEntropyLoss mapped), the seed (null draws one), the validation set (only when validating)."""
+
+import re
+
+import pytest
+import torch
+from torch import nn
+
+from qattune.errors import QattuneError
+from qattune.training import CrossEntropyLoss, DistillationLoss
+from qattune.training.session import _seed, build_loss
+
+
+class OneProcess:
+    is_main = True
+
+
+def test_torchs_cross_entropy_trains_as_qattunes_token_weighted_loss():
+    loss = build_loss({"_component_": "torch.nn.CrossEntropyLoss"})
+    assert type(loss) is CrossEntropyLoss and loss.ignore_index == -100
+    logits, labels = torch.randn(2, 5, 11), torch.tensor([[1, 2, -100, 4, 5], [6, -100, -100, 9, 10]])
+    mean = nn.CrossEntropyLoss()(logits.reshape(-1, 11), labels.reshape(-1))
+    assert torch.allclose(loss(logits, labels) / (labels != -100).sum(), mean)
+    assert type(build_loss(None)) is CrossEntropyLoss
+    assert type(build_loss({"_component_": "qattune.training.DistillationLoss"})) is DistillationLoss
+
+
+@pytest.mark.parametrize("node, message", [
+    ({"_component_": "torch.nn.CrossEntropyLoss", "label_smoothing": 0.1},
+     "loss torch.nn.CrossEntropyLoss with label_smoothing set: qattune's token-weighted loss has no such option; "
+     "use loss._component_=qattune.training.CrossEntropyLoss without label_smoothing"),
+    ({"_component_": "torch.nn.CrossEntropyLoss", "reduction": "none"},
+     "loss torch.nn.CrossEntropyLoss with reduction set: qattune's token-weighted loss has no such option; "
+     "use loss._component_=qattune.training.CrossEntropyLoss without reduction"),
+    ({"_component_": "torch.nn.NLLLoss"},
+     "loss NLLLoss uses reduction='mean'; the trainer weights tokens itself and needs a summed loss: use "
+     "qattune.training.CrossEntropyLoss"),
+])
+def test_losses_qattune_cannot_train_with_are_refused_before_the_model_loads(node, message):
+    with pytest.raises(QattuneError) as err:
+        build_loss(node)
+    assert str(err.value) == message
+
+
+def test_a_null_seed_draws_one_and_says_which(capsys):
+    assert _seed(7, OneProcess()) == 7 and capsys.readouterr().out == ""
+    drawn = {_seed(None, OneProcess()) for _ in range(3)}
+    printed = re.findall(r"seed=null: this run draws seed (\d+) \(set seed=(\d+) to repeat it\)", capsys.readouterr().out)
+    assert {int(a) for a, b in printed if a == b} == drawn and len(drawn) > 1
