@@ -152,11 +152,11 @@ class StatefulDataLoader:
                     f"cannot resume the data position: the checkpoint was taken with {key}={state[key]}, "
                     f"this run has {key}={now}; resume with the same dataset, batch_size and number of processes"
                 )
-        for key, now in (("seed", self.seed), ("shuffle", self.shuffle)):
-            if state[key] != now:
+        for key, now, theirs in (("seed", self.seed, int(state["seed"])), ("shuffle", self.shuffle, bool(state["shuffle"]))):
+            if theirs != now:
                 log.warning("resuming %s with %s=%s, but the checkpoint's data order was drawn with %s=%s: the run "
                             "continues that order (a changed %s applies to a fresh run)", self.name, key, now, key,
-                            state[key], key)
+                            theirs, key)
         self.seed = int(state["seed"])
         self.shuffle = bool(state["shuffle"])
         self.epoch = int(state["epoch"])

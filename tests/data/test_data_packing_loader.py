@@ -110,6 +110,19 @@ def test_loader_refuses_a_different_dataset():
         _ids_loader(n=12).load_state_dict(state)
 
 
+def test_a_resume_with_another_seed_or_shuffle_keeps_the_checkpoints_order_and_says_so(caplog):
+    state = _ids_loader().state_dict()
+    changed = StatefulDataLoader(_ids_loader().dataset, 2, padded_collate, shuffle=False, seed=5, name="dataset")
+    with caplog.at_level("WARNING"):
+        changed.load_state_dict(state)
+    assert (changed.seed, changed.shuffle) == (3, True)
+    assert [r.getMessage() for r in caplog.records] == [
+        "resuming dataset with seed=5, but the checkpoint's data order was drawn with seed=3: the run continues that "
+        "order (a changed seed applies to a fresh run)",
+        "resuming dataset with shuffle=False, but the checkpoint's data order was drawn with shuffle=True: the run "
+        "continues that order (a changed shuffle applies to a fresh run)"]
+
+
 def test_loader_keeps_the_last_partial_batch_when_asked():
     from qattune.data import build_dataloader
 
