@@ -55,6 +55,7 @@ class StatefulDataLoader:
         world_size: int = 1,
         num_workers: int = 0,
         name: str = "the dataset",
+        seed_given: bool = True,
     ) -> None:
         if batch_size < 1:
             raise QattuneError(f"batch_size must be at least 1, got {batch_size}")
@@ -68,6 +69,7 @@ class StatefulDataLoader:
         self.world_size = world_size
         self.num_workers = num_workers
         self.name = name
+        self.seed_given = seed_given  # False: the run drew its seed (seed=null), a resume keeps the checkpoint's
         self.epoch = 0
         self.batches_done = 0
         if len(self) == 0:
@@ -153,7 +155,7 @@ class StatefulDataLoader:
                     f"this run has {key}={now}; resume with the same dataset, batch_size and number of processes"
                 )
         for key, now, theirs in (("seed", self.seed, int(state["seed"])), ("shuffle", self.shuffle, bool(state["shuffle"]))):
-            if theirs != now:
+            if theirs != now and (key != "seed" or self.seed_given):
                 log.warning("resuming %s with %s=%s, but the checkpoint's data order was drawn with %s=%s: the run "
                             "continues that order (a changed %s applies to a fresh run)", self.name, key, now, key,
                             theirs, key)
@@ -173,6 +175,7 @@ def build_dataloader(
     max_seq_len: Optional[int] = None,
     name: str = "the dataset",
     sharded: bool = True,
+    seed_given: bool = True,
 ) -> StatefulDataLoader:
     """A `StatefulDataLoader` with `padded_collate` (the dataset's `pad_id`), sharded over the
     torch.distributed ranks when a process group is initialized (and `sharded`: False gives this rank
@@ -185,5 +188,6 @@ def build_dataloader(
         rank, world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
     collate = functools.partial(padded_collate, pad_id=getattr(dataset, "pad_id", 0), max_seq_len=max_seq_len)
     return StatefulDataLoader(
-        dataset, batch_size, collate, shuffle, seed, drop_last, rank, world_size, num_workers, name=name
+        dataset, batch_size, collate, shuffle, seed, drop_last, rank, world_size, num_workers, name=name,
+        seed_given=seed_given,
     )

@@ -447,7 +447,8 @@ class TrainingSession:
         from qattune.data import build_dataloader
 
         return build_dataloader(dataset, batch_size=batch_size, shuffle=shuffle, seed=self.seed,
-                                drop_last=drop_last, name=name, sharded=sharded)
+                                drop_last=drop_last, name=name, sharded=sharded,
+                                seed_given=self.cfg.get("seed") is not None)
 
     # ----- the run ------------------------------------------------------------------------------
     def _prepare_for_training(self, model: nn.Module, trainable: bool) -> nn.Module:

@@ -121,6 +121,10 @@ def test_a_resume_with_another_seed_or_shuffle_keeps_the_checkpoints_order_and_s
         "order (a changed seed applies to a fresh run)",
         "resuming dataset with shuffle=False, but the checkpoint's data order was drawn with shuffle=True: the run "
         "continues that order (a changed shuffle applies to a fresh run)"]
+    caplog.clear()
+    drawn = StatefulDataLoader(_ids_loader().dataset, 2, padded_collate, seed=5, name="dataset", seed_given=False)
+    drawn.load_state_dict(state)  # seed=null drew 5: the resume takes the checkpoint's seed without a word
+    assert drawn.seed == 3 and not caplog.records
 
 
 def test_loader_keeps_the_last_partial_batch_when_asked():
