@@ -46,7 +46,8 @@ def run_demo(output_dir: str, steps: int, eval_documents: int, prompt: str = DEF
         raise QattuneError(f"--eval-documents {eval_documents}: the evaluation needs at least 1 document")
     out = writable_directory(output_dir, key="--output-dir").resolve()
     started = time.perf_counter()
-    budget = [f"max_steps_per_epoch={steps}", f"run_val_every_n_steps={steps}"]
+    # a demo run again into the same folder replaces the previous demo's checkpoints
+    budget = [f"max_steps_per_epoch={steps}", f"run_val_every_n_steps={steps}", "overwrite_output_dir=true"]
     step_dir = f"step_{steps}"
 
     _banner(f"1/5 float fine-tune of SmolLM2-135M ({steps} steps): the bf16 baseline")

@@ -131,7 +131,7 @@ def _train(out: Path, recipe: str, config: str, steps: int, extra: list[str], re
     checkpoint = out / f"step_{steps}"
     if not (reuse and (checkpoint / "recipe_state.pt").is_file()):
         run_command([recipe, "--config", config, f"output_dir={out}", f"max_steps_per_epoch={steps}",
-                     "run_val_every_n_steps=null", "progress_bar=false", *extra])
+                     "run_val_every_n_steps=null", "progress_bar=false", "overwrite_output_dir=true", *extra])
     return checkpoint
 
 

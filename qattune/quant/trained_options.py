@@ -59,9 +59,10 @@ def _override(quantizer_cfg, key: str, value) -> str:
     return f"{'' if present else '+'}quantizer.{name}={_yaml(value)}"
 
 
-def mismatch_message(source: str, record: str, trained: dict, differences: list[str], quantizer_cfg) -> str:
+def mismatch_message(source: str, record: str, trained: dict, differences: list[str], quantizer_cfg,
+                     action: str = "quantize") -> str:
     """One line: what checkpoint `source` was trained with (by its training `record` file), and the
-    overrides that make `quantizer_cfg` (the config's quantizer node) agree."""
+    overrides that make `quantizer_cfg` (the config's quantizer node) agree, to `action` ("quantize")."""
     group = f" with group size {trained.get('group_size')}" if trained.get("group_size") else ""
     others = "".join(f", {key}={_yaml(trained[key])}" for key in differences if key not in ("scheme", "group_size"))
     needed = _needed(trained, differences, quantizer_cfg)
@@ -71,19 +72,35 @@ def mismatch_message(source: str, record: str, trained: dict, differences: list[
                   f"quantizer='{{_component_: qattune.quant.QATQuantizer, {options}}}'")
     else:
         overrides = " ".join(o for o in (_override(quantizer_cfg, key, trained[key]) for key in needed) if o)
-        advice = f"quantize with the same options: {overrides}"
+        advice = f"{action} with the same options: {overrides}"
     return f"{source} was trained with scheme {trained['scheme']!r}{group}{others} ({record}); {advice}"
+
+
+def _trained_and_differences(record: Path, quantizer) -> tuple[dict, list[str]]:
+    """The quantizer options the run recorded in `record` (its step folder's training info), and those
+    `quantizer` has otherwise (none without a record, or for a quantizer without a scheme config)."""
+    trained = json.loads(record.read_text()).get("quantizer") if record.is_file() else None
+    ours = getattr(quantizer, "config", None)
+    if trained is None or ours is None or "scheme" not in trained or not hasattr(ours, "to_dict"):
+        return {}, []
+    return trained, differing_options(trained, ours.to_dict())
+
+
+def refuse_other_options_on_resume(record: Path, quantizer, quantizer_cfg) -> None:
+    """A resumed run trains on with the quantizer options its checkpoint trained with (recorded in
+    `record`): another scheme or group size would mix two trainings under one record. One error line
+    with the overrides that agree."""
+    trained, differences = _trained_and_differences(record, quantizer)
+    if differences:
+        raise QattuneError(mismatch_message(str(record.parent), record.name, trained, differences, quantizer_cfg,
+                                            action="resume"))
 
 
 def agrees_with_training(record: Path, quantizer, quantizer_cfg, match_training: bool) -> bool:
     """Whether `quantizer` (built from the config node `quantizer_cfg`) has the options the QAT run
     recorded in `record` (its step folder's training info; true without one). A difference is one
     error line with the fixing overrides, or with `match_training` off a warning."""
-    trained = json.loads(record.read_text()).get("quantizer") if record.is_file() else None
-    ours = getattr(quantizer, "config", None)
-    if trained is None or ours is None or "scheme" not in trained:
-        return True
-    differences = differing_options(trained, ours.to_dict())
+    trained, differences = _trained_and_differences(record, quantizer)
     if differences and match_training:
         raise QattuneError(mismatch_message(str(record.parent), record.name, trained, differences, quantizer_cfg)
                            + "; or match_training=false to quantize it with these options anyway (PTQ of its "

@@ -44,6 +44,7 @@ class TrainingConfig(RecipeConfig):
     tokenizer: Component
     checkpointer: Optional[Component] = None  # None: train a freshly initialised model (tiny configs)
     resume_from_checkpoint: Union[bool, str] = False  # true: the latest output_dir/step_N; or a step dir
+    overwrite_output_dir: bool = False  # a fresh run into a folder of checkpoints removes them (else refused)
     dataset: Component("tokenizer")
     dataset_val: Optional[Component("tokenizer")] = None
     seed: Optional[int] = None
@@ -290,11 +291,7 @@ class TrainingSession:
 
         resume = self.cfg.get("resume_from_checkpoint", False)
         if not resume:
-            earlier = list_step_dirs(self.output_dir)
-            if earlier and self.dist.is_main:
-                log.warning("output_dir %s already holds checkpoints up to step_%d from an earlier run: this run "
-                            "writes beside them (keep_last_n_checkpoints prunes only its own); set "
-                            "resume_from_checkpoint=true to continue that run instead", self.output_dir, earlier[-1][0])
+            self._clear_earlier_run(list_step_dirs(self.output_dir))
             return None
         if isinstance(resume, str):
             if not Path(resume, "recipe_state.pt").is_file():
@@ -307,6 +304,27 @@ class TrainingSession:
                 "train without resuming first"
             )
         return steps[-1][1]
+
+    def _clear_earlier_run(self, earlier: list[tuple[int, str]]) -> None:
+        """A fresh run would write its step_N over an earlier run's: refuse, unless `overwrite_output_dir`,
+        which removes the earlier run's checkpoints first (a later resume must not mix the two runs)."""
+        import shutil
+
+        from qattune.training.distributed import barrier
+
+        if not earlier:
+            return
+        if not self.cfg.get("overwrite_output_dir", False):
+            raise QattuneError(
+                f"output_dir {self.output_dir} already holds checkpoints up to step_{earlier[-1][0]} of an earlier "
+                "run, which this run would overwrite: set resume_from_checkpoint=true to continue it, choose another "
+                "output_dir, or set overwrite_output_dir=true to replace it")
+        if self.dist.is_main:
+            print(f"overwrite_output_dir=true: removing the earlier run's {len(earlier)} checkpoint(s) in "
+                  f"{self.output_dir}", flush=True)
+            for _, path in earlier:
+                shutil.rmtree(path)
+        barrier()
 
     def _load_device(self) -> torch.device:
         """Where the model is built and loaded: the training device in one process (or when every rank
@@ -347,7 +365,11 @@ class TrainingSession:
     def record_quantizer(self, quantizer: Any, key: str = "quantizer") -> None:
         """Note the quantizer's scheme and options in every checkpoint, so `quantize` can check them
         (under `key`: QLoRA's `base_quantizer` is a training-memory format, which `quantize` does not hold
-        the float merged model to)."""
+        the float merged model to); a resumed run must have the options its checkpoint trained with."""
+        from qattune.quant.trained_options import refuse_other_options_on_resume
+
+        if self.resume_dir is not None and key == "quantizer":
+            refuse_other_options_on_resume(Path(self.resume_dir, TRAINING_INFO_FILE), quantizer, self.cfg.get(key))
         config = getattr(quantizer, "config", None)
         described = config.to_dict() if hasattr(config, "to_dict") else {"component": type(quantizer).__name__}
         self.extra_info[key] = described

@@ -78,6 +78,23 @@ def test_resuming_a_finished_run_says_there_is_nothing_to_train(qat_run, tmp_pat
                    "resume_from_checkpoint=true", *SMALL, "epochs=2",
                    "dataset_val={_component_: qattune.data.text_completion_dataset, source: /no/such/val.jsonl}")
     assert proc.stdout.strip().splitlines()[-1].startswith("Finished 16 steps: final loss ")
+    # a fresh run would write its step_N over this run's: refused, unless told to replace it
+    fresh = ["qat_distributed", "--config", "tiny/qat_full", f"output_dir={out}", *SMALL]
+    assert run_cli(*fresh, returncode=2).stderr.strip() == (
+        f"error: output_dir {out} already holds checkpoints up to step_16 of an earlier run, which this run would "
+        "overwrite: set resume_from_checkpoint=true to continue it, choose another output_dir, or set "
+        "overwrite_output_dir=true to replace it")
+    run_cli(*fresh, "overwrite_output_dir=true", "max_steps_per_epoch=2", "save_every_n_steps=null")
+    assert sorted(p.name for p in out.glob("step_*")) == ["step_2"]
+
+
+def test_resuming_with_other_quantizer_options_is_refused(qat_run, tmp_path):
+    shutil.copytree(qat_run / "step_2", tmp_path / "step_2")
+    proc = run_cli("qat_distributed", "--config", "tiny/qat_full", f"output_dir={tmp_path}", "fake_quant_after_n_steps=4",
+                   "resume_from_checkpoint=true", *SMALL, "quantizer.group_size=64", returncode=2)
+    assert proc.stderr.strip() == (
+        f"error: {tmp_path / 'step_2'} was trained with scheme '8da4w' with group size 32 (qattune_training.json); "
+        "resume with the same options: quantizer.group_size=32")
 
 
 @pytest.mark.parametrize("resume_step", [2, 6])
