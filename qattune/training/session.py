@@ -297,12 +297,16 @@ class TrainingSession:
             if not Path(resume, "recipe_state.pt").is_file():
                 raise QattuneError(f"resume_from_checkpoint={resume}: no recipe_state.pt there; name an output_dir/step_N folder")
             return resume
-        steps = list_step_dirs(self.output_dir)
+        every = list_step_dirs(self.output_dir)
+        steps = [(step, path) for step, path in every if Path(path, "recipe_state.pt").is_file()]
         if not steps:
             raise QattuneError(
-                f"resume_from_checkpoint=true but {self.output_dir} holds no complete step_N checkpoint; "
-                "train without resuming first"
+                f"resume_from_checkpoint=true but {self.output_dir} holds no complete step_N checkpoint (with "
+                "recipe_state.pt); train without resuming first"
             )
+        if every[-1][0] != steps[-1][0] and self.dist.is_main:
+            log.warning("step_%d has no recipe_state.pt to resume from: resuming from step_%d", every[-1][0],
+                        steps[-1][0])
         return steps[-1][1]
 
     def _clear_earlier_run(self, earlier: list[tuple[int, str]]) -> None:

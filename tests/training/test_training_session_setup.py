@@ -48,3 +48,21 @@ def test_a_null_seed_draws_one_and_says_which(capsys):
     drawn = {_seed(None, OneProcess()) for _ in range(3)}
     printed = re.findall(r"seed=null: this run draws seed (\d+) \(set seed=(\d+) to repeat it\)", capsys.readouterr().out)
     assert {int(a) for a, b in printed if a == b} == drawn and len(drawn) > 1
+
+
+def test_resume_takes_the_newest_step_with_recipe_state(tmp_path, caplog):
+    from qattune.training.session import TrainingSession
+
+    for step in (2, 4, 6):
+        (tmp_path / f"step_{step}").mkdir()
+    for step in (2, 4):
+        (tmp_path / f"step_{step}" / "recipe_state.pt").write_bytes(b"")
+    session = TrainingSession.__new__(TrainingSession)  # only what _resume_dir reads
+    session.cfg, session.output_dir, session.dist = {"resume_from_checkpoint": True}, str(tmp_path), OneProcess()
+    with caplog.at_level("WARNING"):
+        assert session._resume_dir() == str(tmp_path / "step_4")
+    assert "step_6 has no recipe_state.pt to resume from: resuming from step_4" in caplog.text
+    for step in (2, 4):
+        (tmp_path / f"step_{step}" / "recipe_state.pt").unlink()
+    with pytest.raises(QattuneError, match="holds no complete step_N checkpoint \\(with recipe_state.pt\\)"):
+        session._resume_dir()
