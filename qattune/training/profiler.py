@@ -48,7 +48,7 @@ def setup_profiler(
     if cuda and torch.cuda.is_available():
         activities.append(torch.profiler.ProfilerActivity.CUDA)
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-    return torch.profiler.profile(
+    profiler = torch.profiler.profile(
         activities=activities,
         schedule=torch.profiler.schedule(wait=wait_steps, warmup=warmup_steps, active=active_steps, repeat=num_cycles),
         on_trace_ready=torch.profiler.tensorboard_trace_handler(output_dir, worker_name=f"rank{rank}"),
@@ -57,3 +57,5 @@ def setup_profiler(
         with_stack=with_stack,
         with_flops=with_flops,
     )
+    profiler.steps_before_first_trace = wait_steps + warmup_steps + active_steps  # the session warns on shorter runs
+    return profiler

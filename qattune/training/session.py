@@ -199,6 +199,14 @@ def build_loss(node: Any) -> nn.Module:
     return loss
 
 
+def _warn_profiler_never_traces(profiler: Any, total_steps: int) -> None:
+    """A profiler schedule longer than the run writes no trace: say so."""
+    needed = getattr(profiler, "steps_before_first_trace", None)
+    if needed is not None and needed > total_steps:
+        log.warning("the profiler's schedule (wait + warmup + active steps) needs %d steps, but the run has %d: it "
+                    "writes no trace; lower profiler.wait_steps, warmup_steps or active_steps", needed, total_steps)
+
+
 def _warn_fake_quant_never_on(step_hooks: Sequence[Any], total_steps: int) -> None:
     """`fake_quant_after_n_steps` at or past the run's end trains in float throughout: say so."""
     for hook in step_hooks:
@@ -519,6 +527,8 @@ class TrainingSession:
                                          cfg.get("max_steps_per_epoch"))
         lr_scheduler = self._lr_scheduler(optimizer, total_steps)
         loss_fn = loss_fn if loss_fn is not None else self.loss_fn
+        profiler = instantiate(cfg.profiler) if cfg.get("profiler") is not None else None
+        _warn_profiler_never_traces(profiler, total_steps)
         self.trainer = Trainer(
             self.model, optimizer, loss_fn, train_loader,
             device=self.device,
@@ -540,7 +550,7 @@ class TrainingSession:
             progress_bar=cfg.get("progress_bar", True),
             teacher_model=teacher,
             teacher_from_step=teacher_from_step,
-            profiler=instantiate(cfg.profiler) if cfg.get("profiler") is not None else None,
+            profiler=profiler,
             log_peak_memory_stats=cfg.get("log_peak_memory_stats", True),
         )
         _warn_fake_quant_never_on(step_hooks, self.trainer.total_steps)

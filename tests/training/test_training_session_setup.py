@@ -66,3 +66,17 @@ def test_resume_takes_the_newest_step_with_recipe_state(tmp_path, caplog):
         (tmp_path / f"step_{step}" / "recipe_state.pt").unlink()
     with pytest.raises(QattuneError, match="holds no complete step_N checkpoint \\(with recipe_state.pt\\)"):
         session._resume_dir()
+
+
+def test_a_profiler_schedule_longer_than_the_run_is_warned_about(tmp_path, caplog):
+    from qattune.training.profiler import setup_profiler
+    from qattune.training.session import _warn_profiler_never_traces
+
+    with caplog.at_level("WARNING"):
+        _warn_profiler_never_traces(setup_profiler(enabled=False), 1)
+        _warn_profiler_never_traces(setup_profiler(True, str(tmp_path), 5, 3, 2), 10)
+        assert not caplog.records
+        _warn_profiler_never_traces(setup_profiler(True, str(tmp_path), 5, 3, 2), 9)
+    assert caplog.records[0].getMessage() == (
+        "the profiler's schedule (wait + warmup + active steps) needs 10 steps, but the run has 9: it writes no "
+        "trace; lower profiler.wait_steps, warmup_steps or active_steps")
