@@ -23,7 +23,8 @@ default the tokenizer's bos, else its eos; lm-eval's HF backend takes the HF tok
 where the model adds none (SmolLM2: `<|im_start|>`, 1), so `prefix_token_id=1` reproduces its scores.
 Before any model loads, every checkpoint, the tokenizer against each model's vocabulary, the tasks and
 the perplexity options are checked. eval_results.json is written again after each checkpoint, so an
-evaluation that fails part-way keeps the results of the checkpoints before it (the error says so).
+evaluation that fails part-way keeps the results of the checkpoints before it (the error says so), whole
+(written aside, then renamed), with a `pending` list of the ones not evaluated yet (empty when complete).
 """
 
 from typing import Literal, Optional
@@ -65,6 +66,7 @@ class Config(RecipeConfig):
 
 PERPLEXITY_KEYS = ("source", "split", "column", "max_documents", "max_seq_len", "stride", "per_document")
 RESULTS_FILE = "eval_results.json"
+PLOT_FILE = "eval_comparison.png"
 REFERENCE_ROLES = {"baseline": "unquantized", "ptq": "PTQ"}
 
 
@@ -201,6 +203,12 @@ def _missing_references_note(comparison) -> Optional[str]:
             f"NAME one of {', '.join(comparison.checkpoints)}")
 
 
+def _remove_earlier_outputs(out) -> None:
+    """An earlier run's results and plot go once this run's checks pass: what the folder holds is this run's."""
+    for name in (RESULTS_FILE, PLOT_FILE):
+        (out / name).unlink(missing_ok=True)
+
+
 def recipe(cfg) -> None:
     from qattune.checkpoint import writable_directory
     from qattune.checkpoint import load_model
@@ -223,6 +231,7 @@ def recipe(cfg) -> None:
                            f"(0 to {tokenizer.vocab_size - 1}); null: its bos, else eos")
     ppl = _perplexity_setup(cfg, _model_configs(cfg, checkpoints, tokenizer))
     task_manager = check_tasks(list(cfg.tasks), list(cfg.task_dirs)) if cfg.tasks else None
+    _remove_earlier_outputs(out)
     results: dict[str, dict[str, float]] = {}
     directions: dict[str, bool] = {}
     errors: dict[str, dict[str, float]] = {}
@@ -238,14 +247,14 @@ def recipe(cfg) -> None:
         directions.update(found)
         del model
         comparison = _compare(results, (baseline, ptq), directions, errors)
-        comparison.write_json(out / RESULTS_FILE)
+        comparison.write_json(out / RESULTS_FILE, pending=[n for n in checkpoints if n not in results])
     print(comparison.table())
     note = _missing_references_note(comparison)
     if note:
         print(note)
     print(f"Wrote {out / RESULTS_FILE}")
     if cfg.plot and len(results) > 1:
-        print(f"Wrote {plot_comparison(comparison, out / 'eval_comparison.png')}")
+        print(f"Wrote {plot_comparison(comparison, out / PLOT_FILE)}")
 
 
 if __name__ == "__main__":

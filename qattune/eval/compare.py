@@ -186,11 +186,13 @@ class Comparison:
                 "higher_is_better": self.higher_is_better, "recovered_share": self.recovered,
                 "stderr": self.stderr, "no_share_reason": self.no_share}
 
-    def write_json(self, path: Union[str, os.PathLike]) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n")
-        return path
+    def write_json(self, path: Union[str, os.PathLike], pending: Sequence[str] = ()) -> Path:
+        """Write `to_dict()` to `path` atomically (a reader, or a crash, sees the old file or the new one),
+        with `"pending"`: the checkpoints not evaluated yet (`[]`: the file is complete)."""
+        from qattune.checkpoint.atomic import atomic_write_text
+
+        data = {**self.to_dict(), "pending": list(pending)}
+        return atomic_write_text(path, json.dumps(data, indent=2, allow_nan=False) + "\n")
 
 
 def reference_checkpoints(names: Sequence[str], baseline: Optional[str] = None, ptq: Optional[str] = None,

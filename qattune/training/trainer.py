@@ -24,9 +24,9 @@ from . import checkpoint_dirs as ckpt
 from .distributed import (
     all_gather_object,
     all_reduce_sum,
-    barrier,
     full_optimizer_state_dict,
     load_full_optimizer_state_dict,
+    raise_rank0_error,
     world_size,
 )
 from .hooks import StepHook
@@ -248,26 +248,56 @@ class Trainer:
         }
 
     def save_checkpoint(self) -> Optional[str]:
-        """Write `output_dir/step_N` atomically: model files (via `save_model`) and `recipe_state.pt`."""
+        """Write `output_dir/step_N` atomically: model files (via `save_model`) and `recipe_state.pt`.
+        Only rank 0 writes; if the OS refuses a write (disk full, ...), the partial folder is removed and
+        every rank stops with rank 0's one line (see `checkpoint_dirs.save_failure`)."""
         if self.output_dir is None:
             return None
         final_dir = os.path.join(self.output_dir, ckpt.step_dir_name(self.global_step))
         tmp_dir = final_dir + ".tmp"
-        if self.is_main:
-            ckpt.begin_checkpoint(final_dir)
-        barrier()
+        raise_rank0_error(self._main_writes(final_dir, lambda: ckpt.begin_checkpoint(final_dir)))
+        error = None
         if self.save_model is not None:
-            self.save_model(tmp_dir, self.global_step)
+            error = self._writes(final_dir, lambda: self.save_model(tmp_dir, self.global_step))
         state = self.recipe_state()
+        if error is None:
+            error = self._main_writes(final_dir, lambda: self._commit(tmp_dir, final_dir, state))
+        raise_rank0_error(error)
         self.saved_steps.add(self.global_step)
-        if self.is_main:
-            ckpt.save_recipe_state(tmp_dir, state)
-            ckpt.commit_checkpoint(tmp_dir, final_dir)
-            if self.keep_last_n_checkpoints is not None:
-                ckpt.prune_step_dirs(self.output_dir, self.keep_last_n_checkpoints, self._own_checkpoint)
-        barrier()
+        if self.is_main and self.keep_last_n_checkpoints is not None:
+            ckpt.prune_step_dirs(self.output_dir, self.keep_last_n_checkpoints, self._own_checkpoint)
         self.last_saved_step = self.global_step
         return final_dir
+
+    @staticmethod
+    def _commit(tmp_dir: str, final_dir: str, state: dict[str, Any]) -> None:
+        ckpt.save_recipe_state(tmp_dir, state)
+        ckpt.commit_checkpoint(tmp_dir, final_dir)
+
+    def _writes(self, final_dir: str, write: Callable[[], None]) -> Optional[QattuneError]:
+        """Run `write`, part of saving `final_dir`, on this rank; rank 0's failure removes the partial
+        checkpoint and, when the OS refused a write, comes back as its one line (None: it went through)."""
+        if not self.is_main:
+            write()
+            return None
+        try:
+            write()
+        except BaseException as err:
+            failure = ckpt.save_failure(final_dir, err)
+            ckpt.abandon_checkpoint(final_dir)
+            if failure is None:
+                raise
+            return failure
+        return None
+
+    def _main_writes(self, final_dir: str, write: Callable[[], None]) -> Optional[QattuneError]:
+        """`_writes` on rank 0 only (file steps the other ranks have no part in)."""
+        return self._writes(final_dir, write) if self.is_main else None
+
+    def _save_unless_saved(self) -> None:
+        """Save a checkpoint of the current step unless one was just saved (or loaded)."""
+        if self.last_saved_step != self.global_step:
+            self.save_checkpoint()
 
     def _own_checkpoint(self, step: int) -> bool:
         """Whether `step_{step}` belongs to this run's line: saved by it, or at or before the step it
@@ -341,8 +371,8 @@ class Trainer:
         finally:
             bar.close()
         self.epoch = self.epochs
-        if self.save_final and self.last_saved_step != self.global_step:
-            self.save_checkpoint()
+        if self.save_final:
+            self._save_unless_saved()
         return losses
 
     def _run_epochs(self, bar: ProgressBar, losses: list[float]) -> None:
@@ -365,3 +395,5 @@ class Trainer:
                     bar.update(self.global_step, metrics["loss"], metrics["tokens_per_second"])
                     self._after_step(metrics)
                     profiler.step()
+                if epoch < self.epochs - 1:  # the last epoch's end is the final checkpoint (`fit`)
+                    self._save_unless_saved()

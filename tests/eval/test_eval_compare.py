@@ -1,6 +1,7 @@
 """Side-by-side comparison: recovered share (and when there is none), table, JSON and PNG."""
 
 import json
+import os
 import struct
 
 import pytest
@@ -179,3 +180,17 @@ def test_directions_and_errors():
     named = compare_checkpoints({"fp": {"mc/acc": 0.6}, "rtn": {"mc/acc": 0.4}, "qat": {"mc/acc": 0.5}},
                                 baseline="fp", ptq="rtn")
     assert named.recovered == {"qat": {"mc/acc": pytest.approx(0.5)}}
+
+
+def test_results_are_written_whole_with_the_checkpoints_still_pending(tmp_path, monkeypatch):
+    comparison = compare_checkpoints({"bf16": {"perplexity": 10.0}})
+    target = tmp_path / "eval_results.json"
+    target.write_text("an earlier run's results")
+    renamed = []
+    real_replace = os.replace
+    monkeypatch.setattr(os, "replace", lambda source, dest: (renamed.append(os.path.basename(source)),
+                                                             real_replace(source, dest)))
+    assert json.loads(comparison.write_json(target, pending=["ptq", "qat"]).read_text())["pending"] == ["ptq", "qat"]
+    assert renamed[0].startswith(".eval_results.json.tmp-")  # written aside, then renamed over the old file
+    assert json.loads(comparison.write_json(target).read_text())["pending"] == []
+    assert [p.name for p in tmp_path.iterdir()] == ["eval_results.json"]

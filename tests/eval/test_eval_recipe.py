@@ -90,7 +90,7 @@ def test_eval_runs_a_local_task_and_perplexity_on_each_checkpoint(setup):
     proc = run_recipe("eval", "--config", "eval", *common(root), checkpoints, "baseline=q", "ptq=f",
                       "tasks=[qt_recipe_mc]", f"task_dirs=[{root / 'tasks'}]")
     results = json.loads((root / "out" / "eval_results.json").read_text())
-    assert list(results["checkpoints"]) == ["f", "q", "q_again"]
+    assert list(results["checkpoints"]) == ["f", "q", "q_again"] and results["pending"] == []
     assert (results["baseline"], results["ptq"]) == ("q", "f")
     assert results["higher_is_better"] == {"perplexity": False, "bits_per_byte": False, "nll_per_token": False,
                                            "byte_perplexity": False, "qt_recipe_mc/acc": True}
@@ -150,7 +150,10 @@ def test_a_bad_second_checkpoint_is_found_before_any_model_loads(setup):
 
 
 def test_a_failure_part_way_keeps_the_results_before_it(setup, tmp_path):
+    """... naming the checkpoints still pending; an earlier run's plot is gone."""
     root = setup
+    (root / "partial").mkdir()
+    (root / "partial" / "eval_comparison.png").write_bytes(b"an earlier run's chart")
     shutil.copytree(root / "float", tmp_path / "wrong")  # its config no longer fits its tensors
     config = json.loads((tmp_path / "wrong" / "config.json").read_text())
     config["intermediate_size"] = 96
@@ -161,6 +164,8 @@ def test_a_failure_part_way_keeps_the_results_before_it(setup, tmp_path):
     assert line.endswith(f"(the results of a are in {root / 'partial' / 'eval_results.json'})")
     kept = json.loads((root / "partial" / "eval_results.json").read_text())
     assert list(kept["checkpoints"]) == ["a"] and kept["checkpoints"]["a"]["perplexity"] > 1
+    assert kept["pending"] == ["b"]
+    assert sorted(p.name for p in (root / "partial").iterdir()) == ["eval_results.json"]
 
 
 def test_an_unknown_task_is_found_before_any_model_loads(setup):
