@@ -217,7 +217,8 @@ def load_recipe_state(checkpoint_dir: str) -> dict[str, Any]:
             "output_dir/step_N folder written by a qattune training run"
         )
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        # mmap: under torchrun every rank reads the file, and only the parts it restores are paged in
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as err:
         raise QattuneError(f"'{path}' could not be read as qattune recipe state ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
                            "the file is damaged or was not written by qattune") from err

@@ -162,6 +162,22 @@ def _check_fits_model(dataset: Any, model: nn.Module, key: str) -> None:
         )
 
 
+def _lock_output_dir(output_dir: str, dist: Any) -> Any:
+    """Rank 0 (which writes the checkpoints) claims `output_dir` for the run, so that a second run into it
+    stops at once; every rank stops with its line."""
+    from qattune.training.checkpoint_dirs import lock_output_dir
+    from qattune.training.distributed import raise_rank0_error
+
+    lock, error = None, None
+    if dist.is_main:
+        try:
+            lock = lock_output_dir(output_dir)
+        except QattuneError as err:
+            error = err
+    raise_rank0_error(error)
+    return lock
+
+
 def _seed(seed: Optional[int], dist: Any) -> int:
     """The run's seed: `seed`, or for null a random one (torchtune's meaning), the same on every rank and
     printed so the run can be repeated."""
@@ -246,6 +262,7 @@ class TrainingSession:
         if cfg.get("log_level"):
             logging.basicConfig(level=str(cfg.log_level).upper())
         self.dist = init_distributed(cfg.get("device"))
+        self.output_lock = _lock_output_dir(self.output_dir, self.dist)
         if not self.dist.is_main:  # every rank would print the same warnings
             logging.getLogger("qattune").setLevel(logging.ERROR)
         self.device = self.dist.device
@@ -676,4 +693,6 @@ class TrainingSession:
 
         if getattr(self, "metric_logger", None) is not None:
             self.metric_logger.close()
+        if getattr(self, "output_lock", None) is not None:
+            self.output_lock.release()
         destroy_distributed()

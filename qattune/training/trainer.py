@@ -331,7 +331,7 @@ class Trainer:
     def _check_resumable(self, checkpoint_dir: str, state: dict[str, Any]) -> None:
         """Refuse a checkpoint written with another process count, accumulation or optimizer class."""
         for key, ours, advice in (
-            ("world_size", world_size(), "the same --nproc_per_node"),
+            ("world_size", world_size(), "the same number of processes (--nnodes x --nproc_per_node)"),
             ("gradient_accumulation_steps", self.grad_accum, "the same gradient_accumulation_steps"),
             ("optimizer_class", type(self.optimizer).__name__, "the same optimizer"),
         ):

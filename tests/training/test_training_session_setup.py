@@ -80,3 +80,27 @@ def test_a_profiler_schedule_longer_than_the_run_is_warned_about(tmp_path, caplo
     assert caplog.records[0].getMessage() == (
         "the profiler's schedule (wait + warmup + active steps) needs 10 steps, but the run has 9: it writes no "
         "trace; lower profiler.wait_steps, warmup_steps or active_steps")
+
+
+def test_a_checkpoint_of_another_process_count_names_nodes_and_processes():
+    from training_harness import build_trainer
+    from training_toys import learnable_dataset
+
+    trainer = build_trainer(learnable_dataset(8), batch_size=2, save_model=None)
+    with pytest.raises(QattuneError) as err:
+        trainer._check_resumable("out/step_2", {"world_size": 2})
+    assert str(err.value) == ("checkpoint 'out/step_2' was written with world_size=2, this run has world_size=1; "
+                              "resume with the same number of processes (--nnodes x --nproc_per_node)")
+
+
+def test_a_second_run_into_the_same_output_dir_stops_at_once(tmp_path):
+    from qattune.training.checkpoint_dirs import lock_output_dir
+    from qattune.training.session import _lock_output_dir
+
+    held = lock_output_dir(str(tmp_path))
+    try:
+        with pytest.raises(QattuneError, match=f"output_dir {tmp_path} is in use by another qattune run"):
+            _lock_output_dir(str(tmp_path), OneProcess())
+    finally:
+        held.release()
+    _lock_output_dir(str(tmp_path), OneProcess()).release()
