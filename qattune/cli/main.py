@@ -39,7 +39,13 @@ Run a recipe (a shipped name from `qattune ls`, or a path to a .py recipe script
 With no torchrun options the recipe runs in this process (one device). With torchrun options
 (--nproc_per_node, --nnodes, --node_rank, --rdzv_endpoint, --rdzv_backend, --rdzv_id, --master_addr,
 --master_port, --standalone, ...) it is launched through torch.distributed.run with the same recipe
-and config on every process.
+and config on every process; each distinct error of the processes is printed once.
+
+Several nodes: run the same command on every node. --rdzv_endpoint HOST:PORT (HOST: one of the nodes)
+is where they meet; with it and no --rdzv_backend, qattune uses --rdzv_backend c10d and --rdzv_id qattune
+(torchrun's own default, static, would need a different --node_rank on each node). A launcher waits
+for the other nodes up to the rendezvous timeout (--rdzv_conf join_timeout=SECONDS, default 600).
+output_dir must be on a filesystem every node shares.
 
 overrides: a.b=v (change)  +a.b=v (add)  ++a.b=v (add or change)  ~a.b (delete)
            model=qattune.models.llama3_2_1b (same as model._component_=...)
@@ -49,6 +55,7 @@ overrides: a.b=v (change)  +a.b=v (add)  ++a.b=v (add or change)  ~a.b (delete)
 examples:
   qattune run qat_distributed --config tiny/qat_full max_steps_per_epoch=10
   qattune run --nproc_per_node 2 qat_distributed --config tiny/qat_full
+  qattune run --nnodes 2 --nproc_per_node 8 --rdzv_endpoint node0:29500 qat_distributed --config ...
   qattune run ./my_recipe.py --config my.yaml"""
 
 
@@ -94,13 +101,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         if argv and argv[0] == "run":
-            from qattune.cli.run import run_command
+            from qattune.cli.run import asks_for_help, run_command
 
             rest = argv[1:]
             if not rest:
                 print(RUN_USAGE, file=sys.stderr)
                 sys.exit(2)
-            if rest[0] in ("-h", "--help"):
+            if asks_for_help(rest):
                 print(RUN_USAGE)
                 return
             run_command(rest)

@@ -9,9 +9,13 @@ from __future__ import annotations
 
 import ast
 import json
+import os
+import signal
 import sys
+import threading
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 from omegaconf import DictConfig
 
@@ -20,7 +24,7 @@ from qattune.config.loader import compose, header_recipe
 from qattune.config.overrides import override_problems
 from qattune.config.schema import RecipeSchema, SchemaField, parse_recipe, read_schema
 from qattune.config.validate import validate_config
-from qattune.errors import QattuneError, report_and_exit
+from qattune.errors import QattuneError, report, report_and_exit
 
 HELP_FLAGS = ("-h", "--help")
 
@@ -120,22 +124,65 @@ def recipe_usage(recipe_file: Path, name: str | None = None) -> str:
     return "\n".join(lines)
 
 
+class Interrupted(KeyboardInterrupt):
+    """A termination request (SIGTERM: `kill`, SLURM preemption) handled as Ctrl-C is."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def interrupt_exit_code(stop: BaseException) -> int:
+    """The shell's code for a run stopped by a signal: 130 for Ctrl-C (SIGINT), 143 for SIGTERM."""
+    return 128 + getattr(stop, "signum", getattr(stop, "sigval", signal.SIGINT))
+
+
+def _raise_interrupted(signum: int, frame: Any) -> None:
+    raise Interrupted(signum)
+
+
+@contextmanager
+def sigterm_interrupts() -> Iterator[None]:
+    """Within: SIGTERM raises `Interrupted`, as Ctrl-C raises KeyboardInterrupt (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_interrupted)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def interrupted_message(cfg: Optional[DictConfig]) -> str:
+    """What an interrupted run leaves behind: for a training run, the checkpoint it resumes from, if any."""
+    if cfg is None or "resume_from_checkpoint" not in cfg or not cfg.get("output_dir"):
+        return "the run stopped before it finished"
+    from qattune.training.checkpoint_dirs import list_step_dirs  # only a training run has checkpoints
+
+    steps = list_step_dirs(str(cfg.output_dir))
+    if not steps:
+        return (f"no checkpoint was written to {cfg.output_dir} yet, so there is nothing to resume: run again to "
+                "start over")
+    return (f"checkpoints are written whole or not at all; resume_from_checkpoint=true continues from the latest, "
+            f"{steps[-1][1]}")
+
+
 def recipe_main(recipe: Callable[[DictConfig], Any], recipe_file: str, argv: Sequence[str] | None = None) -> None:
-    """Run `recipe(cfg)` from the command line; user mistakes exit with code 2 and no traceback."""
+    """Run `recipe(cfg)` from the command line; user mistakes exit with code 2 and no traceback, and Ctrl-C or
+    SIGTERM (in one process; under torchrun the launcher's signal) with one line and 130 or 143."""
     argv = sys.argv[1:] if argv is None else argv
+    cfg = None
     try:
         if wants_help(argv):
             print(recipe_usage(Path(recipe_file)))
             return
         config, overrides = parse_recipe_args(argv)
         cfg = load_and_validate(config, overrides, recipe_file)
-        recipe(cfg)
+        with sigterm_interrupts() if "RANK" not in os.environ else nullcontext():
+            recipe(cfg)
     except QattuneError as err:
         report_and_exit(err)
-    except KeyboardInterrupt:  # Ctrl-C: no traceback; a checkpoint is written whole or not at all
-        import os
-
-        if os.environ.get("RANK", "0") == "0":
-            print("interrupted; the checkpoints already written are complete: a training run continues from the "
-                  "latest with resume_from_checkpoint=true", file=sys.stderr)
-        sys.exit(130)
+    except KeyboardInterrupt as stop:  # no traceback; a checkpoint is written whole or not at all
+        report(interrupted_message(cfg), kind="interrupted")
+        sys.exit(interrupt_exit_code(stop))

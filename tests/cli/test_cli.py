@@ -434,11 +434,18 @@ def test_ctrl_c_is_one_line_pointing_at_resume(tmp_path, capsys, monkeypatch):
     def interrupted(cfg):
         raise KeyboardInterrupt
 
+    def interrupt(recipe_file):
+        with pytest.raises(SystemExit) as exit_:
+            recipe_main(interrupted, str(recipe_file), ["--config", str(cfg)])
+        return exit_.value.code, capsys.readouterr().err
+
     monkeypatch.delenv("RANK", raising=False)
     cfg = tmp_path / "c.yaml"
     cfg.write_text(f"output_dir: {tmp_path}\n")
-    with pytest.raises(SystemExit) as exit_:
-        recipe_main(interrupted, str(SUM_RECIPE), ["--config", str(cfg)])
-    assert exit_.value.code == 130
-    assert capsys.readouterr().err == ("interrupted; the checkpoints already written are complete: a training run "
-                                       "continues from the latest with resume_from_checkpoint=true\n")
+    stop_recipe = FIXTURES / "stop_recipe.py"  # a training recipe: it reads resume_from_checkpoint
+    assert interrupt(stop_recipe) == (130, f"interrupted: no checkpoint was written to {tmp_path} yet, so there is "
+                                           "nothing to resume: run again to start over\n")
+    (tmp_path / "step_3").mkdir()
+    assert interrupt(stop_recipe) == (130, "interrupted: checkpoints are written whole or not at all; "
+                                           f"resume_from_checkpoint=true continues from the latest, {tmp_path}/step_3\n")
+    assert interrupt(SUM_RECIPE) == (130, "interrupted: the run stopped before it finished\n")
