@@ -102,7 +102,7 @@ def test_sizes_printed_are_the_files(qat_quantized):
     assert float(before.group(1)) == pytest.approx(source / 1e6, abs=0.006)
     assert float(after.group(1)) == pytest.approx(quantized / 1e6, abs=0.006)
     assert float(after.group(2)) == pytest.approx(source / quantized, abs=0.006)
-    assert "layers.1.mlp.down_proj" in stdout and "int4_sym" in stdout  # the per-layer report
+    assert "layers.0-1.mlp.down_proj" in stdout and "int4_sym" in stdout  # the per-layer report
     hf_config = json.loads((out / "quantized" / "config.json").read_text())
     assert hf_config["num_hidden_layers"] == 2
     assert hf_config["quantization_config"] == {  # transformers refuses a null quant_method

@@ -219,7 +219,7 @@ def test_relative_output_dir_keeps_each_checkpoint_whole(qat_run, tmp_path):
                    *small, cwd=tmp_path)
     assert (f"checkpointer.output_dir=elsewhere differs from output_dir={tmp_path / 'rel'}: checkpoints "
             "(model and recipe state) are written to output_dir/step_N") in proc.stderr
-    assert sorted(p.name for p in (tmp_path / "rel").iterdir()) == ["logs", "step_1"]
+    assert sorted(p.name for p in (tmp_path / "rel").iterdir()) == [".qattune.lock", "logs", "step_1"]
     assert {"config.json", "model.safetensors", "recipe_state.pt"} <= {p.name for p in (tmp_path / "rel" / "step_1").iterdir()}
     assert not (tmp_path / "elsewhere").exists()
 
