@@ -101,7 +101,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         if argv and argv[0] == "run":
-            from qattune.cli.run import asks_for_help, run_command
+            from qattune.cli.run import run_command
+            from qattune.cli.torchrun_options import asks_for_help
 
             rest = argv[1:]
             if not rest:

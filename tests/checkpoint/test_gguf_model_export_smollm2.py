@@ -2,6 +2,7 @@
 export of the full model; the GGUF file, imported again, computes the saved quantized model's logits."""
 
 import importlib.util
+import runpy
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -25,11 +26,9 @@ pytestmark = [
 RECIPE_FILE = Path(qattune.__file__).parent.parent / "recipes" / "quantize.py"
 
 
-def quantize_recipe():
-    spec = importlib.util.spec_from_file_location("quantize_recipe", RECIPE_FILE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def quantize_recipe() -> SimpleNamespace:
+    """recipes/quantize.py's functions, to call its parts in this process."""
+    return SimpleNamespace(**runpy.run_path(str(RECIPE_FILE)))
 
 
 def run_recipe(overrides: list[str]) -> None:

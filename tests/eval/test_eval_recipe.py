@@ -2,10 +2,11 @@
 checked against direct computation, with named references and lm-eval's standard errors; the checks that
 run before any model loads; partial results."""
 
-import importlib.util
 import json
+import runpy
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -46,12 +47,9 @@ TEXTS = [{"text": "def f(x):\n    return x * 2\n"}, {"text": "The quick brown fo
 RECIPE_FILE = Path(qattune.__file__).parent.parent / "recipes" / "eval.py"
 
 
-def eval_recipe():
-    """recipes/eval.py as a module, to call its parts in this process."""
-    spec = importlib.util.spec_from_file_location("eval_recipe", RECIPE_FILE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def eval_recipe() -> SimpleNamespace:
+    """recipes/eval.py's functions, to call its parts in this process."""
+    return SimpleNamespace(**runpy.run_path(str(RECIPE_FILE)))
 
 
 @pytest.fixture(scope="module")
