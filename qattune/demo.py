@@ -26,11 +26,12 @@ QAT_CONFIG = "smollm2/135M_qat_gptq"
 
 def qat_float_phase(steps: int, config: str = QAT_CONFIG) -> int:
     """`config`'s float phase (`fake_quant_after_n_steps`) for a run of `steps` steps: the same share of
-    the run as in the config, which sizes it for its own `max_steps_per_epoch`."""
+    the run as in the config, which sizes it for its own `max_steps_per_epoch`, leaving at least one
+    fake-quantized step (where the ranges are learned)."""
     from qattune.config.loader import load_config
 
     cfg = load_config(config)
-    return round(cfg.fake_quant_after_n_steps * steps / cfg.max_steps_per_epoch)
+    return min(round(cfg.fake_quant_after_n_steps * steps / cfg.max_steps_per_epoch), steps - 1)
 
 
 def _banner(text: str) -> None:

@@ -120,6 +120,25 @@ def _apply_learned_ranges(model, quantizer, extra_state_path, device) -> None:
         raise QattuneError(f"{extra_state_path} holds {unknown[0]}, which the prepared model lacks; quantize with "
                            "the quantizer options (include/exclude, embedding, output) the run was trained with")
     model.load_state_dict(ranges, strict=False)
+    _start_unlearned_ranges_from_weights(model, extra_state_path.parent)
+
+
+def _start_unlearned_ranges_from_weights(model, source) -> None:
+    """Ranges a run never learned (fake quantization never turned on: it trained in float) start from the
+    weights, as PTQ's do; said in one warning."""
+    import torch
+
+    unlearned = [module for module in model.modules()
+                 if getattr(module, "weight_range_learner", None) is not None
+                 and not module.weight_range_learner.is_initialized]
+    if not unlearned:
+        return
+    print(f"warning: {source} trained with range learning, but fake quantization never turned on in that run "
+          f"(fake_quant_after_n_steps at or past its last step): {len(unlearned)} layers' ranges were never learned, "
+          "so they come from the weights, as in PTQ", flush=True)
+    with torch.no_grad():
+        for module in unlearned:
+            module.weight_range_learner.initialize(module.weight.detach())
 
 
 def _round_with_gptq(cfg, model, quantizer) -> None:

@@ -166,6 +166,23 @@ def test_the_suggested_torchtune_override_quantizes(qat_quantized, tmp_path):
         assert torch.equal(quantized_model(tmp_path / "quantized")(TOKENS), quantized_model(out / "quantized")(TOKENS))
 
 
+def test_ranges_a_run_never_learned_start_from_the_weights_as_in_ptq(tmp_path):
+    """Range learning with fake quantization never on (a float run) leaves no learned ranges: quantize
+    says so and quantizes like PTQ instead of failing."""
+    out = tmp_path / "float_phase_only"
+    run_cli("qat_distributed", "--config", "tiny/qat_full", f"output_dir={out}", *TRAIN[:-2],
+            "fake_quant_after_n_steps=4", "+quantizer.range_learning=true")
+    proc = run_cli("quantize", "--config", "tiny/quantize", f"output_dir={out}", f"checkpoint_dir={out / 'step_4'}")
+    assert (f"warning: {out / 'step_4'} trained with range learning, but fake quantization never turned on in that "
+            "run (fake_quant_after_n_steps at or past its last step): 15 layers' ranges were never learned, so they "
+            "come from the weights, as in PTQ") in proc.stdout
+    run_cli("quantize", "--config", "tiny/quantize", f"output_dir={tmp_path / 'ptq'}", f"checkpoint_dir={out / 'step_4'}",
+            "quantizer._component_=qattune.quant.PTQQuantizer")
+    ptq = quantized_model(tmp_path / "ptq" / "quantized").layers[0].attn.q_proj.dequantized_weight()
+    ours = quantized_model(out / "quantized").layers[0].attn.q_proj.dequantized_weight()
+    assert torch.equal(ours, ptq)
+
+
 def test_quantized_checkpoint_as_input_is_refused(qat_quantized, tmp_path):
     out, _ = qat_quantized
     proc = run_cli("quantize", "--config", "tiny/quantize", f"output_dir={tmp_path}",
