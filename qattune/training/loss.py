@@ -21,6 +21,14 @@ def _checked_ignore_index(ignore_index: int) -> int:
     return ignore_index
 
 
+def require_summed(loss_fn: nn.Module) -> None:
+    """Refuse a loss that averages: the trainer weights every trained token itself, across micro-batches
+    and ranks, so it needs the sum."""
+    if getattr(loss_fn, "reduction", "sum") != "sum":
+        raise QattuneError(f"loss {type(loss_fn).__name__} uses reduction='{loss_fn.reduction}'; the trainer weights "
+                           "tokens itself and needs a summed loss: use qattune.training.CrossEntropyLoss")
+
+
 class CrossEntropyLoss(nn.Module):
     """Token cross entropy summed over positions whose label is not `ignore_index`.
 

@@ -195,7 +195,7 @@ def build_loss(node: Any) -> nn.Module:
     """The training loss from the `loss` config (qattune's CrossEntropyLoss when unset). torch's
     `nn.CrossEntropyLoss` (older torchtune configs) becomes qattune's, which takes the same mean over
     trained tokens, counted across micro-batches and ranks; settings it cannot honour are refused."""
-    from qattune.training import CrossEntropyLoss
+    from qattune.training.loss import CrossEntropyLoss, require_summed
 
     if node is None:
         return CrossEntropyLoss()
@@ -209,9 +209,7 @@ def build_loss(node: Any) -> nn.Module:
                                "loss has no such option; use loss._component_=qattune.training.CrossEntropyLoss "
                                f"without {refused[0]}")
         return CrossEntropyLoss(ignore_index=loss.ignore_index)
-    if getattr(loss, "reduction", "sum") != "sum":
-        raise QattuneError(f"loss {type(loss).__name__} uses reduction='{loss.reduction}'; the trainer weights tokens "
-                           "itself and needs a summed loss: use qattune.training.CrossEntropyLoss")
+    require_summed(loss)
     return loss
 
 
@@ -312,7 +310,7 @@ class TrainingSession:
 
     # ----- model --------------------------------------------------------------------------------
     def _resume_dir(self) -> Optional[str]:
-        from qattune.training.checkpoint_dirs import list_step_dirs
+        from qattune.training.checkpoint_dirs import RECIPE_STATE_FILE, list_step_dirs
 
         resume = self.cfg.get("resume_from_checkpoint", False)
         if not resume:
@@ -323,14 +321,14 @@ class TrainingSession:
                 raise QattuneError(f"resume_from_checkpoint={resume}: no recipe_state.pt there; name an output_dir/step_N folder")
             return resume
         every = list_step_dirs(self.output_dir)
-        steps = [(step, path) for step, path in every if Path(path, "recipe_state.pt").is_file()]
+        steps = [(step, path) for step, path in every if Path(path, RECIPE_STATE_FILE).is_file()]
         if not steps:
             raise QattuneError(
                 f"resume_from_checkpoint=true but {self.output_dir} holds no complete step_N checkpoint (with "
                 "recipe_state.pt); train without resuming first"
             )
         if every[-1][0] != steps[-1][0] and self.dist.is_main:
-            log.warning("step_%d has no recipe_state.pt to resume from: resuming from step_%d", every[-1][0],
+            log.warning("step_%d has no %s to resume from: resuming from step_%d", every[-1][0], RECIPE_STATE_FILE,
                         steps[-1][0])
         return steps[-1][1]
 

@@ -30,7 +30,7 @@ from .distributed import (
     world_size,
 )
 from .hooks import StepHook
-from .loss import CrossEntropyLoss
+from .loss import CrossEntropyLoss, require_summed
 from .memory import peak_memory_stats, reset_peak_memory
 from .profiler import NoProfiler
 from .progress import ProgressBar
@@ -92,11 +92,7 @@ class Trainer:
         profiler: Optional[Any] = None,
         log_peak_memory_stats: bool = True,
     ) -> None:
-        if getattr(loss_fn, "reduction", "sum") != "sum":
-            raise QattuneError(
-                f"loss {type(loss_fn).__name__} uses reduction='{loss_fn.reduction}'; the trainer weights tokens "
-                "itself and needs a summed loss: use qattune.training.CrossEntropyLoss"
-            )
+        require_summed(loss_fn)
         if teacher_model is not None and not getattr(loss_fn, "needs_teacher", False):
             raise QattuneError("a teacher model was given but the loss ignores it; use qattune.training.DistillationLoss")
         if teacher_model is None and getattr(loss_fn, "needs_teacher", False):
