@@ -310,7 +310,7 @@ class TrainingSession:
 
     # ----- model --------------------------------------------------------------------------------
     def _resume_dir(self) -> Optional[str]:
-        from qattune.training.checkpoint_dirs import RECIPE_STATE_FILE, list_step_dirs
+        from qattune.training.checkpoint_dirs import RECIPE_STATE_FILE, latest_checkpoint, list_step_dirs
 
         resume = self.cfg.get("resume_from_checkpoint", False)
         if not resume:
@@ -320,17 +320,17 @@ class TrainingSession:
             if not Path(resume, "recipe_state.pt").is_file():
                 raise QattuneError(f"resume_from_checkpoint={resume}: no recipe_state.pt there; name an output_dir/step_N folder")
             return resume
-        every = list_step_dirs(self.output_dir)
-        steps = [(step, path) for step, path in every if Path(path, RECIPE_STATE_FILE).is_file()]
-        if not steps:
+        latest = latest_checkpoint(self.output_dir)
+        if latest is None:
             raise QattuneError(
                 f"resume_from_checkpoint=true but {self.output_dir} holds no complete step_N checkpoint (with "
-                "recipe_state.pt); train without resuming first"
+                f"{RECIPE_STATE_FILE}); train without resuming first"
             )
-        if every[-1][0] != steps[-1][0] and self.dist.is_main:
-            log.warning("step_%d has no %s to resume from: resuming from step_%d", every[-1][0], RECIPE_STATE_FILE,
-                        steps[-1][0])
-        return steps[-1][1]
+        newest = list_step_dirs(self.output_dir)[-1][1]
+        if newest != latest and self.dist.is_main:
+            log.warning("%s has no %s to resume from: resuming from %s", Path(newest).name, RECIPE_STATE_FILE,
+                        Path(latest).name)
+        return latest
 
     def _clear_earlier_run(self, earlier: list[tuple[int, str]]) -> None:
         """A fresh run would write its step_N over an earlier run's: refuse, unless `overwrite_output_dir`,
